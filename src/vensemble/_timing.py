@@ -1,0 +1,51 @@
+"""Interleaved timing: every candidate measured in the same rounds, medians reported."""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable
+
+import torch
+from torch.utils.benchmark import Timer
+
+__all__ = ["interleaved_medians"]
+
+
+def _synchronize() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+def interleaved_medians(
+    candidates: dict[str, Callable[[], object]],
+    rounds: int = 7,
+    round_time: float = 0.05,
+) -> dict[str, float]:
+    """Median seconds per call of each candidate, measured in interleaved rounds.
+
+    Each round times every candidate once (``torch.utils.benchmark.Timer``, with the
+    candidate repeated to fill about ``round_time`` seconds), so machine noise hits all
+    candidates alike; the result is the median over rounds.
+
+    Args:
+        candidates: name -> zero-argument callable.
+        rounds: number of interleaved rounds.
+        round_time: target seconds per candidate per round.
+
+    Returns:
+        name -> median seconds per call.
+    """
+    numbers: dict[str, int] = {}
+    for name, fn in candidates.items():
+        fn()  # warm-up
+        _synchronize()
+        estimate = (
+            Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=round_time / 2).median
+        )
+        numbers[name] = max(1, int(round_time / max(estimate, 1e-9)))
+    samples: dict[str, list[float]] = {name: [] for name in candidates}
+    for _ in range(rounds):
+        for name, fn in candidates.items():
+            timer = Timer("fn()", globals={"fn": fn}, setup="")
+            samples[name].append(timer.timeit(numbers[name]).median)
+    return {name: statistics.median(values) for name, values in samples.items()}

@@ -1,0 +1,98 @@
+"""One call of an ensemble: the stacked state, the inputs and how they map to members."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+from torch import Tensor, nn
+
+__all__ = ["Call", "stack_outputs", "state_device", "vmap_friendly_kernels"]
+
+
+@dataclass
+class Call:
+    """Everything a backend needs to run all members on one set of inputs.
+
+    Attributes:
+        template: member 0's module tree holding the stacked tensors (leading dim ``n``).
+        n: the number of members.
+        args: positional inputs; ``in_dims[k]`` says which dim of ``args[k]`` indexes members.
+        kwargs: keyword inputs, passed to every member unchanged.
+        in_dims: one ``int | None`` per positional argument.
+        randomness: ``"different"``, ``"same"`` or ``"error"`` (as in ``torch.vmap``).
+        chunk_size: at most this many members run at once (``None``: all).
+    """
+
+    template: nn.Module
+    n: int
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    in_dims: tuple[int | None, ...]
+    randomness: str = "different"
+    chunk_size: int | None = None
+    state: dict[str, Tensor] = field(init=False)
+
+    def __post_init__(self) -> None:
+        params = dict(self.template.named_parameters())
+        buffers = dict(self.template.named_buffers())
+        self.state = {**params, **buffers}
+
+    def member_args(self, i: int) -> tuple[Any, ...]:
+        """The positional inputs member ``i`` sees."""
+
+        def pick(arg: Any, dim: int | None) -> Any:
+            if dim is None:
+                return arg
+            return pytree.tree_map_only(Tensor, lambda t: t.select(dim, i), arg)
+
+        return tuple(pick(a, d) for a, d in zip(self.args, self.in_dims))
+
+    def snapshot_buffers(self) -> dict[str, Tensor]:
+        """Copies of the buffers, to undo in-place updates of a failed attempt."""
+        return {k: b.detach().clone() for k, b in self.template.named_buffers()}
+
+    def restore_buffers(self, snapshot: dict[str, Tensor]) -> None:
+        with torch.no_grad():
+            for k, b in self.template.named_buffers():
+                b.copy_(snapshot[k])
+
+
+def stack_outputs(outputs: list[Any]) -> Any:
+    """Stack per-member outputs (tensors, or tuples/lists/dicts of them) along a new dim 0."""
+    flat = [pytree.tree_flatten(o) for o in outputs]
+    spec = flat[0][1]
+    columns = zip(*(leaves for leaves, _ in flat))
+    stacked = [torch.stack(col) if isinstance(col[0], Tensor) else col[0] for col in columns]
+    return pytree.tree_unflatten(stacked, spec)
+
+
+@contextlib.contextmanager
+def vmap_friendly_kernels(device: torch.device | None = None) -> Iterator[None]:
+    """Steer attention to kernels that vmap can batch, for the duration of a vmap call.
+
+    The fused fast path of ``nn.MultiheadAttention``/``TransformerEncoderLayer`` and the CPU
+    flash-attention kernel of ``scaled_dot_product_attention`` have no batching rule (vmap
+    would fail, or loop over members slowly); the regular path and the math kernel compute
+    the same and batch well. On CUDA the attention kernels are left as they are.
+    """
+    with contextlib.ExitStack() as stack:
+        mha = getattr(torch.backends, "mha", None)
+        if mha is not None:
+            enabled = mha.get_fastpath_enabled()
+            mha.set_fastpath_enabled(False)
+            stack.callback(mha.set_fastpath_enabled, enabled)
+        if device is None or device.type == "cpu":
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
+        yield
+
+
+def state_device(state: dict[str, Tensor]) -> torch.device | None:
+    """The device of the first stacked tensor, if any."""
+    return next((t.device for t in state.values()), None)

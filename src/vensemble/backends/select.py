@@ -1,0 +1,224 @@
+"""The ``auto`` backend: vmap where it runs, a per-member loop for the submodules where it cannot."""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from .._errors import EnsembleError
+from ._call import Call, stack_outputs
+from .loop import loop_forward
+from .vmap import vmap_forward
+
+__all__ = ["AutoPlan", "FallbackWarning", "auto_forward", "strict_vmap_forward"]
+
+
+class FallbackWarning(UserWarning):
+    """vmap cannot run part of a model; that part runs as a per-member loop instead."""
+
+
+@dataclass
+class AutoPlan:
+    """What ``auto`` learned about a model: which submodules run as a per-member loop.
+
+    Attributes:
+        looped: module paths (``""`` is the whole model) that run one member at a time.
+        reasons: for each looped path, the error vmap raised there.
+    """
+
+    looped: set[str] = field(default_factory=set)
+    reasons: dict[str, str] = field(default_factory=dict)
+
+
+class _LoopBridge(torch.autograd.Function):
+    """Runs a submodule once per member from inside an outer ``vmap``.
+
+    vmap hands the ``vmap`` staticmethod the unbatched tensors; it loops over members with
+    ordinary differentiable ops, so autograd records them and gradients flow as usual.
+    """
+
+    @staticmethod
+    def forward(module: nn.Module, names: list[str], spec: Any, *leaves: Any) -> Any:
+        raise RuntimeError("vensemble: a looped submodule was called outside of vmap")
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
+        pass
+
+    @staticmethod
+    def vmap(
+        info: Any, in_dims: Any, module: nn.Module, names: list[str], spec: Any, *leaves: Any
+    ) -> Any:
+        dims = in_dims[3:]
+        k = len(names)
+        outputs = []
+        for i in range(info.batch_size):
+            sliced = [
+                t if d is None or not isinstance(t, Tensor) else t.select(d, i)
+                for t, d in zip(leaves, dims)
+            ]
+            state = dict(zip(names, sliced[:k]))
+            args, kwargs = pytree.tree_unflatten(sliced[k:], spec)
+            with _unpatched(module):
+                outputs.append(functional_call(module, state, tuple(args), kwargs))
+        out = stack_outputs(outputs)
+        return out, pytree.tree_map(lambda t: 0 if isinstance(t, Tensor) else None, out)
+
+
+@contextlib.contextmanager
+def _unpatched(module: nn.Module) -> Iterator[None]:
+    patch = module.__dict__.pop("forward", None)
+    try:
+        yield
+    finally:
+        if patch is not None:
+            module.__dict__["forward"] = patch
+
+
+def _looped_forward(module: nn.Module) -> Any:
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        state = {**dict(module.named_parameters()), **dict(module.named_buffers())}
+        leaves, spec = pytree.tree_flatten((list(args), kwargs))
+        return _LoopBridge.apply(module, list(state), spec, *state.values(), *leaves)
+
+    return forward
+
+
+@contextlib.contextmanager
+def _looping(template: nn.Module, paths: set[str]) -> Iterator[None]:
+    """Make the submodules at ``paths`` run member by member while vmap runs the rest."""
+    modules = [template.get_submodule(p) for p in sorted(paths) if p]
+    for m in modules:
+        m.__dict__["forward"] = _looped_forward(m)
+    try:
+        yield
+    finally:
+        for m in modules:
+            m.__dict__.pop("forward", None)
+
+
+@contextlib.contextmanager
+def _tracking(template: nn.Module, stack: list[str]) -> Iterator[None]:
+    """Keep ``stack`` equal to the paths of the modules whose forward is running."""
+    handles = []
+    for path, m in template.named_modules():
+
+        def push(_m: nn.Module, _args: Any, path: str = path) -> None:
+            stack.append(path)
+
+        def pop(_m: nn.Module, _args: Any, _out: Any) -> None:
+            stack.pop()
+
+        handles.append(m.register_forward_pre_hook(push))
+        handles.append(m.register_forward_hook(pop))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}"
+
+
+def _attempt(
+    call: Call, looped: set[str], snapshot: dict[str, Tensor] | None
+) -> tuple[Any, str | None, BaseException | None]:
+    """Run vmap with ``looped`` submodules; on failure undo buffer updates, locate the culprit."""
+    if "" in looped:
+        return loop_forward(call), None, None
+    try:
+        with _looping(call.template, looped):
+            return vmap_forward(call), None, None
+    except Exception as err:
+        if snapshot is not None:
+            call.restore_buffers(snapshot)
+        stack: list[str] = []
+        try:
+            with _looping(call.template, looped), _tracking(call.template, stack):
+                vmap_forward(call)
+        except Exception:
+            pass
+        if snapshot is not None:
+            call.restore_buffers(snapshot)
+        return None, (stack[-1] if stack else ""), err
+
+
+def _check_loop_runs(call: Call, snapshot: dict[str, Tensor] | None) -> None:
+    """Raise the model's own error when the reference loop fails too (a genuine mistake)."""
+    try:
+        with torch.no_grad():
+            loop_forward(call)
+    finally:
+        if snapshot is not None:
+            call.restore_buffers(snapshot)
+
+
+def _snapshot(call: Call) -> dict[str, Tensor] | None:
+    has_buffers = next(call.template.buffers(), None) is not None
+    return call.snapshot_buffers() if has_buffers and call.template.training else None
+
+
+def strict_vmap_forward(call: Call) -> Any:
+    """The ``vmap`` backend: all of the model under vmap, or an ``EnsembleError`` saying why not."""
+    snapshot = _snapshot(call)
+    out, culprit, err = _attempt(call, set(), snapshot)
+    if err is None:
+        return out
+    _check_loop_runs(call, snapshot)
+    where = f"submodule '{culprit}' ({type(call.template.get_submodule(culprit or '')).__name__})"
+    where = where if culprit else f"the model's own forward ({type(call.template).__name__})"
+    raise EnsembleError(
+        f"backend='vmap' cannot run {where}: {_first_line(err)}. Use backend='auto' to run that "
+        "part as a per-member loop (same results) and everything else with vmap."
+    ) from None
+
+
+def auto_forward(call: Call, plan: AutoPlan) -> Any:
+    """vmap over the members, with the submodules in ``plan.looped`` run as a loop.
+
+    On a new vmap failure the culprit submodule (the innermost module running when vmap
+    raised) joins the looped set and the call is retried; buffers updated in place by a
+    failed attempt are restored first. A :class:`FallbackWarning` names each new culprit once.
+    A failure the reference loop shares is the model's own error and is raised unchanged.
+    """
+    snapshot = _snapshot(call)
+    looped = set(plan.looped)
+    new: dict[str, str] = {}
+    checked = False
+    while True:
+        out, culprit, err = _attempt(call, looped, snapshot)
+        if err is None:
+            break
+        if not checked:
+            _check_loop_runs(call, snapshot)
+            checked = True
+        if culprit is None or culprit in looped:
+            culprit = ""  # looping the submodule was not enough: loop the whole model
+        looped.add(culprit)
+        new[culprit] = _first_line(err)
+    for path, reason in new.items():
+        plan.looped.add(path)
+        plan.reasons[path] = reason
+        what = (
+            f"submodule '{path}' ({type(call.template.get_submodule(path)).__name__})"
+            if path
+            else "the model's forward"
+        )
+        warnings.warn(
+            f"vensemble: vmap cannot run {what} ({reason}); it now runs as a per-member loop "
+            "(same results, slower). Everything else still runs under vmap.",
+            FallbackWarning,
+            stacklevel=4,
+        )
+    return out

@@ -1,0 +1,54 @@
+"""The `vensemble` command line: `vensemble demo`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+import torch
+
+__all__ = ["main"]
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from ._demo import format_demo, run_demo
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    rows = run_demo(args.members, args.batch, device, args.seed, rounds=args.rounds)
+    print(format_demo(rows, args.members, args.batch, device))
+    worst = max(r.max_abs_diff for r in rows)
+    if worst > 1e-4:
+        print(f"error: the ensemble differs from the loop by {worst:.2e}", file=sys.stderr)
+        return 1
+    print("both options match the loop")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vensemble", description="Run and train many PyTorch models as one."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser(
+        "demo", help="the Model ensembling tutorial, checked against the loop and timed"
+    )
+    demo.add_argument("--members", type=int, default=10, help="number of models (default 10)")
+    demo.add_argument("--batch", type=int, default=64, help="minibatch size (default 64)")
+    demo.add_argument(
+        "--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if present)"
+    )
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds (default 7)")
+    demo.set_defaults(run=_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `vensemble` console script and `python -m vensemble`."""
+    args = build_parser().parse_args(argv)
+    return int(args.run(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

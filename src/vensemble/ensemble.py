@@ -1,0 +1,288 @@
+"""Ensemble: N same-architecture modules stacked into one ``nn.Module``."""
+
+from __future__ import annotations
+
+import textwrap
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+from torch import Tensor, nn
+
+from ._errors import EnsembleError
+from ._state import member_module, reindex_template, stack_members, validate_members
+from .backends import BACKENDS, AutoPlan, Call, auto_forward, loop_forward, strict_vmap_forward
+
+__all__ = ["Ensemble"]
+
+_RANDOMNESS = ("different", "same", "error")
+
+
+class Ensemble(nn.Module):
+    """N models of one architecture, stacked and run as one module.
+
+    Every parameter and buffer of the members is stacked along a new leading member
+    dimension of size ``N``; the ensemble's ``state_dict()`` has the member's keys with that
+    leading dimension, and ``parameters()`` are the stacked leaves, so any torch optimizer
+    over them trains all members at once. The ensemble copies the members' state: the
+    source modules are never changed and never receive gradients.
+
+    Args:
+        models: the members, all the same architecture (see :func:`vensemble.fingerprint`).
+        backend: ``"auto"`` (vmap, with a per-submodule loop where vmap cannot run),
+            ``"vmap"`` (torch.func only; raises :class:`EnsembleError` where it cannot run),
+            ``"loop"`` (one member after another: the reference) or ``"fused"`` (currently
+            the same as ``"auto"``).
+        randomness: how random ops (dropout) draw across members, as in ``torch.vmap``:
+            ``"different"`` (independent per member), ``"same"`` or ``"error"``.
+        chunk_size: run at most this many members at once to bound peak memory
+            (``None``: all of them).
+        compile: reserved for ``torch.compile`` support; must be ``False`` for now.
+
+    Shapes:
+        ``ens(x)`` with ``x`` of shape ``(B, ...)`` returns ``(N, *member_output_shape)``;
+        ``ens(xs, in_dims=0)`` with ``xs`` of shape ``(N, B, ...)`` gives member ``i`` the
+        input ``xs[i]``. Tuples, lists and dicts of tensors are returned stacked leaf by leaf.
+
+    Raises:
+        EnsembleError: when the members cannot be stacked; the message names the member
+            index and the module, parameter or attribute that differs.
+
+    Example:
+        >>> import torch, vensemble as ve
+        >>> ens = ve.Ensemble.from_factory(lambda: torch.nn.Linear(4, 2), 3, seed=0)
+        >>> ens(torch.randn(5, 4)).shape
+        torch.Size([3, 5, 2])
+    """
+
+    _template: nn.Module
+    _num_members: int
+    _plan: AutoPlan
+
+    def __init__(
+        self,
+        models: Iterable[nn.Module],
+        backend: str = "auto",
+        randomness: str = "different",
+        chunk_size: int | None = None,
+        compile: bool = False,
+    ) -> None:
+        super().__init__()
+        members = list(models)
+        self._configure(backend, randomness, chunk_size, compile)
+        validate_members(members)
+        self._adopt(stack_members(members), len(members))
+
+    # ----------------------------------------------------------------------------- building
+
+    def _configure(
+        self, backend: str, randomness: str, chunk_size: int | None, compile: bool
+    ) -> None:
+        if backend not in BACKENDS:
+            raise EnsembleError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if randomness not in _RANDOMNESS:
+            raise EnsembleError(f"randomness must be one of {_RANDOMNESS}, got {randomness!r}")
+        if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+            raise EnsembleError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+        if compile:
+            raise EnsembleError("compile=True is not supported yet; leave it False")
+        self.backend = backend
+        self.randomness = randomness
+        self.chunk_size = chunk_size
+
+    def _adopt(self, template: nn.Module, n: int) -> None:
+        """Make the stacked ``template``'s state this module's own (shared, not copied).
+
+        The ensemble shares the template's parameter, buffer and child dicts, so everything
+        ``nn.Module`` does (``state_dict``, ``parameters``, ``to``, ``zero_grad``, nesting in a
+        larger model) sees the member's names with stacked tensors.
+        """
+        object.__setattr__(self, "_template", template)
+        object.__setattr__(self, "_parameters", template._parameters)
+        object.__setattr__(self, "_buffers", template._buffers)
+        object.__setattr__(self, "_modules", template._modules)
+        object.__setattr__(
+            self, "_non_persistent_buffers_set", template._non_persistent_buffers_set
+        )
+        self._num_members = n
+        self._plan = AutoPlan()
+        self.training = template.training
+
+    @classmethod
+    def _from_template(cls, template: nn.Module, n: int, like: Ensemble) -> Ensemble:
+        ens = cls.__new__(cls)
+        nn.Module.__init__(ens)
+        ens._configure(like.backend, like.randomness, like.chunk_size, False)
+        ens._adopt(template, n)
+        return ens
+
+    @classmethod
+    def from_factory(
+        cls,
+        factory: Callable[[], nn.Module],
+        n: int,
+        seed: int = 0,
+        **kwargs: Any,
+    ) -> Ensemble:
+        """Build ``n`` members, member ``i`` as ``factory()`` under ``torch.manual_seed(seed + i)``.
+
+        The global RNG state is restored afterwards. ``kwargs`` go to :class:`Ensemble`.
+
+        Example:
+            >>> ens = Ensemble.from_factory(lambda: torch.nn.Linear(8, 1), 16, seed=0)
+            >>> len(ens)
+            16
+        """
+        if not isinstance(n, int) or n < 1:
+            raise EnsembleError(f"n must be a positive int, got {n!r}")
+        devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+        members = []
+        with torch.random.fork_rng(devices=devices):
+            for i in range(n):
+                torch.manual_seed(seed + i)
+                members.append(factory())
+        return cls(members, **kwargs)
+
+    # ----------------------------------------------------------------------------- members
+
+    def __len__(self) -> int:
+        return self._num_members
+
+    @property
+    def num_members(self) -> int:
+        """The number of members ``N``."""
+        return self._num_members
+
+    def _index(self, i: int) -> int:
+        if not isinstance(i, int) or isinstance(i, bool):
+            raise EnsembleError(f"member index must be an int, got {type(i).__name__}")
+        if not -self._num_members <= i < self._num_members:
+            raise EnsembleError(
+                f"member index {i} is out of range for an ensemble of {self._num_members}"
+            )
+        return i % self._num_members
+
+    def member(self, i: int) -> nn.Module:
+        """A standalone module with member ``i``'s current weights and buffers (a copy)."""
+        return member_module(self._template, self._index(i))
+
+    def unstack(self) -> list[nn.Module]:
+        """All members as standalone modules, in order."""
+        return [self.member(i) for i in range(self._num_members)]
+
+    def __iter__(self) -> Iterator[nn.Module]:
+        return iter(self.unstack())
+
+    def select(self, indices: Sequence[int] | Tensor) -> Ensemble:
+        """A smaller ensemble holding copies of the members at ``indices`` (in that order)."""
+        index = torch.as_tensor(list(indices) if not isinstance(indices, Tensor) else indices)
+        if index.ndim != 1 or index.numel() == 0 or index.dtype not in (torch.int64, torch.int32):
+            raise EnsembleError(f"select needs a non-empty 1-D sequence of ints, got {indices!r}")
+        index = torch.tensor([self._index(int(i)) for i in index])
+        return Ensemble._from_template(reindex_template(self._template, index), len(index), self)
+
+    def __getitem__(self, key: int | slice) -> Any:
+        """``ens[i]`` is ``ens.member(i)``; ``ens[a:b]`` is ``ens.select(range(a, b))``."""
+        if isinstance(key, slice):
+            return self.select(range(*key.indices(self._num_members)))
+        return self.member(key)
+
+    # ----------------------------------------------------------------------------- nn.Module
+
+    def train(self, mode: bool = True) -> Ensemble:
+        super().train(mode)
+        self._template.training = mode
+        return self
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        """Load stacked state: the member's keys, each tensor with a leading dim of ``N``."""
+        own = self.state_dict()
+        for key, value in state_dict.items():
+            if key in own and isinstance(value, Tensor):
+                want = own[key].shape
+                if value.shape != want:
+                    raise EnsembleError(
+                        f"state_dict['{key}'] has shape {tuple(value.shape)}, the ensemble expects "
+                        f"{tuple(want)} (a leading member dimension of {self._num_members})"
+                    )
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def __repr__(self) -> str:
+        member = textwrap.indent(repr(self._template), "  ").lstrip()
+        return (
+            f"Ensemble(num_members={self._num_members}, backend={self.backend!r}, "
+            f"randomness={self.randomness!r}, chunk_size={self.chunk_size},\n  member={member}\n)"
+        )
+
+    def explain(self) -> dict[str, str]:
+        """Which parts of the model run how: ``{module path: reason}`` for looped parts.
+
+        An empty dict under ``backend="auto"`` means the whole model runs under vmap.
+        """
+        if self.backend == "loop":
+            return {"": "backend='loop': every member runs one after another"}
+        return dict(self._plan.reasons)
+
+    # ----------------------------------------------------------------------------- forward
+
+    def _in_dims(self, in_dims: Any, args: tuple[Any, ...]) -> tuple[int | None, ...]:
+        if in_dims is None or isinstance(in_dims, int):
+            dims: tuple[int | None, ...] = (in_dims,) * len(args)
+        elif isinstance(in_dims, (tuple, list)):
+            if len(in_dims) != len(args):
+                raise EnsembleError(
+                    f"in_dims has {len(in_dims)} entries but {len(args)} positional arguments were "
+                    "given; give one int or None per positional argument"
+                )
+            dims = tuple(in_dims)
+        else:
+            raise EnsembleError(f"in_dims must be an int, None or a tuple of them, got {in_dims!r}")
+        for k, (arg, d) in enumerate(zip(args, dims)):
+            if d is None:
+                continue
+            if not isinstance(d, int) or isinstance(d, bool):
+                raise EnsembleError(f"in_dims[{k}] must be an int or None, got {d!r}")
+            leaves = [t for t in pytree.tree_leaves(arg) if isinstance(t, Tensor)]
+            if not leaves:
+                raise EnsembleError(f"in_dims[{k}] is {d} but argument {k} holds no tensor")
+            for t in leaves:
+                if not -t.ndim <= d < t.ndim:
+                    raise EnsembleError(
+                        f"in_dims[{k}] is {d} but argument {k} has only {t.ndim} dims"
+                    )
+                if t.shape[d] != self._num_members:
+                    raise EnsembleError(
+                        f"argument {k} has size {t.shape[d]} at dim {d} (in_dims[{k}]={d}) but the "
+                        f"ensemble has {self._num_members} members: give one slice per member"
+                    )
+        return dims
+
+    def forward(self, *args: Any, in_dims: Any = None, **kwargs: Any) -> Any:
+        """Run every member; outputs are stacked along a new leading dim of size ``N``.
+
+        Args:
+            *args: the member's positional inputs.
+            in_dims: ``None`` (default: every member sees the same inputs), an int (the dim of
+                every positional input that indexes members) or a tuple with one int or
+                ``None`` per positional argument, as in ``torch.vmap``.
+            **kwargs: passed to every member unchanged.
+
+        Returns:
+            The members' outputs stacked: a tensor ``(N, ...)``, or the member's tuple/dict
+            structure with each tensor stacked.
+        """
+        call = Call(
+            template=self._template,
+            n=self._num_members,
+            args=args,
+            kwargs=kwargs,
+            in_dims=self._in_dims(in_dims, args),
+            randomness=self.randomness,
+            chunk_size=self.chunk_size,
+        )
+        if self.backend == "loop":
+            return loop_forward(call)
+        if self.backend == "vmap":
+            return strict_vmap_forward(call)
+        return auto_forward(call, self._plan)

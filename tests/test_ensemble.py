@@ -1,0 +1,378 @@
+"""Ensemble against the loop oracle: every backend, the zoo, dtypes, member counts, inputs."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+import vensemble as ve
+from _helpers import ZOO, Recurrent, assert_tree_close, zoo_input
+
+TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
+
+
+def _members(name: str, n: int, dtype: torch.dtype, train: bool) -> list[nn.Module]:
+    factory = ZOO[name][0]
+    members = []
+    for i in range(n):
+        torch.manual_seed(100 + i)
+        members.append(factory().to(dtype).train(train))
+    return members
+
+
+def _build(members: list[nn.Module], backend: str) -> ve.Ensemble:
+    if backend == "auto" and isinstance(members[0], Recurrent):
+        with pytest.warns(ve.FallbackWarning, match="'rnn' \\(LSTM\\)"):
+            ens = ve.Ensemble(members, backend=backend)
+            return ens
+    return ve.Ensemble(members, backend=backend)
+
+
+def _run(ens: ve.Ensemble, *args, **kwargs):
+    if ens.backend == "auto" and type(ens._template) is Recurrent and not ens.explain():
+        with pytest.warns(ve.FallbackWarning, match="'rnn' \\(LSTM\\)"):
+            return ens(*args, **kwargs)
+    return ens(*args, **kwargs)
+
+
+# vmap has no LSTM batching rule (test_vmap_backend_names_the_culprit covers that case), and
+# dropout in train mode draws other masks than the loop by design (test_dropout_* cover it).
+CASES = [
+    pytest.param(backend, name, train, id=f"{backend}-{name}-{'train' if train else 'eval'}")
+    for backend in ("loop", "vmap", "auto")
+    for name in ZOO
+    for train in (False, True)
+    if not (backend == "vmap" and name == "lstm") and not (train and name == "dropout")
+]
+
+
+@pytest.mark.parametrize("per_member", [False, True], ids=["shared", "per_member"])
+@pytest.mark.parametrize("n", [1, 3, 7])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize(("backend", "name", "train"), CASES)
+def test_outputs_gradients_and_buffers_equal_the_members(
+    backend, name, train, dtype, n, per_member
+):
+    members = _members(name, n, dtype, train)
+    sources = copy.deepcopy(members)
+    ens = ve.Ensemble(members, backend=backend)
+    if per_member:
+        xs = torch.stack([zoo_input(name, 4, dtype) for _ in range(n)])
+        out = _run(ens, xs, in_dims=0)
+        expected = torch.stack([m(x) for m, x in zip(sources, xs)])
+    else:
+        x = zoo_input(name, 4, dtype)
+        out = _run(ens, x)
+        expected = torch.stack([m(x) for m in sources])
+    atol = TOL[dtype]
+    assert out.shape == (n, *expected.shape[1:])
+    torch.testing.assert_close(out, expected, atol=atol, rtol=1e-5)
+
+    weights = torch.linspace(-1, 1, out.numel(), dtype=dtype).reshape(out.shape)
+    (out * weights).sum().backward()
+    (expected * weights).sum().backward()
+    for key, p in ens.named_parameters():
+        want = torch.stack([s.get_parameter(key).grad for s in sources])
+        torch.testing.assert_close(p.grad, want, atol=atol, rtol=1e-5, msg=f"grad of {key}")
+    for key, b in ens.named_buffers():
+        want = torch.stack([s.get_buffer(key) for s in sources])
+        torch.testing.assert_close(b, want, atol=atol, rtol=1e-5, msg=f"buffer {key}")
+    for src, orig in zip(members, sources):  # the ensemble copied: sources untouched, no grads
+        for (k, p), (_, q) in zip(src.named_parameters(), orig.named_parameters()):
+            assert p.grad is None and torch.equal(p, q), k
+
+
+def test_fused_backend_is_auto_for_now():
+    members = _members("mlp", 3, torch.float32, False)
+    x = torch.randn(5, 6)
+    out = ve.Ensemble(members, backend="fused")(x)
+    torch.testing.assert_close(out, torch.stack([m(x) for m in members]), atol=1e-5, rtol=1e-5)
+
+
+def test_from_factory_member_i_is_factory_under_seed_plus_i():
+    state = torch.get_rng_state()
+    ens = ve.Ensemble.from_factory(lambda: nn.Linear(4, 3), 5, seed=7)
+    assert torch.equal(torch.get_rng_state(), state), "from_factory must not move the global RNG"
+    for i in range(5):
+        torch.manual_seed(7 + i)
+        ref = nn.Linear(4, 3)
+        torch.testing.assert_close(ens.member(i).weight, ref.weight, atol=0, rtol=0)
+        torch.testing.assert_close(ens.member(i).bias, ref.bias, atol=0, rtol=0)
+
+
+def test_member_unstack_select_and_indexing():
+    ens = ve.Ensemble.from_factory(lambda: nn.Linear(4, 3), 5)
+    assert len(ens) == 5 and ens.num_members == 5
+    w = ens.state_dict()["weight"]
+    assert w.shape == (5, 3, 4)
+    m = ens.member(2)
+    assert isinstance(m, nn.Linear) and torch.equal(m.weight, w[2])
+    assert torch.equal(ens[-1].weight, w[4])
+    assert [torch.equal(u.weight, w[i]) for i, u in enumerate(ens.unstack())] == [True] * 5
+    assert [torch.equal(u.weight, w[i]) for i, u in enumerate(ens)] == [True] * 5
+    sub = ens.select([3, 0])
+    assert isinstance(sub, ve.Ensemble) and len(sub) == 2
+    assert torch.equal(sub.state_dict()["weight"], w[[3, 0]])
+    sl = ens[1:4]
+    assert len(sl) == 3 and torch.equal(sl.state_dict()["bias"], ens.state_dict()["bias"][1:4])
+    m.weight.data.zero_()  # a member is a copy
+    assert not torch.equal(ens.state_dict()["weight"][2], m.weight)
+    with pytest.raises(
+        ve.EnsembleError, match="member index 5 is out of range for an ensemble of 5"
+    ):
+        ens.member(5)
+    with pytest.raises(ve.EnsembleError, match="non-empty"):
+        ens.select([])
+
+
+def test_state_dict_round_trip_and_shape_errors():
+    a = ve.Ensemble.from_factory(lambda: nn.Linear(4, 3), 3, seed=0)
+    b = ve.Ensemble.from_factory(lambda: nn.Linear(4, 3), 3, seed=10)
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(2, 4)
+    torch.testing.assert_close(a(x), b(x), atol=0, rtol=0)
+    c = ve.Ensemble.from_factory(lambda: nn.Linear(4, 3), 5)
+    with pytest.raises(
+        ve.EnsembleError, match=r"state_dict\['weight'\] has shape \(3, 3, 4\).*\(5, 3, 4\)"
+    ):
+        c.load_state_dict(a.state_dict())
+
+
+def test_parameters_are_the_stacked_leaves_and_an_optimizer_trains_them():
+    ens = ve.Ensemble.from_factory(lambda: nn.Linear(4, 1), 3)
+    params = list(ens.parameters())
+    assert [p.shape for p in params] == [(3, 1, 4), (3, 1)]
+    assert all(p.is_leaf and p.requires_grad for p in params)
+    before = ens.state_dict()["weight"].clone()
+    opt = torch.optim.SGD(ens.parameters(), lr=0.1)
+    ens(torch.randn(8, 4)).pow(2).mean(dim=(1, 2)).sum().backward()
+    opt.step()
+    assert not torch.allclose(before, ens.state_dict()["weight"])
+
+
+def test_to_dtype_and_train_eval_propagate():
+    ens = ve.Ensemble.from_factory(lambda: nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)), 2)
+    ens.to(torch.float64)
+    assert all(p.dtype == torch.float64 for p in ens.parameters())
+    assert ens(torch.randn(3, 4, dtype=torch.float64)).dtype == torch.float64
+    ens.eval()
+    assert not ens.training and not ens.member(0).training and not ens.member(0)[1].training
+    ens.train()
+    assert ens.member(1)[1].training
+
+
+def test_batchnorm_running_stats_are_per_member_and_carried_out():
+    ens = ve.Ensemble.from_factory(lambda: nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)), 3)
+    xs = torch.randn(3, 16, 4) * torch.tensor([1.0, 3.0, 10.0]).view(3, 1, 1)
+    ens(xs, in_dims=0)
+    means = ens.state_dict()["1.running_mean"]
+    assert not torch.allclose(means[0], means[1])
+    for i, m in enumerate(ens.unstack()):
+        assert torch.equal(m[1].running_mean, means[i])
+        assert int(m[1].num_batches_tracked) == 1
+
+
+def test_dropout_masks_are_independent_per_member_and_reproducible():
+    def factory() -> nn.Module:
+        torch.manual_seed(0)  # identical members: any difference comes from the masks
+        return nn.Sequential(nn.Linear(8, 32), nn.Dropout(0.5))
+
+    for backend in ("auto", "vmap", "loop"):
+        ens = ve.Ensemble.from_factory(factory, 4, backend=backend)
+        x = torch.randn(5, 8)
+        torch.manual_seed(1)
+        a = ens(x)
+        torch.manual_seed(1)
+        b = ens(x)
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+        masks = a == 0
+        assert all(not torch.equal(masks[0], masks[i]) for i in range(1, 4)), backend
+        ens.eval()
+        out = ens(x)
+        torch.testing.assert_close(out[0], out[3], atol=0, rtol=0)
+
+
+def test_randomness_same_gives_every_member_the_same_mask():
+    def factory() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(8, 32), nn.Dropout(0.5))
+
+    for backend in ("vmap", "loop"):
+        out = ve.Ensemble.from_factory(factory, 3, backend=backend, randomness="same")(
+            torch.randn(5, 8)
+        )
+        torch.testing.assert_close(out[0], out[2], atol=0, rtol=0)
+
+
+def test_tied_weights_stay_tied_in_the_ensemble_and_its_members():
+    from _helpers import Tied
+
+    ens = ve.Ensemble.from_factory(Tied, 3)
+    sd = ens.state_dict()
+    assert torch.equal(sd["emb.weight"], sd["out.weight"])
+    assert len(list(ens.parameters())) == 3  # emb/out weight once, mix weight and bias
+    m = ens.member(1)
+    assert m.out.weight is m.emb.weight
+    with torch.no_grad():
+        ens.get_parameter("emb.weight").add_(1.0)
+    assert torch.equal(ens.state_dict()["out.weight"], ens.state_dict()["emb.weight"])
+
+
+def test_transformer_eval_under_no_grad_uses_a_path_vmap_can_batch():
+    members = _members("transformer", 3, torch.float32, train=False)
+    x = zoo_input("transformer", 2, torch.float32)
+    with torch.no_grad():
+        expected = torch.stack([m(x) for m in members])
+        for backend in ("vmap", "auto"):
+            out = ve.Ensemble(members, backend=backend)(x)
+            torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    assert torch.backends.mha.get_fastpath_enabled(), "the fast-path switch must be restored"
+
+
+def test_vmap_backend_names_the_culprit_and_points_to_auto():
+    ens = ve.Ensemble.from_factory(Recurrent, 2, backend="vmap")
+    with pytest.raises(
+        ve.EnsembleError, match=r"cannot run submodule 'rnn' \(LSTM\).*lstm.*backend='auto'"
+    ):
+        ens(torch.randn(3, 5, 4))
+
+
+def test_auto_warns_once_and_explains_the_fallback():
+    ens = ve.Ensemble.from_factory(Recurrent, 2)
+    x = torch.randn(3, 5, 4)
+    with pytest.warns(ve.FallbackWarning, match="Batching rule not implemented for aten::lstm"):
+        ens(x)
+    ens(x)  # no second warning (warnings are errors in this suite)
+    assert list(ens.explain()) == ["rnn"]
+
+
+class _Branchy(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.bn = nn.BatchNorm1d(4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.bn(self.fc(x))
+        if h.sum() > 0:  # data-dependent control flow in the model's own forward
+            return h
+        return -h
+
+
+def test_auto_loops_a_model_with_data_dependent_control_flow_without_double_updates():
+    members = [_Branchy() for _ in range(3)]
+    sources = copy.deepcopy(members)
+    ens = ve.Ensemble(members)
+    x = torch.randn(6, 4)
+    with pytest.warns(ve.FallbackWarning, match="the model's forward"):
+        out = ens(x)
+    expected = torch.stack([m(x) for m in sources])
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-5)
+    for i, m in enumerate(ens.unstack()):  # the failed vmap attempts were undone
+        torch.testing.assert_close(m.bn.running_mean, sources[i].bn.running_mean, atol=1e-7, rtol=0)
+        assert int(m.bn.num_batches_tracked) == 1
+
+
+def test_a_genuine_model_error_is_raised_unchanged_and_not_treated_as_fallback():
+    ens = ve.Ensemble.from_factory(lambda: nn.Linear(4, 3), 2)
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        ens(torch.randn(3, 5))
+    assert ens.explain() == {}
+    strict = ve.Ensemble.from_factory(lambda: nn.Linear(4, 3), 2, backend="vmap")
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        strict(torch.randn(3, 5))
+
+
+@pytest.mark.parametrize("backend", ["auto", "vmap", "loop"])
+def test_chunk_size_gives_the_same_answer(backend):
+    full = ve.Ensemble.from_factory(lambda: nn.Linear(4, 3), 7, backend=backend)
+    chunked = ve.Ensemble.from_factory(lambda: nn.Linear(4, 3), 7, backend=backend, chunk_size=3)
+    x = torch.randn(5, 4)
+    torch.testing.assert_close(chunked(x), full(x), atol=1e-6, rtol=1e-5)
+
+
+def test_nan_in_one_member_stays_in_that_member():
+    ens = ve.Ensemble.from_factory(
+        lambda: nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)), 4
+    )
+    with torch.no_grad():
+        ens.get_parameter("0.weight")[2, 0, 0] = float("nan")
+    for backend in ("auto", "vmap", "loop"):
+        ens.backend = backend
+        out = ens(torch.randn(3, 4))
+        assert torch.isnan(out[2]).any() and torch.isfinite(out[[0, 1, 3]]).all(), backend
+
+
+class _Structured(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(3, 2)
+        self.b = nn.Linear(3, 4)
+
+    def forward(self, x: Tensor, y: Tensor, *, scale: float = 1.0, mask: Tensor | None = None):
+        h = self.a(x) * scale
+        if mask is not None:
+            h = h * mask
+        return {"a": h, "pair": (self.b(y), h.sum(-1))}
+
+
+@pytest.mark.parametrize("backend", ["auto", "vmap", "loop"])
+def test_kwargs_mixed_in_dims_and_structured_outputs(backend):
+    members = [_Structured() for _ in range(3)]
+    ens = ve.Ensemble(members, backend=backend)
+    xs, y, mask = torch.randn(3, 5, 3), torch.randn(5, 3), torch.ones(5, 2)
+    out = ens(xs, y, in_dims=(0, None), scale=2.0, mask=mask)
+    ref = [m(x, y, scale=2.0, mask=mask) for m, x in zip(members, xs)]
+    expected = {
+        "a": torch.stack([r["a"] for r in ref]),
+        "pair": (
+            torch.stack([r["pair"][0] for r in ref]),
+            torch.stack([r["pair"][1] for r in ref]),
+        ),
+    }
+    assert_tree_close(out, expected, atol=1e-6)
+
+
+def test_in_dims_errors_name_both_sizes():
+    ens = ve.Ensemble.from_factory(lambda: nn.Linear(4, 3), 3)
+    with pytest.raises(
+        ve.EnsembleError, match=r"argument 0 has size 5 at dim 0.*ensemble has 3 members"
+    ):
+        ens(torch.randn(5, 2, 4), in_dims=0)
+    with pytest.raises(ve.EnsembleError, match="in_dims has 2 entries but 1 positional"):
+        ens(torch.randn(3, 2, 4), in_dims=(0, None))
+    with pytest.raises(ve.EnsembleError, match="only 2 dims"):
+        ens(torch.randn(3, 4), in_dims=2)
+
+
+def test_ensemble_nests_inside_a_larger_model():
+    class Head(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.trunk = nn.Linear(4, 4)
+            self.heads = ve.Ensemble.from_factory(lambda: nn.Linear(4, 2), 3)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.heads(self.trunk(x))
+
+    model = Head()
+    assert set(model.state_dict()) == {"trunk.weight", "trunk.bias", "heads.weight", "heads.bias"}
+    other = Head()
+    other.load_state_dict(model.state_dict())
+    x = torch.randn(2, 4)
+    torch.testing.assert_close(other(x), model(x), atol=0, rtol=0)
+    assert model(x).shape == (3, 2, 2)
+
+
+def test_bad_options_raise():
+    with pytest.raises(ve.EnsembleError, match="backend must be one of"):
+        ve.Ensemble([nn.Linear(2, 2)], backend="jax")
+    with pytest.raises(ve.EnsembleError, match="randomness must be one of"):
+        ve.Ensemble([nn.Linear(2, 2)], randomness="sometimes")
+    with pytest.raises(ve.EnsembleError, match="chunk_size must be a positive int"):
+        ve.Ensemble([nn.Linear(2, 2)], chunk_size=0)
+    with pytest.raises(ve.EnsembleError, match="n must be a positive int"):
+        ve.Ensemble.from_factory(lambda: nn.Linear(2, 2), 0)
