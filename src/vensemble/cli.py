@@ -1,14 +1,19 @@
-"""The `vensemble` command line: `vensemble demo`."""
+"""The `vensemble` command line: `vensemble demo` (and the verbs registered below)."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Sequence
 
 import torch
 
 __all__ = ["main"]
+
+# Modules that add a verb: each defines `register(subparsers)`, which adds its parser and sets
+# `run=<function(args) -> int>` as a default. Add one line here for a new verb.
+_VERB_MODULES: tuple[str, ...] = ()
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -41,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds (default 7)")
     demo.set_defaults(run=_demo)
+    for name in _VERB_MODULES:
+        importlib.import_module(f"vensemble.{name}").register(sub)
     return parser
 
 
