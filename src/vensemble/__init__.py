@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from . import metrics as metrics
 from ._errors import EnsembleError as EnsembleError
 from ._state import fingerprint as fingerprint
 from .backends import FallbackWarning as FallbackWarning
@@ -18,5 +19,6 @@ __all__ = [
     "__version__",
     "combine_state_for_ensemble",
     "fingerprint",
+    "metrics",
     "vmap",
 ]
