@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -246,7 +247,13 @@ def test_auto_warns_once_and_explains_the_fallback():
     with pytest.warns(ve.FallbackWarning, match="Batching rule not implemented for aten::lstm"):
         ens(x)
     ens(x)  # no second warning (warnings are errors in this suite)
-    assert list(ens.explain()) == ["rnn"]
+    how = ens.explain()
+    assert how["rnn"].startswith("per-member loop") and "aten::lstm" in how["rnn"], how
+    assert how["proj"].startswith("fused") and how["head"].startswith("fused"), how
+    vmap_only = ve.Ensemble.from_factory(Recurrent, 2, chunk_size=1)  # chunking: the vmap path
+    with pytest.warns(ve.FallbackWarning, match="'rnn'"):
+        vmap_only(x)
+    assert list(vmap_only.explain()) == ["rnn"]
 
 
 class _Branchy(nn.Module):
@@ -280,7 +287,8 @@ def test_a_genuine_model_error_is_raised_unchanged_and_not_treated_as_fallback()
     ens = ve.Ensemble.from_factory(lambda: nn.Linear(4, 3), 2)
     with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
         ens(torch.randn(3, 5))
-    assert ens.explain() == {}
+    assert ens.explain() == {"Linear": ens.explain()["Linear"]}, "no fallback was recorded"
+    assert ens.explain()["Linear"].startswith("fused")
     strict = ve.Ensemble.from_factory(lambda: nn.Linear(4, 3), 2, backend="vmap")
     with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
         strict(torch.randn(3, 5))
@@ -376,3 +384,89 @@ def test_bad_options_raise():
         ve.Ensemble([nn.Linear(2, 2)], chunk_size=0)
     with pytest.raises(ve.EnsembleError, match="n must be a positive int"):
         ve.Ensemble.from_factory(lambda: nn.Linear(2, 2), 0)
+
+
+class _NoVmapRule(torch.autograd.Function):
+    """A straight-through sign: its backward is not the derivative of its forward."""
+
+    @staticmethod
+    def forward(x: Tensor) -> Tensor:
+        return torch.sign(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        pass
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return grad
+
+
+class _Opaque(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _NoVmapRule.apply(self.fc(x))
+
+
+def test_when_neither_fused_nor_vmap_can_run_the_model_auto_loops_it():
+    members = [_Opaque() for _ in range(3)]
+    ens = ve.Ensemble(copy.deepcopy(members))
+    x = torch.randn(5, 4)
+    with pytest.warns(ve.FallbackWarning, match="vmap cannot run the model's forward"):
+        out = ens(x)
+    expected = torch.stack([m(x) for m in members])
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-5)
+    how = ens.explain()
+    assert "custom autograd.Function" in how["(fused)"] and "(whole model)" in how, how
+    out.pow(3).sum().backward()
+    expected.pow(3).sum().backward()  # the custom backward (identity), not sign's zero derivative
+    torch.testing.assert_close(
+        ens.get_parameter("fc.weight").grad, torch.stack([m.fc.weight.grad for m in members])
+    )
+
+
+class _NoGradInside(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.target = nn.Linear(4, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        with torch.no_grad():
+            t = self.target(x)
+        return self.fc(x) - t
+
+
+def test_grad_mode_blocks_in_the_forward_are_honoured():
+    members = [_NoGradInside() for _ in range(3)]
+    ens = ve.Ensemble(copy.deepcopy(members))
+    x = torch.randn(5, 4)
+    ens(x).sum().backward()
+    assert ens.get_parameter("target.weight").grad is None
+    assert "grad mode" in ens.explain()["(fused)"]
+
+
+def test_forward_hooks_are_run_so_the_fused_path_steps_aside():
+    members = [nn.Sequential(nn.Linear(4, 4), nn.ReLU()) for _ in range(3)]
+    for m in members:
+        m[0].register_forward_hook(lambda mod, inp, out: out * 10)
+    ens = ve.Ensemble(copy.deepcopy(members))
+    x = torch.randn(5, 4)
+    torch.testing.assert_close(ens(x), torch.stack([m(x) for m in members]), atol=1e-6, rtol=1e-5)
+    assert "forward hooks" in ens.explain()["(fused)"]
+
+
+def test_parametrized_layers_run_per_member():
+    from torch.nn.utils.parametrizations import weight_norm
+
+    members = [nn.Sequential(weight_norm(nn.Linear(4, 4)), nn.Tanh()) for _ in range(3)]
+    ens = ve.Ensemble(copy.deepcopy(members))
+    x = torch.randn(5, 4)
+    with warnings.catch_warnings():  # torch warns that _weight_norm has no batching rule
+        warnings.simplefilter("ignore", UserWarning)
+        out = ens(x)
+    torch.testing.assert_close(out, torch.stack([m(x) for m in members]), atol=1e-6, rtol=1e-5)
+    assert ens.explain()["0"] == "vmap"  # not the fused Linear: it would norm the stacked weight

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import textwrap
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -12,7 +13,17 @@ from torch import Tensor, nn
 
 from ._errors import EnsembleError
 from ._state import member_module, reindex_template, stack_members, validate_members
-from .backends import BACKENDS, AutoPlan, Call, auto_forward, loop_forward, strict_vmap_forward
+from .backends import (
+    BACKENDS,
+    AutoPlan,
+    Call,
+    FallbackWarning,
+    auto_forward,
+    loop_forward,
+    strict_vmap_forward,
+)
+from .backends.fused import FusedPlan, Untraceable, fused_forward
+from .backends.select import check_loop_runs, raise_if_randomness_error, snapshot_buffers
 
 __all__ = ["Ensemble"]
 
@@ -59,6 +70,7 @@ class Ensemble(nn.Module):
     _template: nn.Module
     _num_members: int
     _plan: AutoPlan
+    _fused: FusedPlan
 
     def __init__(
         self,
@@ -107,6 +119,7 @@ class Ensemble(nn.Module):
         )
         self._num_members = n
         self._plan = AutoPlan()
+        self._fused = FusedPlan()
         self.training = template.training
 
     @classmethod
@@ -216,18 +229,36 @@ class Ensemble(nn.Module):
         )
 
     def explain(self) -> dict[str, str]:
-        """Which parts of the model run how: ``{module path: reason}`` for looped parts.
+        """How the most recent call ran, part by part: ``{part: how}``.
 
-        An empty dict under ``backend="auto"`` means the whole model runs under vmap.
+        Under ``auto``/``fused`` each traced layer and batched op is listed with its kernel
+        ("fused: ...", "vmap", or "per-member loop: <why>"); when the forward could not be
+        traced, ``"(fused)"`` says why and vmap's per-submodule loops are listed by path.
         """
         if self.backend == "loop":
             return {"": "backend='loop': every member runs one after another"}
-        return dict(self._plan.reasons)
+        out: dict[str, str] = {}
+        last = self._fused.last
+        if self.backend in ("auto", "fused") and last is not None:
+            if isinstance(last, str):
+                out["(fused)"] = f"not used: {last}"
+            else:
+                out.update(last.routes)
+                return out
+        out.update(
+            {
+                path or "(whole model)": f"per-member loop: {why}"
+                for path, why in self._plan.reasons.items()
+            }
+        )
+        return out
 
     # ----------------------------------------------------------------------------- forward
 
     def _in_dims(self, in_dims: Any, args: tuple[Any, ...]) -> tuple[int | None, ...]:
-        if in_dims is None or isinstance(in_dims, int):
+        if in_dims is None:
+            return (None,) * len(args)
+        if isinstance(in_dims, int):
             dims: tuple[int | None, ...] = (in_dims,) * len(args)
         elif isinstance(in_dims, (tuple, list)):
             if len(in_dims) != len(args):
@@ -285,4 +316,32 @@ class Ensemble(nn.Module):
             return loop_forward(call)
         if self.backend == "vmap":
             return strict_vmap_forward(call)
+        if self.chunk_size is None or self.chunk_size >= self._num_members:
+            snapshot = snapshot_buffers(call)
+            try:
+                return fused_forward(call, self._fused)
+            except Untraceable:
+                pass  # the reason is kept for explain(); vmap runs it
+            except Exception as err:
+                if snapshot is not None:
+                    call.restore_buffers(snapshot)
+                raise_if_randomness_error(call, err)
+                check_loop_runs(call, snapshot)
+                self._fused_failed(err)
         return auto_forward(call, self._plan)
+
+    def _fused_failed(self, err: Exception) -> None:
+        """The fused program raised where the loop does not: use vmap for this signature."""
+        reason = (
+            f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+        )
+        for key, program in self._fused.programs.items():
+            if program is self._fused.last:
+                self._fused.programs[key] = f"the fused program failed ({reason})"
+        self._fused.last = None
+        warnings.warn(
+            f"vensemble: the fused path failed ({reason}); this call signature now runs under vmap "
+            "(same results, slower).",
+            FallbackWarning,
+            stacklevel=3,
+        )

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -26,6 +27,7 @@ class Call:
         in_dims: one ``int | None`` per positional argument.
         randomness: ``"different"``, ``"same"`` or ``"error"`` (as in ``torch.vmap``).
         chunk_size: at most this many members run at once (``None``: all).
+        name: the template's path in a larger model, for messages.
     """
 
     template: nn.Module
@@ -35,12 +37,12 @@ class Call:
     in_dims: tuple[int | None, ...]
     randomness: str = "different"
     chunk_size: int | None = None
-    state: dict[str, Tensor] = field(init=False)
+    name: str = ""
 
-    def __post_init__(self) -> None:
-        params = dict(self.template.named_parameters())
-        buffers = dict(self.template.named_buffers())
-        self.state = {**params, **buffers}
+    @functools.cached_property
+    def state(self) -> dict[str, Tensor]:
+        """The stacked parameters and buffers by (canonical) name."""
+        return {**dict(self.template.named_parameters()), **dict(self.template.named_buffers())}
 
     def member_args(self, i: int) -> tuple[Any, ...]:
         """The positional inputs member ``i`` sees."""

@@ -18,7 +18,15 @@ from ._call import Call, stack_outputs
 from .loop import loop_forward
 from .vmap import vmap_forward
 
-__all__ = ["AutoPlan", "FallbackWarning", "auto_forward", "strict_vmap_forward"]
+__all__ = [
+    "AutoPlan",
+    "FallbackWarning",
+    "auto_forward",
+    "check_loop_runs",
+    "raise_if_randomness_error",
+    "snapshot_buffers",
+    "strict_vmap_forward",
+]
 
 
 class FallbackWarning(UserWarning):
@@ -126,6 +134,12 @@ def _tracking(template: nn.Module, stack: list[str]) -> Iterator[None]:
             h.remove()
 
 
+def raise_if_randomness_error(call: Call, err: BaseException) -> None:
+    """With ``randomness="error"`` a random op must raise, not fall back to a loop."""
+    if call.randomness == "error" and isinstance(err, RuntimeError) and "randomness" in str(err):
+        raise err
+
+
 def _first_line(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     return f"{type(err).__name__}: {text[0] if text else ''}"
@@ -154,7 +168,7 @@ def _attempt(
         return None, (stack[-1] if stack else ""), err
 
 
-def _check_loop_runs(call: Call, snapshot: dict[str, Tensor] | None) -> None:
+def check_loop_runs(call: Call, snapshot: dict[str, Tensor] | None) -> None:
     """Raise the model's own error when the reference loop fails too (a genuine mistake)."""
     try:
         with torch.no_grad():
@@ -164,18 +178,19 @@ def _check_loop_runs(call: Call, snapshot: dict[str, Tensor] | None) -> None:
             call.restore_buffers(snapshot)
 
 
-def _snapshot(call: Call) -> dict[str, Tensor] | None:
+def snapshot_buffers(call: Call) -> dict[str, Tensor] | None:
     has_buffers = next(call.template.buffers(), None) is not None
     return call.snapshot_buffers() if has_buffers and call.template.training else None
 
 
 def strict_vmap_forward(call: Call) -> Any:
     """The ``vmap`` backend: all of the model under vmap, or an ``EnsembleError`` saying why not."""
-    snapshot = _snapshot(call)
+    snapshot = snapshot_buffers(call)
     out, culprit, err = _attempt(call, set(), snapshot)
     if err is None:
         return out
-    _check_loop_runs(call, snapshot)
+    raise_if_randomness_error(call, err)
+    check_loop_runs(call, snapshot)
     where = f"submodule '{culprit}' ({type(call.template.get_submodule(culprit or '')).__name__})"
     where = where if culprit else f"the model's own forward ({type(call.template).__name__})"
     raise EnsembleError(
@@ -192,7 +207,7 @@ def auto_forward(call: Call, plan: AutoPlan) -> Any:
     failed attempt are restored first. A :class:`FallbackWarning` names each new culprit once.
     A failure the reference loop shares is the model's own error and is raised unchanged.
     """
-    snapshot = _snapshot(call)
+    snapshot = snapshot_buffers(call)
     looped = set(plan.looped)
     new: dict[str, str] = {}
     checked = False
@@ -200,8 +215,9 @@ def auto_forward(call: Call, plan: AutoPlan) -> Any:
         out, culprit, err = _attempt(call, looped, snapshot)
         if err is None:
             break
+        raise_if_randomness_error(call, err)
         if not checked:
-            _check_loop_runs(call, snapshot)
+            check_loop_runs(call, snapshot)
             checked = True
         if culprit is None or culprit in looped:
             culprit = ""  # looping the submodule was not enough: loop the whole model
@@ -210,11 +226,9 @@ def auto_forward(call: Call, plan: AutoPlan) -> Any:
     for path, reason in new.items():
         plan.looped.add(path)
         plan.reasons[path] = reason
-        what = (
-            f"submodule '{path}' ({type(call.template.get_submodule(path)).__name__})"
-            if path
-            else "the model's forward"
-        )
+        full = ".".join(p for p in (call.name, path) if p)
+        kind = type(call.template.get_submodule(path)).__name__
+        what = f"submodule '{full}' ({kind})" if full else "the model's forward"
         warnings.warn(
             f"vensemble: vmap cannot run {what} ({reason}); it now runs as a per-member loop "
             "(same results, slower). Everything else still runs under vmap.",

@@ -1,0 +1,51 @@
+"""Pick the fastest of several equivalent kernels by a short measurement, cached per shape."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Hashable
+from typing import Any
+
+import torch
+
+__all__ = ["autotune", "choices"]
+
+_CACHE: dict[Hashable, str] = {}
+
+
+def choices() -> dict[Hashable, str]:
+    """What was chosen so far: key (op, shapes, dtype, device, ...) -> candidate name."""
+    return dict(_CACHE)
+
+
+def _time(fn: Callable[[], Any], device: torch.device, repeats: int) -> float:
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    best = float("inf")
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def autotune(key: Hashable, candidates: dict[str, Callable[[], Any]], device: torch.device) -> str:
+    """The name of the fastest candidate for ``key``; measured once (best of 3 after a warm-up).
+
+    Candidates must compute the same result; they run without gradient tracking while
+    measuring. With a single candidate nothing is measured.
+    """
+    if key in _CACHE:
+        return _CACHE[key]
+    if len(candidates) == 1:
+        name = next(iter(candidates))
+    else:
+        with torch.no_grad():
+            timings = {}
+            for cand, fn in candidates.items():
+                fn()  # warm-up
+                timings[cand] = _time(fn, device, repeats=3)
+        name = min(timings, key=timings.__getitem__)
+    _CACHE[key] = name
+    return name

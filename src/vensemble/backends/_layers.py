@@ -1,0 +1,396 @@
+"""Batched implementations of the layers people stack, one call for all members.
+
+Each wrapper runs one layer of the stacked template (``orig``, whose tensors carry a leading
+member dim ``N``) on activations that carry the member dim first (``batched``) or are the
+same for every member (unbatched). They compute what the member's layer computes, member by
+member; ``tests/test_fused.py`` checks each against the loop, forward and backward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from ._autotune import autotune
+
+__all__ = ["FUSED_LAYERS", "PARAM_FREE_ELEMENTWISE", "Fused", "fused_layer_for"]
+
+
+def _bview(t: Tensor, ndim: int, channel_dim: int | None = None) -> Tensor:
+    """View a per-member tensor ``(N, *s)`` to broadcast against a batched ``ndim``-dim activation.
+
+    With ``channel_dim`` (a dim of the activation) ``s`` must be one dim that lands there;
+    without it, ``s`` lines up with the activation's trailing dims.
+    """
+    n = t.shape[0]
+    if channel_dim is not None:
+        shape = [n] + [1] * (ndim - 1)
+        shape[channel_dim] = t.shape[1]
+        return t.view(shape)
+    return t.view(n, *([1] * (ndim - t.ndim)), *t.shape[1:])
+
+
+class Fused(nn.Module):
+    """Base of the batched layer wrappers.
+
+    Args:
+        orig: the stacked template's layer (its tensors have a leading member dim).
+        n: number of members.
+        batched: whether each positional input carries the member dim first.
+        randomness: the ensemble's randomness mode (``"different"``, ``"same"``, ``"error"``).
+    """
+
+    how = "fused"
+
+    def __init__(self, orig: nn.Module, n: int, batched: tuple[bool, ...], randomness: str) -> None:
+        super().__init__()
+        object.__setattr__(self, "orig", orig)  # not a child: the template owns it
+        self.n = n
+        self.batched = batched
+        self.randomness = randomness
+
+    orig: Any  # the template's layer, typed loosely: each subclass knows its layer's fields
+
+    def expand(self, x: Tensor) -> Tensor:
+        """The member-batched form of ``x`` (a view when ``x`` is unbatched)."""
+        return x if self.batched[0] else x.unsqueeze(0).expand(self.n, *x.shape)
+
+
+class _Linear(Fused):
+    how = "fused: baddbmm (per-member input) / one wide GEMM or bmm (shared input), by measurement"
+
+    def forward(self, x: Tensor) -> Tensor:
+        m = self.orig
+        w, b = m.weight, m.bias  # (N, out, in), (N, out)
+        n, out_f, in_f = w.shape
+        if self.batched[0]:
+            x3 = x.reshape(n, -1, in_f)  # (N, M, in)
+            y = (
+                torch.bmm(x3, w.transpose(1, 2))
+                if b is None
+                else torch.baddbmm(b.unsqueeze(1), x3, w.transpose(1, 2))
+            )
+            return y.view(n, *x.shape[1:-1], out_f)
+        x2 = x.reshape(-1, in_f)  # (M, in)
+        rows = x2.shape[0]
+
+        def wide() -> Tensor:
+            flat = w.reshape(n * out_f, in_f)
+            y = x2 @ flat.t() if b is None else torch.addmm(b.reshape(-1), x2, flat.t())
+            return y.view(rows, n, out_f).transpose(0, 1)  # (N, M, out)
+
+        def bmm() -> Tensor:
+            x3 = x2.expand(n, rows, in_f)
+            return (
+                torch.bmm(x3, w.transpose(1, 2))
+                if b is None
+                else torch.baddbmm(b.unsqueeze(1), x3, w.transpose(1, 2))
+            )
+
+        cands = {"wide": wide, "bmm": bmm}
+        key = ("linear-shared", n, rows, in_f, out_f, b is None, x.dtype, x.device)
+        y = cands[autotune(key, cands, x.device)]()
+        return y if x.ndim == 2 else y.reshape(n, *x.shape[:-1], out_f)
+
+
+class _Conv(Fused):
+    how = "fused: per-member loop, grouped conv or concatenated conv, by measurement"
+
+    def forward(self, x: Tensor) -> Tensor:
+        m = self.orig
+        w, b = m.weight, m.bias  # (N, O, C/g, *k), (N, O)
+        n, out_c = w.shape[0], w.shape[1]
+        spatial = w.ndim - 3
+        conv: Callable[..., Tensor] = getattr(F, f"conv{spatial}d")
+        batched = self.batched[0]
+        full = x.ndim - batched == spatial + 2  # has a batch dim
+
+        def loop() -> Tensor:
+            return torch.stack(
+                [
+                    m._conv_forward(x[i] if batched else x, w[i], None if b is None else b[i])
+                    for i in range(n)
+                ]
+            )
+
+        cands: dict[str, Callable[[], Tensor]] = {"loop": loop}
+        if m.padding_mode == "zeros" and full:
+            args = (m.stride, m.padding, m.dilation)
+            bias = None if b is None else b.reshape(-1)
+            kernel = w.reshape(n * out_c, *w.shape[2:])
+            if not batched and m.groups == 1:
+
+                def concat() -> Tensor:
+                    y = conv(x, kernel, bias, *args, 1)  # (B, N*O, *s)
+                    return y.view(y.shape[0], n, out_c, *y.shape[2:]).transpose(0, 1)
+
+                cands["concat"] = concat
+            else:
+
+                def grouped() -> Tensor:
+                    xb = self.expand(x)  # (N, B, C, *s)
+                    xg = xb.transpose(0, 1).reshape(xb.shape[1], -1, *xb.shape[3:])  # (B, N*C, *s)
+                    y = conv(xg, kernel, bias, *args, n * m.groups)
+                    return y.view(y.shape[0], n, out_c, *y.shape[2:]).transpose(0, 1)
+
+                cands["grouped"] = grouped
+        key = (
+            "conv",
+            tuple(x.shape),
+            batched,
+            tuple(w.shape),
+            m.stride,
+            m.padding,
+            m.groups,
+            x.dtype,
+            x.device,
+        )
+        return cands[autotune(key, cands, x.device)]()
+
+
+class _BatchNorm(Fused):
+    how = "fused: per-member statistics on the stacked activations"
+
+    def forward(self, x: Tensor) -> Tensor:
+        m = self.orig
+        x = self.expand(x)  # (N, B, C, *s)
+        if x.ndim < 3:
+            raise ValueError(
+                f"expected a batch and a channel dim per member, got shape {tuple(x.shape[1:])}"
+            )
+        shape_c = (self.n, 1, x.shape[2]) + (1,) * (x.ndim - 3)
+        reduce = (1, *range(3, x.ndim))
+        factor: float | Tensor = 0.0 if m.momentum is None else m.momentum
+        if m.training and m.track_running_stats and m.num_batches_tracked is not None:
+            m.num_batches_tracked.add_(1)
+            if m.momentum is None:
+                factor = (1.0 / m.num_batches_tracked.double()).to(x.dtype).view(-1, 1)
+        use_batch_stats = m.training or (m.running_mean is None and m.running_var is None)
+        if use_batch_stats:
+            count = x.numel() // (x.shape[0] * x.shape[2])
+            if m.training and count == 1:
+                raise ValueError(
+                    f"Expected more than 1 value per channel when training, got input size {x.shape[1:]}"
+                )
+            var, mean = torch.var_mean(x, dim=reduce, correction=0)  # (N, C)
+            if m.training and m.running_mean is not None:
+                with torch.no_grad():
+                    m.running_mean.lerp_(mean, factor)
+                    m.running_var.lerp_(var * (count / max(count - 1, 1)), factor)
+        else:
+            mean, var = m.running_mean, m.running_var
+        y = (x - mean.view(shape_c)) * torch.rsqrt(var.view(shape_c) + m.eps)
+        if m.affine:
+            y = torch.addcmul(m.bias.view(shape_c), y, m.weight.view(shape_c))
+        return y
+
+
+class _LayerNorm(Fused):
+    how = "fused: layer_norm on the stacked activations, per-member affine"
+
+    def forward(self, x: Tensor) -> Tensor:
+        m = self.orig
+        y = F.layer_norm(x, m.normalized_shape, None, None, m.eps)
+        if not self.batched[0]:
+            y = y.unsqueeze(0)
+        if m.weight is None:
+            return self.expand(y) if not self.batched[0] else y
+        w = _bview(m.weight, y.ndim)
+        return torch.addcmul(_bview(m.bias, y.ndim), y, w) if m.bias is not None else y * w
+
+
+class _GroupNorm(Fused):
+    how = "fused: group_norm with members folded into the batch, per-member affine"
+
+    def forward(self, x: Tensor) -> Tensor:
+        m = self.orig
+        x = self.expand(x)  # (N, B, C, *s)
+        y = F.group_norm(x.reshape(-1, *x.shape[2:]), m.num_groups, None, None, m.eps).view(x.shape)
+        if m.affine:
+            y = torch.addcmul(_bview(m.bias, y.ndim, 2), y, _bview(m.weight, y.ndim, 2))
+        return y
+
+
+class _Embedding(Fused):
+    how = "fused: one embedding lookup in the members' concatenated tables"
+
+    def forward(self, idx: Tensor) -> Tensor:
+        m = self.orig
+        w = m.weight  # (N, V, D)
+        n, vocab, dim = w.shape
+        logical = idx.ndim - self.batched[0]
+        offsets = (torch.arange(n, device=idx.device) * vocab).view(n, *([1] * logical))
+        y = F.embedding(idx + offsets, w.reshape(n * vocab, dim))
+        if m.padding_idx is not None:  # no gradient flows into the padding row, as in nn.Embedding
+            pad = (idx == m.padding_idx).unsqueeze(-1)
+            y = torch.where(pad, y.detach(), y)
+        return y
+
+
+class _PReLU(Fused):
+    how = "fused: per-member slopes broadcast over the stacked activations"
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = self.orig.weight  # (N, P)
+        x = self.expand(x)
+        if w.shape[1] == 1:
+            wv = w.view(self.n, *([1] * (x.ndim - 1)))
+        else:
+            wv = _bview(w, x.ndim, 2 if x.ndim >= 3 else 1)
+        return torch.where(x > 0, x, wv * x)
+
+
+class _Direct(Fused):
+    """A parameter-free layer that acts per element or per trailing dims: call it as is."""
+
+    how = "fused: the layer itself, applied to the stacked activations"
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.orig(x)
+
+
+class _Dropout(Fused):
+    how = "fused: one mask over the stacked activations (independent per member)"
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.orig.training:
+            return x
+        if not self.batched[0]:
+            x = x.unsqueeze(0).repeat(self.n, *([1] * x.ndim))
+        return self.orig(x)
+
+
+def _shift(d: int) -> int:
+    return d + 1 if d >= 0 else d
+
+
+class _Softmax(Fused):
+    how = "fused: softmax over the member's dim"
+
+    def forward(self, x: Tensor) -> Tensor:
+        m = self.orig
+        fn = {nn.Softmax: F.softmax, nn.LogSoftmax: F.log_softmax, nn.Softmin: F.softmin}[type(m)]
+        return fn(x, dim=_shift(m.dim))
+
+
+class _Flatten(Fused):
+    how = "fused: flatten with the member dim kept"
+
+    def forward(self, x: Tensor) -> Tensor:
+        m = self.orig
+        return x.flatten(_shift(m.start_dim), _shift(m.end_dim))
+
+
+class _Unflatten(Fused):
+    how = "fused: unflatten with the member dim kept"
+
+    def forward(self, x: Tensor) -> Tensor:
+        m = self.orig
+        return x.unflatten(_shift(m.dim), m.unflattened_size)
+
+
+_POOLS: dict[type[nn.Module], int] = {
+    nn.MaxPool1d: 1,
+    nn.MaxPool2d: 2,
+    nn.MaxPool3d: 3,
+    nn.AvgPool1d: 1,
+    nn.AvgPool2d: 2,
+    nn.AvgPool3d: 3,
+    nn.AdaptiveAvgPool1d: 1,
+    nn.AdaptiveAvgPool2d: 2,
+    nn.AdaptiveAvgPool3d: 3,
+    nn.AdaptiveMaxPool1d: 1,
+    nn.AdaptiveMaxPool2d: 2,
+    nn.AdaptiveMaxPool3d: 3,
+    nn.LPPool1d: 1,
+    nn.LPPool2d: 2,
+}
+
+
+class _Pool(Fused):
+    how = "fused: pooling with members folded into the batch"
+
+    def forward(self, x: Tensor) -> Tensor:
+        spatial = _POOLS[type(self.orig)]
+        if x.ndim - 1 == spatial + 2:  # (N, B, C, *s): fold members into the batch
+            y = self.orig(x.flatten(0, 1))
+            return y.unflatten(0, (self.n, x.shape[1]))
+        return self.orig(x)  # (N, C, *s): the member dim plays the batch
+
+
+PARAM_FREE_ELEMENTWISE: tuple[type[nn.Module], ...] = (
+    nn.Identity,
+    nn.ReLU,
+    nn.ReLU6,
+    nn.GELU,
+    nn.Tanh,
+    nn.Sigmoid,
+    nn.SiLU,
+    nn.Mish,
+    nn.LeakyReLU,
+    nn.ELU,
+    nn.CELU,
+    nn.SELU,
+    nn.Softplus,
+    nn.Softsign,
+    nn.Hardtanh,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.Hardshrink,
+    nn.Softshrink,
+    nn.Tanhshrink,
+    nn.LogSigmoid,
+    nn.Threshold,
+)
+
+FUSED_LAYERS: dict[type[nn.Module], type[Fused]] = {
+    nn.Linear: _Linear,
+    nn.Conv1d: _Conv,
+    nn.Conv2d: _Conv,
+    nn.Conv3d: _Conv,
+    nn.BatchNorm1d: _BatchNorm,
+    nn.BatchNorm2d: _BatchNorm,
+    nn.BatchNorm3d: _BatchNorm,
+    nn.LayerNorm: _LayerNorm,
+    nn.GroupNorm: _GroupNorm,
+    nn.Embedding: _Embedding,
+    nn.PReLU: _PReLU,
+    nn.Dropout: _Dropout,
+    nn.Softmax: _Softmax,
+    nn.LogSoftmax: _Softmax,
+    nn.Softmin: _Softmax,
+    nn.Flatten: _Flatten,
+    nn.Unflatten: _Unflatten,
+    **dict.fromkeys(_POOLS, _Pool),
+    **dict.fromkeys(PARAM_FREE_ELEMENTWISE, _Direct),
+}
+
+
+def fused_layer_for(
+    module: nn.Module, batched: tuple[bool, ...], randomness: str
+) -> type[Fused] | None:
+    """The batched implementation for ``module`` called on inputs with these flags, if any."""
+    cls = FUSED_LAYERS.get(type(module))
+    if cls is None or len(batched) != 1 or parametrize.is_parametrized(module):
+        return None
+    if cls is _Dropout and randomness != "different":
+        return None
+    if cls is _Embedding and (
+        getattr(module, "max_norm", None) is not None or getattr(module, "sparse", False)
+    ):
+        return None
+    if cls is _Softmax and getattr(module, "dim", None) is None:
+        return None
+    if cls is _Pool and getattr(module, "return_indices", False):
+        return None
+    return cls
+
+
+def describe(wrapper: Any) -> str:
+    """How a wrapper runs its layer, for ``Ensemble.explain()``."""
+    return str(getattr(wrapper, "how", type(wrapper).__name__))

@@ -1,0 +1,368 @@
+"""Batched versions of the tensor functions and methods a member's forward calls.
+
+Inside a traced member forward, a function or method whose inputs carry the member dim runs
+in one of four ways: elementwise ops broadcast with the member dim aligned; ops that take
+dims (``flatten``, ``view``, ``mean(dim)``, ...) get their dims shifted past the member dim;
+shape queries (``size``, ``shape``, ``dim``) answer with the member's logical shape; anything
+else runs under ``torch.vmap`` for that one call, which is correct by construction.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import torch.utils._pytree as pytree
+from torch import Tensor, nn
+
+__all__ = ["RANDOM_FUNCTIONS", "RANDOM_METHODS", "Expand", "make_op"]
+
+Target = Callable[..., Any] | str
+
+ELEMENTWISE_FUNCTIONS: set[Any] = {
+    torch.relu, torch.tanh, torch.sigmoid, torch.exp, torch.log, torch.abs, torch.neg, torch.sqrt,
+    torch.rsqrt, torch.square, torch.sin, torch.cos, torch.erf, torch.clamp, torch.clip, torch.add,
+    torch.sub, torch.mul, torch.div, torch.pow, torch.maximum, torch.minimum, torch.where,
+    torch.log1p, torch.expm1, torch.reciprocal, torch.sign,
+    F.relu, F.relu6, F.gelu, F.silu, F.elu, F.celu, F.selu, F.leaky_relu, F.softplus, F.mish,
+    F.hardtanh, F.hardswish, F.hardsigmoid, F.logsigmoid, F.softsign, F.tanhshrink, F.sigmoid, F.tanh,
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.floordiv, operator.pow,
+    operator.neg, operator.pos, operator.abs, operator.gt, operator.lt, operator.ge, operator.le,
+}  # fmt: skip
+
+ELEMENTWISE_METHODS = {
+    "relu", "tanh", "sigmoid", "exp", "log", "abs", "neg", "sqrt", "rsqrt", "square", "sin", "cos",
+    "clamp", "clip", "add", "sub", "mul", "div", "pow", "log1p", "expm1", "reciprocal", "sign",
+    "masked_fill", "maximum", "minimum",
+}  # fmt: skip
+
+PASSTHROUGH_METHODS = {
+    "contiguous",
+    "detach",
+    "clone",
+    "float",
+    "double",
+    "half",
+    "bfloat16",
+    "to",
+    "type_as",
+}
+
+RANDOM_FUNCTIONS: set[Any] = {
+    torch.rand, torch.randn, torch.randint, torch.rand_like, torch.randn_like, torch.randint_like,
+    torch.randperm, torch.bernoulli, torch.multinomial, torch.normal, torch.poisson, F.dropout,
+    F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout,
+    F.gumbel_softmax, F.rrelu,
+}  # fmt: skip
+
+RANDOM_METHODS = {
+    "bernoulli",
+    "bernoulli_",
+    "uniform_",
+    "normal_",
+    "random_",
+    "exponential_",
+    "cauchy_",
+    "log_normal_",
+    "geometric_",
+}
+
+_FUNCTION_AS_METHOD: dict[Any, str] = {
+    torch.flatten: "flatten", torch.reshape: "reshape", torch.transpose: "transpose",
+    torch.swapaxes: "transpose", torch.permute: "permute", torch.unsqueeze: "unsqueeze",
+    torch.squeeze: "squeeze", torch.mean: "mean", torch.sum: "sum", torch.amax: "amax",
+    torch.amin: "amin", torch.prod: "prod", torch.logsumexp: "logsumexp", torch.softmax: "softmax",
+    torch.log_softmax: "log_softmax", torch.cumsum: "cumsum", torch.argmax: "argmax",
+    torch.argmin: "argmin", torch.chunk: "chunk", torch.split: "split", torch.unbind: "unbind",
+    F.softmax: "softmax", F.log_softmax: "log_softmax",
+}  # fmt: skip
+
+_DIM_REDUCTIONS = {
+    "mean",
+    "sum",
+    "amax",
+    "amin",
+    "prod",
+    "logsumexp",
+    "softmax",
+    "log_softmax",
+    "cumsum",
+    "argmax",
+    "argmin",
+    "std",
+    "var",
+    "max",
+    "min",
+}
+
+
+def _shift(d: int) -> int:
+    return d + 1 if d >= 0 else d
+
+
+def _shift_dims(d: Any) -> Any:
+    if isinstance(d, int):
+        return _shift(d)
+    return type(d)(_shift(x) for x in d)
+
+
+def _sizes(args: tuple[Any, ...]) -> tuple[Any, ...]:
+    """``view(2, 3)`` and ``view((2, 3))`` alike: the sizes as one tuple."""
+    if len(args) == 1 and isinstance(args[0], (tuple, list, torch.Size)):
+        return tuple(args[0])
+    return tuple(args)
+
+
+def _dim_method(name: str, n: int) -> Callable[..., Any] | None:
+    """A method that takes dims, applied to a batched ``x`` with the dims shifted, if known."""
+    if name == "flatten":
+        return lambda x, start_dim=0, end_dim=-1: x.flatten(_shift(start_dim), _shift(end_dim))
+    if name in ("view", "reshape"):
+        return lambda x, *shape: getattr(x, name)(n, *_sizes(shape))
+    if name == "expand":
+        return lambda x, *shape: x.expand(n, *_sizes(shape))
+    if name in ("transpose", "swapaxes", "swapdims"):
+        return lambda x, a, b: x.transpose(_shift(a), _shift(b))
+    if name == "permute":
+        return lambda x, *dims: x.permute(0, *(_shift(d) for d in _sizes(dims)))
+    if name == "unsqueeze":
+        return lambda x, dim: x.unsqueeze(_shift(dim))
+    if name in ("chunk", "split"):
+        return lambda x, size, dim=0: getattr(x, name)(size, _shift(dim))
+    if name == "unbind":
+        return lambda x, dim=0: x.unbind(_shift(dim))
+    if name == "squeeze":
+
+        def squeeze(x: Tensor, dim: Any = None) -> Tensor:
+            if dim is None:
+                raise _NeedsVmap
+            return x.squeeze(_shift_dims(dim))
+
+        return squeeze
+    if name in _DIM_REDUCTIONS:
+
+        def reduce(x: Tensor, *args: Any, **kwargs: Any) -> Any:
+            if args and isinstance(args[0], (int, tuple, list)) and not isinstance(args[0], bool):
+                args = (_shift_dims(args[0]), *args[1:])
+            elif kwargs.get("dim") is not None:
+                kwargs = {**kwargs, "dim": _shift_dims(kwargs["dim"])}
+            else:
+                raise _NeedsVmap  # a full reduction, or max(other): let vmap decide
+            return getattr(x, name)(*args, **kwargs)
+
+        return reduce
+    return None
+
+
+class _NeedsVmap(Exception):
+    """Raised by a fast handler that cannot handle this particular call."""
+
+
+class Op(nn.Module):
+    """A function or method call of a member's forward, run for all members at once."""
+
+    how = "vmap"
+
+    def __init__(
+        self,
+        target: Target,
+        is_method: bool,
+        flags: tuple[bool, ...],
+        kwflags: dict[str, bool],
+        n: int,
+        randomness: str,
+    ) -> None:
+        super().__init__()
+        self.target = target
+        self.is_method = is_method
+        self.flags = flags
+        self.kwflags = kwflags
+        self.n = n
+        self.randomness = randomness
+        self.batched_output = True
+
+    def call(self, *args: Any, **kwargs: Any) -> Any:
+        if self.is_method:
+            assert isinstance(self.target, str)
+            return getattr(args[0], self.target)(*args[1:], **kwargs)
+        assert callable(self.target)
+        return self.target(*args, **kwargs)
+
+    def vmapped(self, *args: Any, **kwargs: Any) -> Any:
+        """This call under ``torch.vmap`` over the members, for any op."""
+        leaves, spec = pytree.tree_flatten((list(args), kwargs))
+        dims: list[int | None] = []
+        for k, a in enumerate(args):
+            dims += [
+                0 if self.flags[k] and isinstance(t, Tensor) else None
+                for t in pytree.tree_leaves(a)
+            ]
+        for key, v in kwargs.items():
+            dims += [
+                0 if self.kwflags[key] and isinstance(t, Tensor) else None
+                for t in pytree.tree_leaves(v)
+            ]
+        dummy = all(d is None for d in dims)  # a random op on shared inputs still draws per member
+
+        def one(*flat: Any) -> Any:
+            a, k = pytree.tree_unflatten(list(flat[: len(leaves)]), spec)
+            return self.call(*a, **k)
+
+        in_dims = (*dims, 0) if dummy else tuple(dims)
+        extra = (torch.empty(self.n),) if dummy else ()
+        return torch.vmap(one, in_dims=in_dims, randomness=self.randomness)(*leaves, *extra)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.vmapped(*args, **kwargs)
+
+
+class _Elementwise(Op):
+    how = "fused: elementwise, member dim aligned"
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        ranks = [t.ndim - f for t, f in zip(args, self.flags) if isinstance(t, Tensor)]
+        ranks += [v.ndim - self.kwflags[k] for k, v in kwargs.items() if isinstance(v, Tensor)]
+        top = max(ranks, default=0)
+
+        def align(t: Any, batched: bool) -> Any:
+            if batched and isinstance(t, Tensor) and t.ndim - 1 < top:
+                return t.view(t.shape[0], *([1] * (top - t.ndim + 1)), *t.shape[1:])
+            return t
+
+        args = tuple(align(a, f) for a, f in zip(args, self.flags))
+        kwargs = {k: align(v, self.kwflags[k]) for k, v in kwargs.items()}
+        return self.call(*args, **kwargs)
+
+
+class _DimMethod(Op):
+    how = "fused: dims shifted past the member dim"
+
+    def __init__(self, name: str, *rest: Any) -> None:
+        super().__init__(name, True, *rest)
+        handler = _dim_method(name, self.n)
+        assert handler is not None
+        self.handler = handler
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return self.handler(*args, **kwargs)
+        except _NeedsVmap:
+            return self.vmapped(*args, **kwargs)
+
+
+class _Logical(Op):
+    """Shape queries of a batched tensor answer with the member's shape."""
+
+    how = "fused: the member's logical shape"
+
+    def __init__(self, *rest: Any) -> None:
+        super().__init__(*rest)
+        self.batched_output = False
+
+    def forward(self, x: Any, *args: Any) -> Any:
+        name = self.target if self.is_method else args[0]
+        if name == "size":
+            return x.shape[1:] if not args else x.shape[1:][args[0]]
+        if name == "shape":
+            return x.shape[1:]
+        if name in ("dim", "ndimension", "ndim"):
+            return x.ndim - 1
+        if name == "numel":
+            return x.numel() // self.n
+        return getattr(x, str(name))  # dtype, device, requires_grad, is_cuda, ...
+
+
+class _Getitem(Op):
+    how = "fused: indexing past the member dim"
+
+    def forward(self, x: Any, index: Any) -> Any:
+        if not isinstance(x, Tensor):
+            return x[index]  # a container of batched values
+        idx = index if isinstance(index, tuple) else (index,)
+        if all(isinstance(i, (int, slice)) for i in idx):
+            return x[(slice(None), *idx)]
+        if idx and idx[0] is Ellipsis and all(isinstance(i, (int, slice)) for i in idx[1:]):
+            return x[index]
+        return self.vmapped(x, index)
+
+
+class _Concat(Op):
+    how = "fused: concatenation past the member dim"
+
+    def forward(self, tensors: Any, dim: int = 0) -> Any:
+        if not isinstance(dim, int):
+            return self.vmapped(tensors, dim)
+        return self.call(list(tensors), _shift(dim))
+
+
+class Expand(nn.Module):
+    """Give a value that is the same for every member the member dim (a broadcast view)."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.n = n
+
+    def forward(self, x: Any) -> Any:
+        return pytree.tree_map_only(Tensor, lambda t: t.unsqueeze(0).expand(self.n, *t.shape), x)
+
+
+_SHAPE_ATTRS = {"shape", "ndim", "dtype", "device", "requires_grad", "is_cuda", "layout"}
+
+
+def make_op(
+    target: Target,
+    is_method: bool,
+    flags: tuple[bool, ...],
+    kwflags: dict[str, bool],
+    n: int,
+    randomness: str,
+    attr: Any = None,
+) -> Op:
+    """The wrapper that runs one function/method call of the member's forward for all members.
+
+    Args:
+        target: the function, or the method name.
+        is_method: ``target`` is a method of the first argument.
+        flags: whether each positional argument carries the member dim.
+        kwflags: the same for keyword arguments.
+        n: number of members.
+        randomness: the ensemble's randomness mode.
+        attr: for ``getattr`` calls, the attribute name.
+    """
+    rest = (flags, kwflags, n, randomness)
+    first_only = bool(flags) and flags[0] and not any(flags[1:]) and not any(kwflags.values())
+    name = target if is_method else _FUNCTION_AS_METHOD.get(target)
+    random = (target in RANDOM_METHODS) if is_method else (target in RANDOM_FUNCTIONS)
+    if random:
+        if randomness == "different" and target is F.dropout and first_only:
+            return _Elementwise(target, is_method, *rest)
+        return Op(target, is_method, *rest)
+    if is_method and isinstance(target, str) and target.endswith("_"):
+        return Op(target, is_method, *rest)  # in-place: vmap knows the rules
+    if first_only and isinstance(name, str):
+        if name in ("size", "dim", "ndimension", "numel"):
+            return _Logical(name, True, *rest)
+        if name in PASSTHROUGH_METHODS:
+            return _Elementwise(name, True, *rest)
+        if _dim_method(name, n) is not None:
+            return _DimMethod(name, *rest)
+    if not is_method and target is getattr and first_only and attr in _SHAPE_ATTRS:
+        return _Logical(target, False, *rest)
+    if not is_method and target is operator.getitem and flags and flags[0] and not any(flags[1:]):
+        return _Getitem(target, False, *rest)
+    if (
+        not is_method
+        and target in (torch.cat, torch.concat, torch.stack)
+        and flags
+        and not any(flags[1:])
+        and not any(kwflags.values())
+    ):
+        return _Concat(target, False, *rest) if flags[0] else Op(target, False, *rest)
+    if (is_method and target in ELEMENTWISE_METHODS) or (
+        not is_method and target in ELEMENTWISE_FUNCTIONS
+    ):
+        return _Elementwise(target, is_method, *rest)
+    return Op(target, is_method, *rest)

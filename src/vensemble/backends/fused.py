@@ -1,0 +1,451 @@
+"""The ``fused`` backend: the member's forward traced once, rewritten to run all members at once.
+
+``torch.fx`` traces the member's forward; each layer the library knows becomes a batched
+kernel (:mod:`._layers`), each tensor function or method a batched call (:mod:`._ops`), and
+any other submodule runs through ``auto`` (vmap, or a per-member loop where vmap cannot).
+Values that are the same for every member (a shared input, sizes) stay unbatched until a
+per-member tensor meets them: a shared input meets the first layer's stacked weights as
+one wide matrix multiply. The rewritten graph is compiled to Python code once per call
+signature (which inputs are tensors, which carry the member dim, the non-tensor values).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+from collections.abc import Hashable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree
+from torch import Tensor, nn
+
+from ._call import Call
+from ._layers import fused_layer_for
+from ._ops import RANDOM_FUNCTIONS, RANDOM_METHODS, Expand, make_op
+from .select import AutoPlan, auto_forward
+
+__all__ = [
+    "FusedPlan",
+    "FusedProgram",
+    "Untraceable",
+    "build_program",
+    "fused_forward",
+    "signature_key",
+]
+
+_RANDOM_MODULES = (
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+    nn.FeatureAlphaDropout,
+    nn.RReLU,
+)
+_ASSERTS = {torch._assert, torch.fx._symbolic_trace._assert_is_none}
+
+
+class Untraceable(Exception):
+    """The member's forward cannot be traced or rewritten (data-dependent control flow, ...)."""
+
+
+class _Submodule(nn.Module):
+    """A submodule with no fused kernel: run it through ``auto`` (vmap, or a loop)."""
+
+    def __init__(
+        self, orig: nn.Module, path: str, n: int, flags: tuple[bool, ...], randomness: str
+    ) -> None:
+        super().__init__()
+        object.__setattr__(self, "orig", orig)
+        self.path = path
+        self.n = n
+        self.flags = flags
+        self.randomness = randomness
+        self.plan = AutoPlan()
+
+    orig: nn.Module
+
+    @property
+    def how(self) -> str:
+        if self.plan.looped:
+            return "per-member loop: " + "; ".join(
+                f"{p or 'all'}: {r}" for p, r in self.plan.reasons.items()
+            )
+        return "vmap"
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        in_dims = tuple(0 if f else None for f in self.flags)
+        call = Call(self.orig, self.n, args, kwargs, in_dims, self.randomness, None, name=self.path)
+        return auto_forward(call, self.plan)
+
+
+@dataclass
+class FusedProgram:
+    """A member forward rewritten for all members; call it with the dynamic inputs in order."""
+
+    module: fx.GraphModule
+    parts: dict[str, nn.Module] = field(default_factory=dict)
+
+    @property
+    def routes(self) -> dict[str, str]:
+        """Each traced layer or batched op, and how it runs now."""
+        return {name: str(getattr(m, "how", type(m).__name__)) for name, m in self.parts.items()}
+
+    def __call__(self, *dynamic: Any) -> Any:
+        return self.module(*dynamic)
+
+
+def _forward_parameters(template: nn.Module) -> list[inspect.Parameter]:
+    params = list(inspect.signature(template.forward).parameters.values())
+    if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params):
+        raise Untraceable("the member's forward takes *args or **kwargs")
+    return params
+
+
+def _is_dynamic(value: Any) -> bool:
+    return any(isinstance(t, Tensor) for t in pytree.tree_leaves(value))
+
+
+def signature_key(
+    call: Call, signature: inspect.Signature | None = None
+) -> tuple[Hashable, list[Any]]:
+    """A cache key for ``call``'s signature, and its dynamic (tensor) inputs in order.
+
+    Non-tensor inputs are baked into the traced program, so their values are part of the key.
+    """
+    signature = signature or inspect.signature(call.template.forward)
+    params = list(signature.parameters.values())
+    if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params):
+        raise Untraceable("the member's forward takes *args or **kwargs")
+    if (
+        not call.kwargs
+        and len(call.args) <= len(params)
+        and all(p.kind == p.POSITIONAL_OR_KEYWORD for p in params[: len(call.args)])
+    ):
+        arguments = dict(zip((p.name for p in params), call.args))
+        for p in params[len(call.args) :]:
+            if p.default is p.empty:
+                raise Untraceable(f"missing argument {p.name!r}")
+            arguments[p.name] = p.default
+    else:
+        try:
+            bound = signature.bind(*call.args, **call.kwargs)
+        except TypeError as err:
+            raise Untraceable(str(err)) from None
+        bound.apply_defaults()
+        arguments = dict(bound.arguments)
+    key: list[Hashable] = []
+    dynamic: list[Any] = []
+    for k, (name, value) in enumerate(arguments.items()):
+        if _is_dynamic(value):
+            d = call.in_dims[k] if k < len(call.args) else None
+            if d is not None and d != 0:
+                value = pytree.tree_map_only(
+                    Tensor, functools.partial(torch.movedim, source=d, destination=0), value
+                )
+            spec = pytree.tree_structure(value)
+            key.append((name, "tensor", d is not None, str(spec)))
+            dynamic.append(value)
+        else:
+            try:
+                hash(value)
+            except TypeError:
+                raise Untraceable(f"argument {name!r} is neither a tensor nor hashable") from None
+            key.append((name, "const", type(value).__name__, value))
+    return tuple(key), dynamic
+
+
+def _refuse(what: str) -> Any:
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise Untraceable(what)
+
+    return refuse
+
+
+@contextlib.contextmanager
+def _guarded() -> Iterator[None]:
+    """While tracing, refuse what fx would silently drop: a custom autograd.Function's backward
+    (fx traces into its forward) and grad-mode changes (``no_grad`` blocks leave no trace)."""
+    function = torch.autograd.function.Function
+    apply, set_grad = function.__dict__["apply"], torch._C._set_grad_enabled
+    function.apply = classmethod(_refuse("the forward calls a custom autograd.Function"))  # type: ignore[method-assign, assignment]
+    torch._C._set_grad_enabled = _refuse("the forward changes grad mode (no_grad / enable_grad)")
+    factories = {name: getattr(torch, name) for name in _RANDOM_FACTORIES}
+    for name, fn in factories.items():
+        setattr(torch, name, _traced_only(fn, name))
+    try:
+        yield
+    finally:
+        function.apply = apply  # type: ignore[method-assign]
+        torch._C._set_grad_enabled = set_grad
+        for name, fn in factories.items():
+            setattr(torch, name, fn)
+
+
+# Random factories called without a traced input would run once at trace time and be frozen
+# into the program as a constant; the loop draws anew on every call.
+_RANDOM_FACTORIES = (
+    "rand",
+    "randn",
+    "randint",
+    "randperm",
+    "normal",
+    "bernoulli",
+    "poisson",
+    "multinomial",
+)
+
+
+def _traced_only(fn: Any, name: str) -> Any:
+    def guarded(*args: Any, **kwargs: Any) -> Any:
+        if not any(isinstance(a, fx.Proxy) for a in pytree.tree_leaves((args, kwargs))):
+            raise Untraceable(
+                f"the forward calls torch.{name} without a traced input (it would be frozen)"
+            )
+        return fn(*args, **kwargs)
+
+    return guarded
+
+
+def _check_hooks(template: nn.Module) -> None:
+    from torch.nn.modules import module as module_globals
+
+    for path, m in template.named_modules():
+        if (
+            m._forward_hooks
+            or m._forward_pre_hooks
+            or getattr(m, "_forward_hooks_with_kwargs", None)
+        ):
+            raise Untraceable(f"module '{path}' has forward hooks (fx does not run them)")
+    if module_globals._global_forward_hooks or module_globals._global_forward_pre_hooks:
+        raise Untraceable("global module forward hooks are registered (fx does not run them)")
+
+
+def _trace(template: nn.Module, concrete: dict[str, Any]) -> fx.Graph:
+    _check_hooks(template)
+    tracer = fx.Tracer()
+    if tracer.is_leaf_module(template, ""):
+        graph = fx.Graph()
+        args: list[Any] = []
+        kwargs: dict[str, Any] = {}
+        for p in _forward_parameters(template):
+            value = concrete[p.name] if p.name in concrete else graph.placeholder(p.name)
+            if p.kind == p.KEYWORD_ONLY:
+                kwargs[p.name] = value
+            else:
+                args.append(value)
+        graph.output(graph.call_module("", tuple(args), kwargs))
+        return graph
+    try:
+        with _guarded():
+            return tracer.trace(template, concrete_args=concrete)
+    except Untraceable:
+        raise
+    except Exception as err:
+        raise Untraceable(
+            f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        ) from None
+
+
+def _has_state(module: nn.Module) -> bool:
+    return next(module.parameters(), None) is not None or next(module.buffers(), None) is not None
+
+
+def build_program(call: Call, key: Hashable) -> FusedProgram:
+    """Trace ``call.template`` for this call signature and rewrite it for all members.
+
+    Raises:
+        Untraceable: the forward cannot be traced or rewritten; use vmap instead.
+    """
+    template, n, randomness = call.template, call.n, call.randomness
+    entries = {k[0]: k for k in key}  # type: ignore[attr-defined]
+    concrete = {name: e[3] for name, e in entries.items() if e[1] == "const"}
+    batched_inputs = {name for name, e in entries.items() if e[1] == "tensor" and e[2]}
+    graph = _trace(template, concrete)
+    stacked = {name for name, _ in template.named_parameters(remove_duplicate=False)}
+    stacked |= {name for name, _ in template.named_buffers(remove_duplicate=False)}
+
+    new = fx.Graph()
+    env: dict[fx.Node, Any] = {}
+    flag: dict[fx.Node, bool] = {}
+    root: dict[str, Any] = {}
+    parts: dict[str, nn.Module] = {}
+    placeholders = iter(p.name for p in _forward_parameters(template))
+    expander = "_expand"
+    root[expander] = Expand(n)
+
+    def add(module: nn.Module, prefix: str) -> str:
+        name = f"{prefix}{len(root)}"
+        root[name] = module
+        return name
+
+    def nodes_in(a: Any) -> list[fx.Node]:
+        found: list[fx.Node] = []
+        fx.node.map_arg(a, lambda x: found.append(x) or x)  # type: ignore[func-returns-value]
+        return [x for x in found if isinstance(env.get(x), fx.Node)]
+
+    def is_batched(a: Any) -> bool:
+        return any(flag.get(x, False) for x in nodes_in(a))
+
+    def mapped(a: Any) -> Any:
+        """``a`` in the new graph; in a container that mixes batched and shared values, the
+        shared ones get the member dim, so the container is batched throughout."""
+        if isinstance(a, fx.Node):
+            return env[a]
+        if isinstance(a, (tuple, list)) and is_batched(a):
+            items = [
+                new.call_module(expander, (env[x],))
+                if isinstance(x, fx.Node) and not flag.get(x) and isinstance(env[x], fx.Node)
+                else mapped(x)
+                for x in a
+            ]
+            return type(a)(items)
+        return fx.node.map_arg(a, lambda x: env[x])
+
+    for node in graph.nodes:
+        if node.op == "placeholder":
+            name = next(placeholders)
+            if name in concrete:
+                env[node] = concrete[name]
+                continue
+            env[node] = new.placeholder(name)
+            flag[node] = name in batched_inputs
+        elif node.op == "get_attr":  # read at run time: the template's tensors may be replaced
+            env[node] = new.call_module(add(_Attr(template, node.target), "_attr"), ())
+            flag[node] = node.target in stacked
+        elif node.op in ("call_function", "call_method"):
+            if node.op == "call_function" and node.target in _ASSERTS:
+                continue
+            args, kwargs = node.args, node.kwargs
+            if not nodes_in((args, kwargs)):  # only constants (specialised inputs): fold now
+                env[node] = _evaluate(
+                    node,
+                    fx.node.map_arg(args, lambda x: env[x]),
+                    fx.node.map_arg(kwargs, lambda x: env[x]),
+                )
+                continue
+            flags = tuple(is_batched(a) for a in args)
+            kwflags = {k: is_batched(v) for k, v in kwargs.items()}
+            random = node.target in (
+                RANDOM_METHODS if node.op == "call_method" else RANDOM_FUNCTIONS
+            )
+            if not any(flags) and not any(kwflags.values()) and not random:
+                env[node] = new.node_copy(node, lambda x: env[x])
+                flag[node] = False
+                continue
+            attr = args[1] if node.target is getattr and len(args) > 1 else None
+            op = make_op(node.target, node.op == "call_method", flags, kwflags, n, randomness, attr)
+            target = add(op, "_op")
+            env[node] = new.call_module(
+                target, tuple(mapped(a) for a in args), {k: mapped(v) for k, v in kwargs.items()}
+            )
+            flag[node] = op.batched_output
+            parts[f"{getattr(node.target, '__name__', node.target)} ({node.name})"] = op
+        elif node.op == "call_module":
+            sub = template.get_submodule(node.target)
+            flags = tuple(is_batched(a) for a in node.args)
+            kwflags = {k: is_batched(v) for k, v in node.kwargs.items()}
+            if (
+                not _has_state(sub)
+                and not any(flags)
+                and not any(kwflags.values())
+                and not isinstance(sub, _RANDOM_MODULES)
+            ):
+                root[node.target] = sub
+                env[node] = new.node_copy(node, lambda x: env[x])
+                flag[node] = False
+                continue
+            if any(kwflags.values()):
+                raise Untraceable(f"submodule '{node.target}' takes a per-member keyword argument")
+            cls = None if node.kwargs else fused_layer_for(sub, flags, randomness)
+            wrapper: nn.Module = (
+                cls(sub, n, flags, randomness)
+                if cls is not None
+                else _Submodule(sub, node.target, n, flags, randomness)
+            )
+            target = add(wrapper, "_layer")
+            env[node] = new.call_module(
+                target,
+                tuple(mapped(a) for a in node.args),
+                {k: mapped(v) for k, v in node.kwargs.items()},
+            )
+            flag[node] = True
+            parts[node.target or type(sub).__name__] = wrapper
+        elif node.op == "output":
+
+            def out(a: Any) -> Any:
+                if isinstance(a, fx.Node):
+                    value = env[a]
+                    if not isinstance(value, fx.Node):
+                        raise Untraceable("the member's forward returns a constant")
+                    return value if flag.get(a) else new.call_module(expander, (value,))
+                if isinstance(a, (tuple, list)):
+                    return type(a)(out(x) for x in a)
+                if isinstance(a, dict):
+                    return {k: out(v) for k, v in a.items()}
+                return a
+
+            new.output(out(node.args[0]))
+    module = fx.GraphModule(root, new, class_name="FusedMembers")
+    return FusedProgram(module, parts)
+
+
+class _Attr(nn.Module):
+    """An attribute of the template (a stacked parameter or buffer, or a constant tensor)."""
+
+    def __init__(self, template: nn.Module, target: str) -> None:
+        super().__init__()
+        object.__setattr__(self, "template", template)
+        self.target = target
+
+    template: nn.Module
+
+    def forward(self) -> Any:
+        obj: Any = self.template
+        for part in self.target.split("."):
+            obj = getattr(obj, part)
+        return obj
+
+
+def _evaluate(node: fx.Node, args: Any, kwargs: Any) -> Any:
+    if node.op == "call_method":
+        return getattr(args[0], node.target)(*args[1:], **kwargs)  # type: ignore[arg-type]
+    return node.target(*args, **kwargs)  # type: ignore[operator]
+
+
+@dataclass
+class FusedPlan:
+    """Programs built so far, per call signature; a string where the signature cannot be fused."""
+
+    programs: dict[Hashable, FusedProgram | str] = field(default_factory=dict)
+    last: FusedProgram | str | None = None
+    signature: inspect.Signature | None = None
+    modules: list[nn.Module] = field(default_factory=list)
+
+
+def fused_forward(call: Call, plan: FusedPlan) -> Any:
+    """Run ``call`` through the fused program for its signature, building it on first use.
+
+    Raises:
+        Untraceable: this signature cannot be fused (the reason is cached in ``plan``).
+    """
+    if plan.signature is None:
+        plan.signature = inspect.signature(call.template.forward)
+        plan.modules = list(call.template.modules())
+    key, dynamic = signature_key(call, plan.signature)
+    full_key = (key, tuple([m.training for m in plan.modules]))  # traced code may read .training
+    program = plan.programs.get(full_key)
+    if program is None:
+        try:
+            program = build_program(call, key)
+        except Untraceable as err:
+            program = str(err)
+        plan.programs[full_key] = program
+    plan.last = program
+    if isinstance(program, str):
+        raise Untraceable(program)
+    return program(*dynamic)

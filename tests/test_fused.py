@@ -1,0 +1,323 @@
+"""The fused backend, layer by layer and op by op, against the loop: forward and backward."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import vensemble as ve
+
+N = 3
+
+
+def _layer_cases() -> list:
+    c = pytest.param
+    return [
+        c(lambda: nn.Linear(5, 4), lambda: torch.randn(6, 5), id="linear"),
+        c(lambda: nn.Linear(5, 4, bias=False), lambda: torch.randn(2, 3, 5), id="linear-3d-nobias"),
+        c(lambda: nn.Conv1d(3, 4, 3, padding=1), lambda: torch.randn(2, 3, 7), id="conv1d"),
+        c(lambda: nn.Conv2d(4, 6, 3, stride=2, groups=2), lambda: torch.randn(2, 4, 7, 7), id="conv2d-groups"),
+        c(lambda: nn.Conv2d(3, 4, 3, padding="same", bias=False), lambda: torch.randn(2, 3, 5, 5), id="conv2d-same"),
+        c(lambda: nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"), lambda: torch.randn(2, 3, 5, 5), id="conv2d-reflect"),
+        c(lambda: nn.Conv2d(3, 4, 3), lambda: torch.randn(3, 6, 6), id="conv2d-unbatched-input"),
+        c(lambda: nn.Conv3d(2, 3, 2), lambda: torch.randn(2, 2, 3, 4, 4), id="conv3d"),
+        c(lambda: nn.BatchNorm1d(4), lambda: torch.randn(6, 4), id="bn1d"),
+        c(lambda: nn.BatchNorm1d(4, momentum=None), lambda: torch.randn(6, 4, 5), id="bn1d-cumulative"),
+        c(lambda: nn.BatchNorm2d(3, affine=False), lambda: torch.randn(4, 3, 5, 5), id="bn2d-noaffine"),
+        c(lambda: nn.BatchNorm2d(3, track_running_stats=False), lambda: torch.randn(4, 3, 5, 5), id="bn2d-nostats"),
+        c(lambda: nn.BatchNorm3d(2), lambda: torch.randn(3, 2, 3, 3, 3), id="bn3d"),
+        c(lambda: nn.LayerNorm(5), lambda: torch.randn(4, 5), id="layernorm"),
+        c(lambda: nn.LayerNorm((3, 5), bias=False), lambda: torch.randn(2, 3, 5), id="layernorm-2d-nobias"),
+        c(lambda: nn.GroupNorm(2, 4), lambda: torch.randn(3, 4, 5), id="groupnorm"),
+        c(lambda: nn.Embedding(7, 4), lambda: torch.randint(0, 7, (3, 5)), id="embedding"),
+        c(lambda: nn.Embedding(7, 4, padding_idx=0), lambda: torch.tensor([[0, 1, 2], [3, 0, 6]]), id="embedding-padding"),
+        c(lambda: nn.PReLU(), lambda: torch.randn(4, 3), id="prelu"),
+        c(lambda: nn.PReLU(3), lambda: torch.randn(4, 3, 5), id="prelu-channels"),
+        c(lambda: nn.Sequential(nn.Linear(5, 5), nn.GELU(approximate="tanh"), nn.SiLU(), nn.LeakyReLU(0.2)), lambda: torch.randn(4, 5), id="activations"),
+        c(lambda: nn.Sequential(nn.Linear(5, 5), nn.Softmax(dim=1)), lambda: torch.randn(4, 5), id="softmax"),
+        c(lambda: nn.Sequential(nn.Linear(5, 5), nn.LogSoftmax(dim=-1)), lambda: torch.randn(4, 5), id="log-softmax"),
+        c(lambda: nn.Sequential(nn.Conv2d(2, 3, 3), nn.Flatten(), nn.Linear(27, 2)), lambda: torch.randn(4, 2, 5, 5), id="flatten"),
+        c(lambda: nn.Sequential(nn.Linear(6, 6), nn.Unflatten(1, (2, 3))), lambda: torch.randn(4, 6), id="unflatten"),
+        c(lambda: nn.Sequential(nn.Conv2d(2, 3, 3), nn.MaxPool2d(2)), lambda: torch.randn(2, 2, 6, 6), id="maxpool2d"),
+        c(lambda: nn.Sequential(nn.Conv1d(2, 3, 3), nn.AvgPool1d(2)), lambda: torch.randn(2, 2, 8), id="avgpool1d"),
+        c(lambda: nn.Sequential(nn.Conv2d(2, 3, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 2)), lambda: torch.randn(2, 2, 6, 6), id="adaptive-pool"),
+    ]  # fmt: skip
+
+
+def _members(factory: Callable[[], nn.Module], dtype: torch.dtype) -> list[nn.Module]:
+    out = []
+    for i in range(N):
+        torch.manual_seed(10 + i)
+        m = factory().to(dtype)
+        with torch.no_grad():  # distinct, non-trivial affine params and running stats
+            for name, p in m.named_parameters():
+                if (name.endswith("weight") and p.ndim == 1) or "bias" in name:
+                    p.add_(torch.randn_like(p) * 0.3)
+            for name, b in m.named_buffers():
+                if name.endswith("running_mean"):
+                    b.copy_(torch.randn_like(b) * 0.2)
+                elif name.endswith("running_var"):
+                    b.copy_(torch.rand_like(b) + 0.5)
+        out.append(m)
+    return out
+
+
+def _grads(module: nn.Module) -> dict[str, Tensor]:
+    return {k: p.grad for k, p in module.named_parameters()}
+
+
+@pytest.mark.parametrize("per_member", [False, True], ids=["shared", "per-member"])
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize(("factory", "make_input"), _layer_cases())
+def test_fused_layer_equals_the_loop(factory, make_input, train, per_member):
+    dtype = torch.float64
+    members = [m.train(train) for m in _members(factory, dtype)]
+    sources = copy.deepcopy(members)
+    ens = ve.Ensemble(members, backend="fused")
+    x = make_input()
+    x = x.to(dtype) if x.is_floating_point() else x
+    xs = torch.stack([make_input() for _ in range(N)]) if per_member else None
+    if xs is not None:
+        xs = xs.to(dtype) if xs.is_floating_point() else xs
+        xs.requires_grad_(xs.is_floating_point())
+        out = ens(xs, in_dims=0)
+        ref_in = xs.detach().clone().requires_grad_(xs.is_floating_point())
+        expected = torch.stack([m(ref_in[i]) for i, m in enumerate(sources)])
+    else:
+        x.requires_grad_(x.is_floating_point())
+        out = ens(x)
+        ref_in = x.detach().clone().requires_grad_(x.is_floating_point())
+        expected = torch.stack([m(ref_in) for m in sources])
+    routes = ens.explain()
+    assert "(fused)" not in routes and any(v.startswith("fused") for v in routes.values()), routes
+    torch.testing.assert_close(out, expected, atol=1e-10, rtol=1e-8)
+    weights = torch.randn(out.shape, dtype=dtype)
+    (out * weights).sum().backward()
+    (expected * weights).sum().backward()
+    for key, g in _grads(ens).items():
+        want = torch.stack([_grads(s)[key] for s in sources])
+        torch.testing.assert_close(g, want, atol=1e-10, rtol=1e-8, msg=f"grad {key}")
+    if ref_in.requires_grad:
+        got_in = (xs if xs is not None else x).grad
+        torch.testing.assert_close(got_in, ref_in.grad, atol=1e-10, rtol=1e-8, msg="input grad")
+    for key, b in ens.named_buffers():
+        want = torch.stack([s.get_buffer(key) for s in sources])
+        torch.testing.assert_close(b, want, atol=1e-10, rtol=1e-8, msg=f"buffer {key}")
+
+
+class _Ops(nn.Module):
+    """A forward full of tensor functions and methods that must see the member's shapes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(6, 8)
+        self.b = nn.Linear(4, 3)
+        self.register_buffer("offset", torch.linspace(-1, 1, 8))
+        self.scale = nn.Parameter(torch.tensor(1.5))
+
+    def forward(self, x: Tensor, extra: Tensor) -> Tensor:
+        h = torch.relu(self.a(x))  # (B, T, 8)
+        b, t = h.shape[0], h.size(1)
+        h = h + self.offset * self.scale  # a per-member buffer and a scalar parameter
+        h = h.view(b, t, 2, 4).transpose(1, 2).reshape(b, 2 * t, 4)  # (B, 2T, 4)
+        first, second = h.chunk(2, dim=1)  # 2 x (B, T, 4)
+        h = torch.cat([first, second, extra], dim=-1)[..., :4]  # shared `extra` joins
+        pooled = h.mean(dim=1) + h.amax(1) - h.permute(0, 2, 1).sum(-1) / h.dim()
+        last = self.b(h[:, -1]) + torch.matmul(h[:, 0].unsqueeze(1), h[:, 1].unsqueeze(-1)).squeeze(
+            -1
+        )
+        top = torch.softmax(last, dim=-1).max(dim=1).values
+        return F.gelu(self.b(pooled)) * top.unsqueeze(1) + torch.stack([last, last], dim=0).sum(0)
+
+
+@pytest.mark.parametrize("per_member", [False, True], ids=["shared", "per-member"])
+def test_tensor_functions_and_methods_see_the_members_shapes(per_member):
+    members = _members(_Ops, torch.float64)
+    sources = copy.deepcopy(members)
+    ens = ve.Ensemble(members, backend="fused")
+    extra = torch.randn(2, 5, 3, dtype=torch.float64)
+    if per_member:
+        xs = torch.randn(N, 2, 5, 6, dtype=torch.float64)
+        out = ens(xs, extra, in_dims=(0, None))
+        expected = torch.stack([m(xs[i], extra) for i, m in enumerate(sources)])
+    else:
+        x = torch.randn(2, 5, 6, dtype=torch.float64)
+        out = ens(x, extra)
+        expected = torch.stack([m(x, extra) for m in sources])
+    routes = ens.explain()
+    assert "(fused)" not in routes, routes
+    assert routes["a"].startswith("fused") and any(
+        k.startswith("matmul") and v == "vmap" for k, v in routes.items()
+    ), routes
+    torch.testing.assert_close(out, expected, atol=1e-10, rtol=1e-8)
+    out.sum().backward()
+    expected.sum().backward()
+    for key, g in _grads(ens).items():
+        torch.testing.assert_close(
+            g, torch.stack([_grads(s)[key] for s in sources]), atol=1e-10, rtol=1e-8, msg=key
+        )
+
+
+class _Noisy(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 16)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = F.dropout(self.fc(x), 0.5, self.training)
+        return h + torch.randn_like(h) * 0.1
+
+
+def _identical(factory: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
+    def make() -> nn.Module:
+        torch.manual_seed(0)
+        return factory()
+
+    return make
+
+
+def test_dropout_in_eval_mode_is_the_identity():
+    members = [
+        nn.Sequential(nn.Linear(5, 5), nn.Dropout(0.5), nn.Identity()).eval() for _ in range(N)
+    ]
+    ens = ve.Ensemble(copy.deepcopy(members), backend="fused")
+    x = torch.randn(4, 5)
+    torch.testing.assert_close(ens(x), torch.stack([m(x) for m in members]), atol=1e-6, rtol=1e-5)
+    assert ens.explain()["1"].startswith("fused")
+
+
+def test_random_ops_draw_per_member_and_repeat_under_a_seed():
+    ens = ve.Ensemble.from_factory(_identical(_Noisy), 4, backend="fused")
+    x = torch.randn(5, 4)
+    torch.manual_seed(3)
+    a = ens(x)
+    torch.manual_seed(3)
+    b = ens(x)
+    torch.testing.assert_close(a, b, atol=0, rtol=0)
+    assert all(not torch.allclose(a[0], a[i]) for i in range(1, 4))
+    assert "(fused)" not in ens.explain()
+
+
+class _FreshNoise(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(x) + torch.rand(4)  # no traced input: fx would freeze this draw
+
+
+def test_random_factories_without_inputs_are_not_frozen():
+    ens = ve.Ensemble.from_factory(_identical(_FreshNoise), 3, backend="fused")
+    x = torch.randn(2, 4)
+    first = ens(x)
+    second = ens(x)
+    assert "torch.rand" in ens.explain()["(fused)"]
+    assert not torch.allclose(first, second) and not torch.allclose(first[0], first[1])
+
+
+def test_randomness_same_gives_identical_members_identical_draws():
+    ens = ve.Ensemble.from_factory(_identical(_Noisy), 3, backend="fused", randomness="same")
+    out = ens(torch.randn(5, 4))
+    torch.testing.assert_close(out[0], out[2], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("backend", ["fused", "auto", "vmap"])
+def test_randomness_error_raises_on_random_ops_like_vmap(backend):
+    ens = ve.Ensemble.from_factory(_Noisy, 2, backend=backend, randomness="error")
+    with pytest.raises(RuntimeError, match="randomness"):
+        ens(torch.randn(5, 4))
+    quiet = ve.Ensemble.from_factory(
+        lambda: nn.Sequential(nn.Linear(4, 4), nn.Dropout()), 2, backend=backend, randomness="error"
+    )
+    quiet.eval()  # dropout draws nothing in eval mode: no error
+    assert quiet(torch.randn(5, 4)).shape == (2, 5, 4)
+
+
+def test_dropout_module_on_a_shared_input_draws_per_member():
+    ens = ve.Ensemble.from_factory(
+        _identical(lambda: nn.Sequential(nn.Dropout(0.5), nn.Linear(8, 8))), 3, backend="fused"
+    )
+    out = ens(torch.randn(4, 8))
+    assert not torch.allclose(out[0], out[1])
+
+
+def test_shared_input_linear_picks_a_kernel_and_both_kernels_agree():
+    from vensemble.backends import _autotune
+
+    ens = ve.Ensemble.from_factory(lambda: nn.Linear(7, 5), 4, backend="fused")
+    x = torch.randn(9, 7, dtype=torch.float64)
+    ens.double()
+    expected = torch.stack([m(x) for m in ens.unstack()])
+    torch.testing.assert_close(ens(x), expected, atol=1e-12, rtol=0)
+    chosen = [v for k, v in _autotune.choices().items() if k[0] == "linear-shared" and k[2] == 9]
+    assert chosen and chosen[0] in ("wide", "bmm")
+    for forced in ("wide", "bmm"):
+        for k in list(_autotune._CACHE):
+            if k[0] == "linear-shared":
+                _autotune._CACHE[k] = forced
+        torch.testing.assert_close(ens(x), expected, atol=1e-12, rtol=0)
+
+
+def test_conv_kernels_all_agree():
+    from vensemble.backends import _autotune
+
+    ens = ve.Ensemble.from_factory(lambda: nn.Conv2d(3, 4, 3), 3, backend="fused").double()
+    for batched in (False, True):
+        x = (
+            torch.randn(3, 2, 3, 6, 6, dtype=torch.float64)
+            if batched
+            else torch.randn(2, 3, 6, 6, dtype=torch.float64)
+        )
+        expected = torch.stack([m(x[i] if batched else x) for i, m in enumerate(ens.unstack())])
+        ens(x, in_dims=0 if batched else None)
+        keys = [k for k in _autotune._CACHE if k[0] == "conv" and k[1] == tuple(x.shape)]
+        assert keys
+        for forced in ("loop", "grouped" if batched else "concat"):
+            _autotune._CACHE[keys[0]] = forced
+            torch.testing.assert_close(
+                ens(x, in_dims=0 if batched else None), expected, atol=1e-12, rtol=0
+            )
+
+
+class _Untraceable(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.fc(x)
+        return y if y.sum() > 0 else -y  # data-dependent control flow: fx cannot trace it
+
+
+def test_an_untraceable_forward_runs_under_vmap_and_explain_says_why():
+    members = [_Untraceable() for _ in range(N)]
+    ens = ve.Ensemble(copy.deepcopy(members), backend="fused")
+    x = torch.randn(4, 3)
+    with pytest.warns(ve.FallbackWarning, match="the model's forward"):
+        out = ens(x)
+    torch.testing.assert_close(out, torch.stack([m(x) for m in members]))
+    assert "not used" in ens.explain()["(fused)"]
+
+
+def test_keyword_arguments_and_non_tensor_inputs_are_specialised_per_value():
+    class Scaled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(3, 2)
+
+        def forward(self, x: Tensor, scale: float = 1.0, mask: Tensor | None = None) -> Tensor:
+            y = self.fc(x) * scale
+            return y if mask is None else y * mask
+
+    members = [Scaled() for _ in range(N)]
+    ens = ve.Ensemble(copy.deepcopy(members), backend="fused")
+    x, mask = torch.randn(4, 3), torch.ones(4, 2) * 2
+    for kwargs in ({}, {"scale": 3.0}, {"mask": mask}, {"scale": 0.5, "mask": mask}):
+        torch.testing.assert_close(ens(x, **kwargs), torch.stack([m(x, **kwargs) for m in members]))
+    assert len(ens._fused.programs) == 4
