@@ -321,3 +321,16 @@ def test_keyword_arguments_and_non_tensor_inputs_are_specialised_per_value():
     for kwargs in ({}, {"scale": 3.0}, {"mask": mask}, {"scale": 0.5, "mask": mask}):
         torch.testing.assert_close(ens(x, **kwargs), torch.stack([m(x, **kwargs) for m in members]))
     assert len(ens._fused.programs) == 4
+
+
+def test_compile_gives_the_same_answer_and_reports_its_warm_up():
+    members = [nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 2)) for _ in range(N)]
+    ens = ve.Ensemble(copy.deepcopy(members), compile=True)
+    x = torch.randn(8, 6)
+    expected = torch.stack([m(x) for m in members])
+    with torch.no_grad():
+        for _ in range(3):  # eager (settles the kernels), compile + warm-up, compiled
+            torch.testing.assert_close(ens(x), expected, atol=1e-5, rtol=1e-5)
+    assert "warm-up" in ens.explain()["(compile)"]
+    with pytest.raises(ve.EnsembleError, match="compile must be a bool or a dict"):
+        ve.Ensemble(members, compile="yes")

@@ -9,6 +9,7 @@ from .backends import FallbackWarning as FallbackWarning
 from .compat import combine_state_for_ensemble as combine_state_for_ensemble
 from .compat import vmap as vmap
 from .ensemble import Ensemble as Ensemble
+from .mixed import MixedEnsemble as MixedEnsemble
 
 __version__ = "0.1.0"
 
@@ -16,6 +17,7 @@ __all__ = [
     "Ensemble",
     "EnsembleError",
     "FallbackWarning",
+    "MixedEnsemble",
     "__version__",
     "combine_state_for_ensemble",
     "fingerprint",

@@ -49,7 +49,11 @@ class Ensemble(nn.Module):
             ``"different"`` (independent per member), ``"same"`` or ``"error"``.
         chunk_size: run at most this many members at once to bound peak memory
             (``None``: all of them).
-        compile: reserved for ``torch.compile`` support; must be ``False`` for now.
+        compile: ``True`` (or a dict of ``torch.compile`` options, e.g.
+            ``{"mode": "reduce-overhead"}`` for CUDA graphs) compiles the fused program of
+            each call signature after its first eager call; the compile time is reported by
+            :meth:`explain` (``"(compile)"``). Same shapes never recompile. Models the fused
+            path cannot trace run uncompiled (vmap).
 
     Shapes:
         ``ens(x)`` with ``x`` of shape ``(B, ...)`` returns ``(N, *member_output_shape)``;
@@ -78,7 +82,7 @@ class Ensemble(nn.Module):
         backend: str = "auto",
         randomness: str = "different",
         chunk_size: int | None = None,
-        compile: bool = False,
+        compile: bool | dict[str, Any] = False,
     ) -> None:
         super().__init__()
         members = list(models)
@@ -89,7 +93,11 @@ class Ensemble(nn.Module):
     # ----------------------------------------------------------------------------- building
 
     def _configure(
-        self, backend: str, randomness: str, chunk_size: int | None, compile: bool
+        self,
+        backend: str,
+        randomness: str,
+        chunk_size: int | None,
+        compile: bool | dict[str, Any],
     ) -> None:
         if backend not in BACKENDS:
             raise EnsembleError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -97,8 +105,12 @@ class Ensemble(nn.Module):
             raise EnsembleError(f"randomness must be one of {_RANDOMNESS}, got {randomness!r}")
         if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
             raise EnsembleError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-        if compile:
-            raise EnsembleError("compile=True is not supported yet; leave it False")
+        if not isinstance(compile, (bool, dict)):
+            raise EnsembleError(
+                f"compile must be a bool or a dict of torch.compile options, got {compile!r}"
+            )
+        options = (dict(compile) if isinstance(compile, dict) else {}) if compile else None
+        self.compile_options: dict[str, Any] | None = options
         self.backend = backend
         self.randomness = randomness
         self.chunk_size = chunk_size
@@ -119,14 +131,16 @@ class Ensemble(nn.Module):
         )
         self._num_members = n
         self._plan = AutoPlan()
-        self._fused = FusedPlan()
+        self._fused = FusedPlan(compile_options=self.compile_options)
         self.training = template.training
 
     @classmethod
     def _from_template(cls, template: nn.Module, n: int, like: Ensemble) -> Ensemble:
         ens = cls.__new__(cls)
         nn.Module.__init__(ens)
-        ens._configure(like.backend, like.randomness, like.chunk_size, False)
+        ens._configure(
+            like.backend, like.randomness, like.chunk_size, like.compile_options or False
+        )
         ens._adopt(template, n)
         return ens
 
@@ -244,6 +258,9 @@ class Ensemble(nn.Module):
                 out["(fused)"] = f"not used: {last}"
             else:
                 out.update(last.routes)
+                if self.compile_options is not None:
+                    done = "pending" if last.warmup_s is None else f"warm-up {last.warmup_s:.2f} s"
+                    out["(compile)"] = f"torch.compile {self.compile_options}: {done}"
                 return out
         out.update(
             {

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import time
 from collections.abc import Hashable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -89,14 +90,29 @@ class FusedProgram:
 
     module: fx.GraphModule
     parts: dict[str, nn.Module] = field(default_factory=dict)
+    compiled: Any = None
+    warmup_s: float | None = None
 
     @property
     def routes(self) -> dict[str, str]:
         """Each traced layer or batched op, and how it runs now."""
         return {name: str(getattr(m, "how", type(m).__name__)) for name, m in self.parts.items()}
 
-    def __call__(self, *dynamic: Any) -> Any:
-        return self.module(*dynamic)
+    def __call__(self, *dynamic: Any, compile_options: dict[str, Any] | None = None) -> Any:
+        """Run the program; with ``compile_options`` through ``torch.compile`` after one eager
+        call (which settles the kernels chosen by measurement)."""
+        if compile_options is None:
+            return self.module(*dynamic)
+        if self.compiled is None:
+            out = self.module(*dynamic)
+            self.compiled = torch.compile(self.module, **compile_options)
+            return out
+        if self.warmup_s is None:
+            start = time.perf_counter()
+            out = self.compiled(*dynamic)
+            self.warmup_s = time.perf_counter() - start
+            return out
+        return self.compiled(*dynamic)
 
 
 def _forward_parameters(template: nn.Module) -> list[inspect.Parameter]:
@@ -423,6 +439,7 @@ class FusedPlan:
 
     programs: dict[Hashable, FusedProgram | str] = field(default_factory=dict)
     last: FusedProgram | str | None = None
+    compile_options: dict[str, Any] | None = None
     signature: inspect.Signature | None = None
     modules: list[nn.Module] = field(default_factory=list)
 
@@ -448,4 +465,4 @@ def fused_forward(call: Call, plan: FusedPlan) -> Any:
     plan.last = program
     if isinstance(program, str):
         raise Untraceable(program)
-    return program(*dynamic)
+    return program(*dynamic, compile_options=plan.compile_options)

@@ -1,0 +1,61 @@
+"""MixedEnsemble: several architectures, outputs in the original member order."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import vensemble as ve
+
+
+def _wide() -> nn.Module:
+    return nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 3))
+
+
+def _deep() -> nn.Module:
+    return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+
+
+def _models() -> list[nn.Module]:
+    return [_wide(), _deep(), nn.Linear(4, 3), _deep(), _wide(), _wide()]
+
+
+@pytest.mark.parametrize("per_member", [False, True])
+def test_outputs_and_gradients_follow_the_original_order(per_member):
+    members = _models()
+    sources = copy.deepcopy(members)
+    mixed = ve.MixedEnsemble(members)
+    assert [len(g) for g in mixed.groups] == [3, 2, 1] and len(mixed) == 6
+    if per_member:
+        xs = torch.randn(6, 5, 4)
+        out = mixed(xs, in_dims=0)
+        expected = torch.stack([m(x) for m, x in zip(sources, xs)])
+    else:
+        x = torch.randn(5, 4)
+        out = mixed(x)
+        expected = torch.stack([m(x) for m in sources])
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-5)
+    out.pow(2).sum().backward()
+    expected.pow(2).sum().backward()
+    grad = mixed.groups[1].get_parameter("0.weight").grad  # the "deep" members 1 and 3
+    torch.testing.assert_close(
+        grad, torch.stack([sources[1][0].weight.grad, sources[3][0].weight.grad])
+    )
+    for i, m in enumerate(mixed.unstack()):
+        assert ve.fingerprint(m) == ve.fingerprint(sources[i])
+
+
+def test_outputs_of_different_shapes_are_refused():
+    mixed = ve.MixedEnsemble([nn.Linear(4, 3), nn.Linear(4, 2)])
+    with pytest.raises(ve.EnsembleError, match="different shapes"):
+        mixed(torch.randn(5, 4))
+
+
+def test_bad_inputs():
+    with pytest.raises(ve.EnsembleError, match="at least one member"):
+        ve.MixedEnsemble([])
+    with pytest.raises(ve.EnsembleError, match="member index 5 is out of range"):
+        ve.MixedEnsemble([nn.Linear(2, 2)]).member(5)
