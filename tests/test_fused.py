@@ -334,3 +334,17 @@ def test_compile_gives_the_same_answer_and_reports_its_warm_up():
     assert "warm-up" in ens.explain()["(compile)"]
     with pytest.raises(ve.EnsembleError, match="compile must be a bool or a dict"):
         ve.Ensemble(members, compile="yes")
+
+
+def test_a_used_ensemble_deep_copies_and_pickles_with_fresh_programs(tmp_path):
+    ens = ve.Ensemble.from_factory(lambda: nn.Sequential(nn.Linear(4, 4), nn.ReLU()), 3)
+    x = torch.randn(2, 4)
+    expected = ens(x)
+    twin = copy.deepcopy(ens)
+    torch.testing.assert_close(twin(x), expected)
+    with torch.no_grad():
+        twin.get_parameter("0.weight").zero_()
+    torch.testing.assert_close(ens(x), expected)  # the copy owns its own state
+    torch.save(ens, tmp_path / "ens.pt")
+    loaded = torch.load(tmp_path / "ens.pt", weights_only=False)
+    torch.testing.assert_close(loaded(x), expected)

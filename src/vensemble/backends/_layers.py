@@ -251,7 +251,7 @@ class _Direct(Fused):
     how = "fused: the layer itself, applied to the stacked activations"
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.orig(x)
+        return self.orig.forward(x)  # hooks are refused before tracing: skip __call__
 
 
 class _Dropout(Fused):

@@ -12,6 +12,7 @@ signature (which inputs are tensors, which carry the member dim, the non-tensor 
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import inspect
 import time
@@ -406,8 +407,21 @@ def build_program(call: Call, key: Hashable) -> FusedProgram:
                 return a
 
             new.output(out(node.args[0]))
+    _call_forward_directly(new, root)
     module = fx.GraphModule(root, new, class_name="FusedMembers")
     return FusedProgram(module, parts)
+
+
+def _call_forward_directly(graph: fx.Graph, root: dict[str, Any]) -> None:
+    """Call each wrapper's ``forward`` as a function: no ``nn.Module.__call__`` overhead
+    (hooks are refused before tracing, so there are none to run)."""
+    for node in list(graph.nodes):
+        if node.op == "call_module" and node.target in root:
+            with graph.inserting_before(node):
+                direct = graph.call_function(root[node.target].forward, node.args, node.kwargs)
+            node.replace_all_uses_with(direct)
+            graph.erase_node(node)
+            del root[node.target]
 
 
 class _Attr(nn.Module):
@@ -442,6 +456,16 @@ class FusedPlan:
     compile_options: dict[str, Any] | None = None
     signature: inspect.Signature | None = None
     modules: list[nn.Module] = field(default_factory=list)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> FusedPlan:
+        """Programs refer to the template they were traced from: a copy starts afresh."""
+        return FusedPlan(compile_options=copy.deepcopy(self.compile_options, memo))
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"compile_options": self.compile_options}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(compile_options=state["compile_options"])  # type: ignore[misc]
 
 
 def fused_forward(call: Call, plan: FusedPlan) -> Any:

@@ -179,8 +179,9 @@ def check_loop_runs(call: Call, snapshot: dict[str, Tensor] | None) -> None:
 
 
 def snapshot_buffers(call: Call) -> dict[str, Tensor] | None:
-    has_buffers = next(call.template.buffers(), None) is not None
-    return call.snapshot_buffers() if has_buffers and call.template.training else None
+    if not call.template.training or next(call.template.buffers(), None) is None:
+        return None
+    return call.snapshot_buffers()
 
 
 def strict_vmap_forward(call: Call) -> Any:
