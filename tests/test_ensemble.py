@@ -253,7 +253,7 @@ def test_auto_warns_once_and_explains_the_fallback():
     vmap_only = ve.Ensemble.from_factory(Recurrent, 2, chunk_size=1)  # chunking: the vmap path
     with pytest.warns(ve.FallbackWarning, match="'rnn'"):
         vmap_only(x)
-    assert list(vmap_only.explain()) == ["rnn"]
+    assert list(vmap_only.explain()) == ["(auto)", "rnn"]
 
 
 class _Branchy(nn.Module):
@@ -470,3 +470,26 @@ def test_parametrized_layers_run_per_member():
         out = ens(x)
     torch.testing.assert_close(out, torch.stack([m(x) for m in members]), atol=1e-6, rtol=1e-5)
     assert ens.explain()["0"] == "vmap"  # not the fused Linear: it would norm the stacked weight
+
+
+def test_auto_measures_once_per_shape_and_restores_what_measuring_changed():
+    ens = ve.Ensemble.from_factory(
+        lambda: nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Dropout(0.2)), 3
+    )
+    twin = ve.Ensemble.from_factory(
+        lambda: nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Dropout(0.2)), 3
+    )
+    twin.backend = ens.backend = "auto"
+    x = torch.randn(6, 4)
+    torch.manual_seed(5)
+    ens(x)  # measures, then runs the chosen path once
+    path = ens.explain()["(auto)"].split()[0]
+    assert path in ("vectorized", "loop")
+    twin.backend = "loop" if path == "loop" else "fused"
+    torch.manual_seed(5)
+    twin(x)  # the same path without measuring: same RNG draws, same single BatchNorm update
+    for key, value in ens.state_dict().items():
+        torch.testing.assert_close(value, twin.state_dict()[key], msg=key)
+    ens(torch.randn(6, 4))
+    ens(torch.randn(9, 4))  # a new batch size: measured once more
+    assert len(ens._choices) == 2

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["autotune", "choices"]
+__all__ = ["autotune", "choices", "measure_paths"]
 
 _CACHE: dict[Hashable, str] = {}
 
@@ -49,3 +49,31 @@ def autotune(key: Hashable, candidates: dict[str, Callable[[], Any]], device: to
         name = min(timings, key=timings.__getitem__)
     _CACHE[key] = name
     return name
+
+
+def measure_paths(
+    paths: dict[str, Callable[[], Any]],
+    restore: Callable[[], None],
+    device: torch.device | None,
+    repeats: int = 3,
+) -> dict[str, float]:
+    """Seconds per run of each path (best of ``repeats`` interleaved rounds after a warm-up),
+    without gradient tracking.
+
+    ``restore`` undoes each run's side effects on the model (BatchNorm running stats); the
+    global RNG state is restored too, so measuring changes nothing a later call sees.
+    """
+    dev = device or torch.device("cpu")
+    cuda = [dev.index or 0] if dev.type == "cuda" else []
+    with torch.no_grad():
+        for name, fn in paths.items():
+            with torch.random.fork_rng(devices=cuda):
+                fn()  # warm-up: builds programs, settles kernel choices
+            restore()
+        timings = dict.fromkeys(paths, float("inf"))
+        for _ in range(repeats):  # interleaved rounds: a noisy moment hits every path alike
+            for name, fn in paths.items():
+                with torch.random.fork_rng(devices=cuda):
+                    timings[name] = min(timings[name], _time(fn, dev, repeats=1))
+                restore()
+    return timings

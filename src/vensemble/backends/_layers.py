@@ -184,10 +184,12 @@ class _BatchNorm(Fused):
                     m.running_var.lerp_(var * (count / max(count - 1, 1)), factor)
         else:
             mean, var = m.running_mean, m.running_var
-        y = (x - mean.view(shape_c)) * torch.rsqrt(var.view(shape_c) + m.eps)
+        scale = torch.rsqrt(var + m.eps)  # (N, C): y = x * scale + shift, one pass over x
+        shift = -mean * scale
         if m.affine:
-            y = torch.addcmul(m.bias.view(shape_c), y, m.weight.view(shape_c))
-        return y
+            scale = scale * m.weight
+            shift = torch.addcmul(m.bias, shift, m.weight)
+        return torch.addcmul(shift.view(shape_c), x, scale.view(shape_c))
 
 
 class _LayerNorm(Fused):
