@@ -22,9 +22,9 @@ from .backends import (
     loop_forward,
     strict_vmap_forward,
 )
-from .backends.fused import FusedPlan, Untraceable, fused_forward
 from .backends._autotune import measure_paths
 from .backends._call import state_device
+from .backends.fused import FusedPlan, Untraceable, fused_forward
 from .backends.select import check_loop_runs, raise_if_randomness_error, snapshot_buffers
 
 __all__ = ["Ensemble"]
@@ -383,9 +383,10 @@ class Ensemble(nn.Module):
         key = _shape_key(call, self.training)
         choice = self._choices.get(key)
         if choice is None:
+            snapshot = call.snapshot_buffers()
             timings = measure_paths(
                 {"vectorized": lambda: self._vectorized(call), "loop": lambda: loop_forward(call)},
-                restore=lambda snap=call.snapshot_buffers(): call.restore_buffers(snap),
+                restore=lambda: call.restore_buffers(snapshot),
                 device=state_device(call.state),
             )
             choice = (min(timings, key=timings.__getitem__), timings)

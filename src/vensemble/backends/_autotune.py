@@ -66,7 +66,7 @@ def measure_paths(
     dev = device or torch.device("cpu")
     cuda = [dev.index or 0] if dev.type == "cuda" else []
     with torch.no_grad():
-        for name, fn in paths.items():
+        for fn in paths.values():
             with torch.random.fork_rng(devices=cuda):
                 fn()  # warm-up: builds programs, settles kernel choices
             restore()
