@@ -24,16 +24,8 @@ def _members(name: str, n: int, dtype: torch.dtype, train: bool) -> list[nn.Modu
     return members
 
 
-def _build(members: list[nn.Module], backend: str) -> ve.Ensemble:
-    if backend == "auto" and isinstance(members[0], Recurrent):
-        with pytest.warns(ve.FallbackWarning, match="'rnn' \\(LSTM\\)"):
-            ens = ve.Ensemble(members, backend=backend)
-            return ens
-    return ve.Ensemble(members, backend=backend)
-
-
 def _run(ens: ve.Ensemble, *args, **kwargs):
-    if ens.backend == "auto" and type(ens._template) is Recurrent and not ens.explain():
+    if ens.backend in ("auto", "fused") and type(ens._template) is Recurrent and not ens.explain():
         with pytest.warns(ve.FallbackWarning, match="'rnn' \\(LSTM\\)"):
             return ens(*args, **kwargs)
     return ens(*args, **kwargs)
@@ -43,7 +35,7 @@ def _run(ens: ve.Ensemble, *args, **kwargs):
 # dropout in train mode draws other masks than the loop by design (test_dropout_* cover it).
 CASES = [
     pytest.param(backend, name, train, id=f"{backend}-{name}-{'train' if train else 'eval'}")
-    for backend in ("loop", "vmap", "auto")
+    for backend in ("loop", "vmap", "fused", "auto")
     for name in ZOO
     for train in (False, True)
     if not (backend == "vmap" and name == "lstm") and not (train and name == "dropout")
@@ -69,6 +61,8 @@ def test_outputs_gradients_and_buffers_equal_the_members(
         out = _run(ens, x)
         expected = torch.stack([m(x) for m in sources])
     atol = TOL[dtype]
+    if backend == "fused":
+        assert "(fused)" not in ens.explain(), ens.explain()  # the fused program ran
     assert out.shape == (n, *expected.shape[1:])
     torch.testing.assert_close(out, expected, atol=atol, rtol=1e-5)
 
