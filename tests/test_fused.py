@@ -348,3 +348,22 @@ def test_a_used_ensemble_deep_copies_and_pickles_with_fresh_programs(tmp_path):
     torch.save(ens, tmp_path / "ens.pt")
     loaded = torch.load(tmp_path / "ens.pt", weights_only=False)
     torch.testing.assert_close(loaded(x), expected)
+
+
+class _WithConstants(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(x) + torch.arange(4.0) * torch.tensor([1.0, 2.0, 3.0, 4.0])
+
+
+def test_tensor_constants_in_the_forward_leave_the_architecture_unchanged():
+    members = [_WithConstants() for _ in range(N)]
+    ens = ve.Ensemble(copy.deepcopy(members), backend="fused")
+    before = ve.fingerprint(ens.member(0))
+    x = torch.randn(2, 4)
+    torch.testing.assert_close(ens(x), torch.stack([m(x) for m in members]))
+    assert "(fused)" not in ens.explain()
+    assert ve.fingerprint(ens.member(0)) == before == ve.fingerprint(members[0])

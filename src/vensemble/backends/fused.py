@@ -242,7 +242,7 @@ def _check_hooks(template: nn.Module) -> None:
         raise Untraceable("global module forward hooks are registered (fx does not run them)")
 
 
-def _trace(template: nn.Module, concrete: dict[str, Any]) -> fx.Graph:
+def _trace(template: nn.Module, concrete: dict[str, Any], constants: dict[str, Any]) -> fx.Graph:
     _check_hooks(template)
     tracer = fx.Tracer()
     if tracer.is_leaf_module(template, ""):
@@ -257,6 +257,7 @@ def _trace(template: nn.Module, concrete: dict[str, Any]) -> fx.Graph:
                 args.append(value)
         graph.output(graph.call_module("", tuple(args), kwargs))
         return graph
+    before = set(template.__dict__)
     try:
         with _guarded():
             return tracer.trace(template, concrete_args=concrete)
@@ -266,6 +267,9 @@ def _trace(template: nn.Module, concrete: dict[str, Any]) -> fx.Graph:
         raise Untraceable(
             f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
         ) from None
+    finally:  # fx stores tensor constants on the traced module: keep them off the template
+        for name in set(template.__dict__) - before:
+            constants[name] = template.__dict__.pop(name)
 
 
 def _has_state(module: nn.Module) -> bool:
@@ -282,7 +286,8 @@ def build_program(call: Call, key: Hashable) -> FusedProgram:
     entries = {k[0]: k for k in key}  # type: ignore[attr-defined]
     concrete = {name: e[3] for name, e in entries.items() if e[1] == "const"}
     batched_inputs = {name for name, e in entries.items() if e[1] == "tensor" and e[2]}
-    graph = _trace(template, concrete)
+    constants: dict[str, Any] = {}
+    graph = _trace(template, concrete, constants)
     stacked = {name for name, _ in template.named_parameters(remove_duplicate=False)}
     stacked |= {name for name, _ in template.named_buffers(remove_duplicate=False)}
 
@@ -332,7 +337,8 @@ def build_program(call: Call, key: Hashable) -> FusedProgram:
             env[node] = new.placeholder(name)
             flag[node] = name in batched_inputs
         elif node.op == "get_attr":  # read at run time: the template's tensors may be replaced
-            env[node] = new.call_module(add(_Attr(template, node.target), "_attr"), ())
+            attr = _Attr(template, node.target, constants.get(node.target))
+            env[node] = new.call_module(add(attr, "_attr"), ())
             flag[node] = node.target in stacked
         elif node.op in ("call_function", "call_method"):
             if node.op == "call_function" and node.target in _ASSERTS:
@@ -427,14 +433,17 @@ def _call_forward_directly(graph: fx.Graph, root: dict[str, Any]) -> None:
 class _Attr(nn.Module):
     """An attribute of the template (a stacked parameter or buffer, or a constant tensor)."""
 
-    def __init__(self, template: nn.Module, target: str) -> None:
+    def __init__(self, template: nn.Module, target: str, constant: Any = None) -> None:
         super().__init__()
         object.__setattr__(self, "template", template)
         self.target = target
+        self.constant = constant
 
     template: nn.Module
 
     def forward(self) -> Any:
+        if self.constant is not None:
+            return self.constant
         obj: Any = self.template
         for part in self.target.split("."):
             obj = getattr(obj, part)
