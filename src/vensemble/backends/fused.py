@@ -337,8 +337,8 @@ def build_program(call: Call, key: Hashable) -> FusedProgram:
             env[node] = new.placeholder(name)
             flag[node] = name in batched_inputs
         elif node.op == "get_attr":  # read at run time: the template's tensors may be replaced
-            attr = _Attr(template, node.target, constants.get(node.target))
-            env[node] = new.call_module(add(attr, "_attr"), ())
+            reader = _Attr(template, node.target, constants.get(node.target))
+            env[node] = new.call_module(add(reader, "_attr"), ())
             flag[node] = node.target in stacked
         elif node.op in ("call_function", "call_method"):
             if node.op == "call_function" and node.target in _ASSERTS:
