@@ -373,8 +373,8 @@ class Ensemble(nn.Module):
     def _choose(self, call: Call) -> str:
         """``auto``: the vectorized path or the loop, whichever ran this call shape faster.
 
-        Measured once per input shapes, dtypes, devices and mode (forward only, without
-        gradient tracking; buffers and RNG state are restored after each timed run). On a
+        Measured once per input shapes, dtypes, devices and mode (forward and, when gradients
+        are enabled, backward; buffers and RNG state are restored after each timed run). On a
         CPU a convolutional member run member by member often wins: its activations stay in
         cache. With ``compile`` set, the (compiled) vectorized path is used without measuring.
         """
@@ -384,10 +384,12 @@ class Ensemble(nn.Module):
         choice = self._choices.get(key)
         if choice is None:
             snapshot = call.snapshot_buffers()
+            trainable: list[Tensor] = [p for p in self.parameters() if p.requires_grad]
             timings = measure_paths(
                 {"vectorized": lambda: self._vectorized(call), "loop": lambda: loop_forward(call)},
                 restore=lambda: call.restore_buffers(snapshot),
                 device=state_device(call.state),
+                backward_to=trainable if torch.is_grad_enabled() else None,
             )
             choice = (min(timings, key=timings.__getitem__), timings)
             self._choices[key] = choice

@@ -7,6 +7,8 @@ from collections.abc import Callable, Hashable
 from typing import Any
 
 import torch
+import torch.utils._pytree as pytree
+from torch import Tensor
 
 __all__ = ["autotune", "choices", "measure_paths"]
 
@@ -56,16 +58,22 @@ def measure_paths(
     restore: Callable[[], None],
     device: torch.device | None,
     repeats: int = 3,
+    backward_to: list[Tensor] | None = None,
 ) -> dict[str, float]:
-    """Seconds per run of each path (best of ``repeats`` interleaved rounds after a warm-up),
-    without gradient tracking.
+    """Seconds per run of each path (best of ``repeats`` interleaved rounds after a warm-up).
+
+    Without ``backward_to`` the paths run without gradient tracking; with it, each run also
+    computes the gradients of its outputs with respect to those tensors (``autograd.grad``:
+    nothing accumulates in ``.grad``), since training pays for the backward too.
 
     ``restore`` undoes each run's side effects on the model (BatchNorm running stats); the
     global RNG state is restored too, so measuring changes nothing a later call sees.
     """
     dev = device or torch.device("cpu")
     cuda = [dev.index or 0] if dev.type == "cuda" else []
-    with torch.no_grad():
+    if backward_to:
+        paths = {name: _with_backward(fn, backward_to) for name, fn in paths.items()}
+    with torch.enable_grad() if backward_to else torch.no_grad():
         for fn in paths.values():
             with torch.random.fork_rng(devices=cuda):
                 fn()  # warm-up: builds programs, settles kernel choices
@@ -77,3 +85,15 @@ def measure_paths(
                     timings[name] = min(timings[name], _time(fn, dev, repeats=1))
                 restore()
     return timings
+
+
+def _with_backward(fn: Callable[[], Any], inputs: list[Tensor]) -> Callable[[], Any]:
+    def run() -> Any:
+        out = fn()
+        outs = [t for t in pytree.tree_leaves(out) if isinstance(t, Tensor) and t.requires_grad]
+        if outs:
+            ones = [torch.ones_like(t) for t in outs]
+            torch.autograd.grad(outs, inputs, grad_outputs=ones, allow_unused=True)
+        return out
+
+    return run

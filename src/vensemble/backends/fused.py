@@ -26,8 +26,8 @@ import torch.utils._pytree as pytree
 from torch import Tensor, nn
 
 from ._call import Call
-from ._layers import fused_layer_for
-from ._ops import RANDOM_FUNCTIONS, RANDOM_METHODS, Expand, make_op
+from ._layers import Fused, fused_layer_for
+from ._ops import RANDOM_FUNCTIONS, RANDOM_METHODS, Expand, Op, make_op
 from .select import AutoPlan, auto_forward
 
 __all__ = [
@@ -421,8 +421,9 @@ def build_program(call: Call, key: Hashable) -> FusedProgram:
 def _call_forward_directly(graph: fx.Graph, root: dict[str, Any]) -> None:
     """Call each wrapper's ``forward`` as a function: no ``nn.Module.__call__`` overhead
     (hooks are refused before tracing, so there are none to run)."""
-    for node in list(graph.nodes):
-        if node.op == "call_module" and node.target in root:
+    ours = (Fused, Op, _Submodule, _Attr, Expand)  # torch's own modules keep call_module: fx
+    for node in list(graph.nodes):  # cannot name a torch-defined bound method in its code
+        if node.op == "call_module" and isinstance(root.get(node.target), ours):
             with graph.inserting_before(node):
                 direct = graph.call_function(root[node.target].forward, node.args, node.kwargs)
             node.replace_all_uses_with(direct)
