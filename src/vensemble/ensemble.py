@@ -148,12 +148,32 @@ class Ensemble(nn.Module):
         self.training = template.training
 
     @classmethod
-    def _from_template(cls, template: nn.Module, n: int, like: Ensemble) -> Ensemble:
+    def _from_template(
+        cls, template: nn.Module, n: int, like: Ensemble | None = None, **options: Any
+    ) -> Ensemble:
+        """An ensemble around an already stacked ``template`` (its tensors lead with ``n``).
+
+        Options come from ``like`` (another ensemble), else from ``options`` (as in
+        ``Ensemble(...)``), else the defaults.
+        """
+        if like is not None:
+            options = {
+                "backend": like.backend,
+                "randomness": like.randomness,
+                "chunk_size": like.chunk_size,
+                "compile": like.compile_options if like.compile_options is not None else False,
+            }
         ens = cls.__new__(cls)
         nn.Module.__init__(ens)
         ens._configure(
-            like.backend, like.randomness, like.chunk_size, like.compile_options or False
+            options.get("backend", "auto"),
+            options.get("randomness", "different"),
+            options.get("chunk_size"),
+            options.get("compile", False),
         )
+        unknown = set(options) - {"backend", "randomness", "chunk_size", "compile"}
+        if unknown:
+            raise EnsembleError(f"unknown Ensemble options {sorted(unknown)}")
         ens._adopt(template, n)
         return ens
 
@@ -183,6 +203,18 @@ class Ensemble(nn.Module):
                 torch.manual_seed(seed + i)
                 members.append(factory())
         return cls(members, **kwargs)
+
+    @classmethod
+    def from_checkpoints(
+        cls, paths: Sequence[Any], factory: Any, map_location: Any = None, **kwargs: Any
+    ) -> Ensemble:
+        """One member per ordinary ``state_dict`` checkpoint (``.pt`` or ``.safetensors``).
+
+        See :func:`vensemble.io.from_checkpoints`; pickled code in a file never runs.
+        """
+        from .io import from_checkpoints
+
+        return from_checkpoints(paths, factory, map_location, **kwargs)
 
     # ----------------------------------------------------------------------------- members
 

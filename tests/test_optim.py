@@ -1,0 +1,326 @@
+"""MemberOptimizer and clip_grad_norm_ against members trained alone with plain torch."""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import vensemble as ve
+from vensemble.train import MemberOptimizer, clip_grad_norm_, member_loss
+
+STEPS = 20
+
+
+class BNNet(nn.Module):
+    """A small MLP with BatchNorm, trained in train mode (batch statistics, running stats).
+
+    fc1 has no bias, as usual before BatchNorm: BatchNorm subtracts the batch mean, so such a
+    bias's true gradient is 0 and its computed gradient is rounding noise (~1e-9), which Adam
+    and RMSprop normalise into steps of size lr: no two implementations would agree on it.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(6, 16, bias=False)
+        self.bn = nn.BatchNorm1d(16)
+        self.fc2 = nn.Linear(16, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(torch.relu(self.bn(self.fc1(x))))
+
+
+def _member_kwargs(hp: dict[str, Any], i: int) -> dict[str, Any]:
+    """Member i's own hyperparameters from a MemberOptimizer-style dict."""
+    out = {}
+    for k, v in hp.items():
+        if isinstance(v, list):
+            out[k] = v[i]
+        elif isinstance(v, Tensor) and v.ndim >= 1:
+            out[k] = v[i].item()
+        else:
+            out[k] = v
+    return out
+
+
+def _train_both(
+    opt_cls: type[torch.optim.Optimizer],
+    hp: dict[str, Any],
+    n: int,
+    *,
+    max_norm: float | None = None,
+    norm_type: float = 2.0,
+    schedule: Callable[[torch.optim.Optimizer, int | None], Any] | None = None,
+    groups: str = "auto",
+    per_member_inputs: bool = False,
+    steps: int = STEPS,
+) -> tuple[ve.Ensemble, list[nn.Module], list[Tensor], list[list[Tensor]]]:
+    """Train an ensemble and, separately, its members alone; the same data, step by step."""
+    ens = ve.Ensemble.from_factory(BNNet, n, seed=0)
+    alone = ens.unstack()  # copies taken BEFORE training: the standalone members
+    opt = MemberOptimizer(opt_cls, ens, groups=groups, **hp)
+    sched = schedule(opt, None) if schedule else None
+    opts = [opt_cls(m.parameters(), **_member_kwargs(hp, i)) for i, m in enumerate(alone)]
+    scheds = [schedule(o, i) for i, o in enumerate(opts)] if schedule else []
+    g = torch.Generator().manual_seed(1)
+    norms_ens: list[Tensor] = []
+    norms_alone: list[list[Tensor]] = []
+    for _ in range(steps):
+        xs = torch.randn(n if per_member_inputs else 1, 16, 6, generator=g)
+        y = torch.randint(0, 3, (16,), generator=g)
+        out = ens(xs, in_dims=0) if per_member_inputs else ens(xs[0])
+        opt.zero_grad()
+        member_loss(F.cross_entropy, out, y).sum().backward()
+        if max_norm is not None:
+            norms_ens.append(clip_grad_norm_(ens, max_norm, norm_type))
+        opt.step()
+        if sched:
+            sched.step()
+        step_norms = []
+        for i, (m, o) in enumerate(zip(alone, opts)):
+            o.zero_grad()
+            F.cross_entropy(m(xs[i if per_member_inputs else 0]), y).backward()
+            if max_norm is not None:
+                step_norms.append(
+                    torch.nn.utils.clip_grad_norm_(m.parameters(), max_norm, norm_type)
+                )
+            o.step()
+            if scheds:
+                scheds[i].step()
+        norms_alone.append(step_norms)
+    return ens, alone, norms_ens, norms_alone
+
+
+def _assert_members_equal(ens: ve.Ensemble, alone: list[nn.Module]) -> None:
+    for i, m in enumerate(alone):
+        got = ens.member(i).state_dict()
+        want = m.state_dict()
+        assert got.keys() == want.keys()
+        for k in want:  # weights AND buffers (BatchNorm running stats, num_batches_tracked)
+            torch.testing.assert_close(got[k], want[k], atol=1e-5, rtol=1e-5, msg=f"member {i} {k}")
+
+
+LRS5 = [0.05, 0.05, 0.02, 0.02, 0.1]  # runs (0, 2), (2, 4), (4, 5)
+WD5 = [0.0, 0.0, 0.01, 0.01, 0.01]
+
+CASES = {
+    "sgd_momentum": (torch.optim.SGD, {"lr": 0.05, "momentum": 0.9}),
+    "sgd_momentum_per_member": (
+        torch.optim.SGD,
+        {"lr": LRS5, "momentum": 0.9, "weight_decay": WD5},
+    ),
+    "sgd_nesterov": (torch.optim.SGD, {"lr": 0.05, "momentum": 0.9, "nesterov": True}),
+    "sgd_nesterov_per_member": (
+        torch.optim.SGD,
+        {"lr": torch.tensor(LRS5), "momentum": 0.8, "nesterov": True, "weight_decay": WD5},
+    ),
+    "adam": (torch.optim.Adam, {"lr": 0.01}),
+    "adam_per_member": (
+        torch.optim.Adam,
+        {"lr": [x / 5 for x in LRS5], "weight_decay": WD5, "amsgrad": True},
+    ),
+    "adamw": (torch.optim.AdamW, {"lr": 0.01, "weight_decay": 0.1}),
+    "adamw_per_member": (
+        torch.optim.AdamW,
+        {"lr": [x / 5 for x in LRS5], "weight_decay": [0.1, 0.1, 0.0, 0.3, 0.3]},
+    ),
+    "rmsprop": (torch.optim.RMSprop, {"lr": 0.005, "momentum": 0.5, "centered": True}),
+    "rmsprop_per_member": (
+        torch.optim.RMSprop,
+        {"lr": [x / 10 for x in LRS5], "weight_decay": WD5, "alpha": 0.9},
+    ),
+    "adam_per_member_betas": (
+        torch.optim.Adam,
+        {"lr": 0.01, "betas": [(0.9, 0.999)] * 2 + [(0.8, 0.99)] * 2 + [(0.5, 0.9)]},
+    ),
+    "adagrad_per_member": (torch.optim.Adagrad, {"lr": LRS5}),
+}
+
+
+@pytest.mark.parametrize("n", [3, 5])
+@pytest.mark.parametrize("case", list(CASES))
+def test_equals_separate_training(case, n):
+    opt_cls, hp = CASES[case]
+    hp = {k: (v[:n] if isinstance(v, (list, Tensor)) else v) for k, v in hp.items()}
+    ens, alone, _, _ = _train_both(opt_cls, hp, n)
+    _assert_members_equal(ens, alone)
+
+
+def test_per_member_inputs_and_member_groups_equal_separate_training():
+    hp = {"lr": 0.01, "weight_decay": 0.01}
+    ens, alone, _, _ = _train_both(
+        torch.optim.AdamW, hp, 3, groups="member", per_member_inputs=True
+    )
+    _assert_members_equal(ens, alone)
+
+
+def test_a_non_elementwise_optimizer_gets_one_group_per_member():
+    # Adafactor factors each 2-D parameter's second moment by rows and columns: exact only
+    # when every member's parameter is its own tensor.
+    ens, alone, _, _ = _train_both(torch.optim.Adafactor, {"lr": 0.01}, 3)
+    _assert_members_equal(ens, alone)
+
+
+def test_groups_are_runs_of_equal_hyperparameters():
+    ens = ve.Ensemble.from_factory(BNNet, 5, seed=0)
+    opt = MemberOptimizer(torch.optim.AdamW, ens, lr=LRS5, weight_decay=0.01)
+    assert [g["members"] for g in opt.param_groups] == [range(0, 2), range(2, 4), range(4, 5)]
+    assert opt.member_lr.tolist() == LRS5
+    assert opt.member_values("weight_decay") == [0.01] * 5
+    shared = MemberOptimizer(torch.optim.Adam, ens, lr=0.01)
+    assert len(shared.param_groups) == 1 and shared.param_groups[0]["fused"] is True
+    assert shared.param_groups[0]["params"][0] is next(ens.parameters())  # no views needed
+    member = MemberOptimizer(torch.optim.Adam, ens, lr=0.01, groups="member")
+    assert [g["members"] for g in member.param_groups] == [range(i, i + 1) for i in range(5)]
+
+
+@pytest.mark.parametrize(("norm_type", "max_norm"), [(2.0, 0.7), (1.0, 6.0), (math.inf, 0.2)])
+def test_per_member_clipping_equals_clipping_each_member(norm_type, max_norm):
+    # max_norm near the members' median norm: some members are clipped, others are not
+    ens, alone, norms_ens, norms_alone = _train_both(
+        torch.optim.SGD, {"lr": LRS5, "momentum": 0.9}, 5, max_norm=max_norm, norm_type=norm_type
+    )
+    _assert_members_equal(ens, alone)
+    clipped = 0
+    for got, want in zip(norms_ens, norms_alone):
+        torch.testing.assert_close(got, torch.stack(want), atol=1e-5, rtol=1e-5)
+        clipped += int((got > max_norm).sum())
+    assert 10 < clipped < 5 * STEPS - 10
+
+
+def test_clip_returns_norms_and_handles_missing_grads():
+    ens = ve.Ensemble.from_factory(lambda: nn.Linear(2, 1), 3, seed=0)
+    assert torch.equal(clip_grad_norm_(ens, 1.0), torch.zeros(3))
+    ens.weight.grad = torch.tensor([[[3.0, 4.0]], [[0.3, 0.4]], [[0.0, 0.0]]])
+    norms = clip_grad_norm_(ens, 1.0)  # bias has no grad: skipped, as in torch
+    torch.testing.assert_close(norms, torch.tensor([5.0, 0.5, 0.0]))
+    torch.testing.assert_close(ens.weight.grad[0], torch.tensor([[0.6, 0.8]]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(ens.weight.grad[1], torch.tensor([[0.3, 0.4]]))
+    ens.weight.grad[2, 0, 0] = float("nan")
+    with pytest.raises(ve.EnsembleError, match=r"member\(s\) \[2\]"):
+        clip_grad_norm_(ens, 1.0, error_if_nonfinite=True)
+
+
+def _lambda(i: int | None) -> Any:
+    if i is None:
+        return [lambda e, k=k: 0.9 ** (e * (k + 1)) for k in range(3)]
+    return lambda e: 0.9 ** (e * (i + 1))
+
+
+SCHEDULES = {
+    "step": lambda o, i: torch.optim.lr_scheduler.StepLR(o, step_size=5, gamma=0.5),
+    "cosine": lambda o, i: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=STEPS),
+    "lambda_per_member": lambda o, i: torch.optim.lr_scheduler.LambdaLR(o, _lambda(i)),
+}
+
+
+@pytest.mark.parametrize("name", list(SCHEDULES))
+def test_schedulers_equal_separate_training(name):
+    hp = {"lr": [0.05, 0.02, 0.1], "momentum": 0.9}
+    groups = "member" if name == "lambda_per_member" else "auto"
+    ens, alone, _, _ = _train_both(torch.optim.SGD, hp, 3, schedule=SCHEDULES[name], groups=groups)
+    _assert_members_equal(ens, alone)
+
+
+def test_per_member_lambda_schedule_sets_each_members_lr():
+    ens = ve.Ensemble.from_factory(BNNet, 3, seed=0)
+    opt = MemberOptimizer(torch.optim.SGD, ens, lr=0.1, groups="member")
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lambda(None))
+    for _ in range(2):
+        opt.step()
+        sched.step()
+    torch.testing.assert_close(
+        opt.member_lr, torch.tensor([0.1 * 0.9**2, 0.1 * 0.9**4, 0.1 * 0.9**6], dtype=torch.float64)
+    )
+
+
+def test_state_dict_round_trip_continues_identically():
+    hp = {"lr": [0.01, 0.02, 0.01], "weight_decay": 0.01}
+    ens = ve.Ensemble.from_factory(BNNet, 3, seed=0)
+    opt = MemberOptimizer(torch.optim.AdamW, ens, **hp)
+    x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
+
+    def step(e: ve.Ensemble, o: MemberOptimizer) -> None:
+        o.zero_grad()
+        member_loss(F.cross_entropy, e(x), y).sum().backward()
+        o.step()
+
+    for _ in range(5):
+        step(ens, opt)
+    buf = io.BytesIO()
+    torch.save({"ens": ens.state_dict(), "opt": opt.state_dict()}, buf)
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=True)
+    copy = ve.Ensemble.from_factory(BNNet, 3, seed=7)
+    copy.load_state_dict(saved["ens"])
+    copy_opt = MemberOptimizer(torch.optim.AdamW, copy, **hp)
+    copy_opt.load_state_dict(saved["opt"])
+    for _ in range(5):
+        step(ens, opt)
+        step(copy, copy_opt)
+    for k, v in ens.state_dict().items():
+        torch.testing.assert_close(copy.state_dict()[k], v, atol=0, rtol=0)
+    # a scheduler built before loading still drives the loaded optimizer
+    sched = torch.optim.lr_scheduler.StepLR(copy_opt, step_size=1, gamma=0.5)
+    copy_opt.load_state_dict(saved["opt"])
+    copy_opt.step()
+    sched.step()
+    assert copy_opt.member_lr.tolist() == [0.005, 0.01, 0.005]
+    assert copy_opt.optimizer.param_groups[0]["lr"] == 0.005
+    other = MemberOptimizer(torch.optim.AdamW, copy, lr=0.01)
+    with pytest.raises(ve.EnsembleError, match="param groups cover members"):
+        other.load_state_dict(saved["opt"])
+
+
+def test_zero_grad_and_closure():
+    ens = ve.Ensemble.from_factory(BNNet, 3, seed=0)
+    opt = MemberOptimizer(torch.optim.SGD, ens, lr=[0.1, 0.2, 0.3])
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+
+    def closure() -> Tensor:
+        opt.zero_grad()
+        loss = member_loss(F.cross_entropy, ens(x), y).sum()
+        loss.backward()
+        return loss
+
+    before = [p.detach().clone() for p in ens.parameters()]
+    loss = opt.step(closure)
+    assert loss.ndim == 0
+    assert all(not torch.equal(a, p) for a, p in zip(before, ens.parameters()))
+    opt.zero_grad(set_to_none=False)
+    assert all(p.grad is not None and not p.grad.any() for p in ens.parameters())
+    opt.zero_grad()
+    assert all(p.grad is None for p in ens.parameters())
+
+
+def test_bad_hyperparameters_name_the_culprit():
+    ens = ve.Ensemble.from_factory(BNNet, 3, seed=0)
+    with pytest.raises(ve.EnsembleError, match=r"'lr' has 2 values .* 3 members"):
+        MemberOptimizer(torch.optim.Adam, ens, lr=[0.1, 0.2])
+    with pytest.raises(ve.EnsembleError, match=r"'weight_decay' has 4 values .* 3 members"):
+        MemberOptimizer(torch.optim.Adam, ens, weight_decay=torch.zeros(4))
+    with pytest.raises(ve.EnsembleError, match=r"'betas' has 2 values .* 3 members"):
+        MemberOptimizer(torch.optim.Adam, ens, betas=[(0.9, 0.99), (0.9, 0.99)])
+    with pytest.raises(ve.EnsembleError, match=r"member 2's hyperparameters \(lr=-0.1\)"):
+        MemberOptimizer(torch.optim.SGD, ens, lr=[0.1, 0.1, -0.1])
+    with pytest.raises(ve.EnsembleError, match="has no hyperparameter 'mommentum'"):
+        MemberOptimizer(torch.optim.SGD, ens, lr=0.1, mommentum=0.9)
+    with pytest.raises(ve.EnsembleError, match="LBFGS"):
+        MemberOptimizer(torch.optim.LBFGS, ens)
+    with pytest.raises(ve.EnsembleError, match="Optimizer subclass"):
+        MemberOptimizer(nn.Linear, ens)  # type: ignore[arg-type]
+    opt = MemberOptimizer(torch.optim.SGD, ens, lr=0.1)
+    with pytest.raises(ve.EnsembleError, match="fixed"):
+        opt.add_param_group({"params": [torch.zeros(1)]})
+
+
+def test_betas_tuple_is_one_value_for_all_members():
+    ens = ve.Ensemble.from_factory(BNNet, 2, seed=0)
+    opt = MemberOptimizer(torch.optim.Adam, ens, betas=(0.8, 0.9))  # N == len(betas)
+    assert len(opt.param_groups) == 1 and opt.param_groups[0]["betas"] == (0.8, 0.9)
