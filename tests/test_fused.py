@@ -368,3 +368,27 @@ def test_tensor_constants_in_the_forward_leave_the_architecture_unchanged():
     torch.testing.assert_close(ens(x), torch.stack([m(x) for m in members]))
     assert "(fused)" not in ens.explain()
     assert ve.fingerprint(ens.member(0)) == before == ve.fingerprint(members[0])
+
+
+def test_inference_weight_cache_follows_in_place_updates():
+    ens = ve.Ensemble.from_factory(
+        lambda: nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2)), 3, backend="fused"
+    )
+    xs = torch.randn(3, 5, 4)
+    opt = torch.optim.SGD(ens.parameters(), lr=0.5)
+    for _ in range(3):
+        with torch.no_grad():  # the cached transposed weights are used here ...
+            torch.testing.assert_close(
+                ens(xs, in_dims=0), torch.stack([m(x) for m, x in zip(ens.unstack(), xs)])
+            )
+        ens(xs, in_dims=0).pow(2).sum().backward()  # ... and must follow every step
+        opt.step()
+        opt.zero_grad()
+    other = ve.Ensemble.from_factory(
+        lambda: nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2)), 3, seed=9
+    )
+    ens.load_state_dict(other.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(
+            ens(xs, in_dims=0), torch.stack([m(x) for m, x in zip(other.unstack(), xs)])
+        )

@@ -141,6 +141,7 @@ class Ensemble(nn.Module):
             self, "_non_persistent_buffers_set", template._non_persistent_buffers_set
         )
         self._num_members = n
+        self._has_buffers = next(template.buffers(), None) is not None
         self._plan = AutoPlan()
         self._fused = FusedPlan(compile_options=self.compile_options)
         self._choices: dict[Any, tuple[str, dict[str, float]]] = {}
@@ -389,7 +390,7 @@ class Ensemble(nn.Module):
     def _vectorized(self, call: Call) -> Any:
         """The fused program where the forward traces; else vmap, looping what vmap cannot run."""
         if self.chunk_size is None or self.chunk_size >= self._num_members:
-            snapshot = snapshot_buffers(call)
+            snapshot = snapshot_buffers(call) if self._has_buffers else None
             try:
                 return fused_forward(call, self._fused)
             except Untraceable:

@@ -64,17 +64,32 @@ class Fused(nn.Module):
 class _Linear(Fused):
     how = "fused: baddbmm (per-member input) / one wide GEMM or bmm (shared input), by measurement"
 
+    _cache: tuple[int, int, int, Tensor] | None = None
+
+    def _weight_t(self, w: Tensor) -> Tensor:
+        """``w.transpose(1, 2)``, as a contiguous copy when no gradient is needed.
+
+        bmm runs faster on a contiguous ``(N, in, out)`` operand; without autograd the copy
+        is made once and reused until the weight changes (its version counter moves).
+        """
+        wt = w.transpose(1, 2)
+        if torch.is_grad_enabled() and w.requires_grad:
+            return wt
+        stamp = (id(w), w._version, w.data_ptr())
+        cache = self._cache
+        if cache is None or cache[:3] != stamp:
+            cache = (*stamp, wt.detach().contiguous())
+            self._cache = cache
+        return cache[3]
+
     def forward(self, x: Tensor) -> Tensor:
-        m = self.orig
-        w, b = m.weight, m.bias  # (N, out, in), (N, out)
+        params = self.orig._parameters
+        w, b = params["weight"], params["bias"]  # (N, out, in), (N, out)
         n, out_f, in_f = w.shape
         if self.batched[0]:
             x3 = x.reshape(n, -1, in_f)  # (N, M, in)
-            y = (
-                torch.bmm(x3, w.transpose(1, 2))
-                if b is None
-                else torch.baddbmm(b.unsqueeze(1), x3, w.transpose(1, 2))
-            )
+            wt = self._weight_t(w)
+            y = torch.bmm(x3, wt) if b is None else torch.baddbmm(b.unsqueeze(1), x3, wt)
             return y.view(n, *x.shape[1:-1], out_f)
         x2 = x.reshape(-1, in_f)  # (M, in)
         rows = x2.shape[0]
@@ -86,11 +101,8 @@ class _Linear(Fused):
 
         def bmm() -> Tensor:
             x3 = x2.expand(n, rows, in_f)
-            return (
-                torch.bmm(x3, w.transpose(1, 2))
-                if b is None
-                else torch.baddbmm(b.unsqueeze(1), x3, w.transpose(1, 2))
-            )
+            wt = self._weight_t(w)
+            return torch.bmm(x3, wt) if b is None else torch.baddbmm(b.unsqueeze(1), x3, wt)
 
         cands = {"wide": wide, "bmm": bmm}
         key = ("linear-shared", n, rows, in_f, out_f, b is None, x.dtype, x.device)
@@ -252,8 +264,15 @@ class _Direct(Fused):
 
     how = "fused: the layer itself, applied to the stacked activations"
 
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        m = self.orig  # the plainest activations go straight to their torch function
+        simple = {nn.ReLU: torch.relu, nn.Tanh: torch.tanh, nn.Sigmoid: torch.sigmoid}
+        plain = type(m) in simple and not getattr(m, "inplace", False)
+        self.fn: Callable[[Tensor], Tensor] = simple[type(m)] if plain else m.forward
+
     def forward(self, x: Tensor) -> Tensor:
-        return self.orig.forward(x)  # hooks are refused before tracing: skip __call__
+        return self.fn(x)  # hooks are refused before tracing: no __call__ needed
 
 
 class _Dropout(Fused):

@@ -158,14 +158,16 @@ def signature_key(
     key: list[Hashable] = []
     dynamic: list[Any] = []
     for k, (name, value) in enumerate(arguments.items()):
-        if _is_dynamic(value):
+        if isinstance(value, Tensor) or _is_dynamic(value):
             d = call.in_dims[k] if k < len(call.args) else None
-            if d is not None and d != 0:
-                value = pytree.tree_map_only(
-                    Tensor, functools.partial(torch.movedim, source=d, destination=0), value
-                )
-            spec = pytree.tree_structure(value)
-            key.append((name, "tensor", d is not None, str(spec)))
+            if isinstance(value, Tensor):  # the common case, without pytree
+                value = value if not d else value.movedim(d, 0)
+                key.append((name, "tensor", d is not None, "T"))
+            else:
+                if d:
+                    move = functools.partial(torch.movedim, source=d, destination=0)
+                    value = pytree.tree_map_only(Tensor, move, value)
+                key.append((name, "tensor", d is not None, str(pytree.tree_structure(value))))
             dynamic.append(value)
         else:
             try:
