@@ -370,25 +370,27 @@ def test_tensor_constants_in_the_forward_leave_the_architecture_unchanged():
     assert ve.fingerprint(ens.member(0)) == before == ve.fingerprint(members[0])
 
 
-def test_inference_weight_cache_follows_in_place_updates():
-    ens = ve.Ensemble.from_factory(
-        lambda: nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2)), 3, backend="fused"
-    )
+@pytest.mark.parametrize("fused_adam", [False, True], ids=["sgd", "fused-adam"])
+def test_inference_follows_in_place_updates(fused_adam):
+    def make() -> nn.Module:
+        return nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
+
+    ens = ve.Ensemble.from_factory(make, 3, backend="fused")
     xs = torch.randn(3, 5, 4)
-    opt = torch.optim.SGD(ens.parameters(), lr=0.5)
+    # a fused optimizer updates in place without moving the tensors' version counters
+    if fused_adam:
+        opt: torch.optim.Optimizer = torch.optim.Adam(ens.parameters(), lr=0.1, fused=True)
+    else:
+        opt = torch.optim.SGD(ens.parameters(), lr=0.5)
     for _ in range(3):
-        with torch.no_grad():  # the cached transposed weights are used here ...
-            torch.testing.assert_close(
-                ens(xs, in_dims=0), torch.stack([m(x) for m, x in zip(ens.unstack(), xs)])
-            )
-        ens(xs, in_dims=0).pow(2).sum().backward()  # ... and must follow every step
+        with torch.no_grad():  # inference must see every step's weights
+            expected = torch.stack([m(x) for m, x in zip(ens.unstack(), xs)])
+            torch.testing.assert_close(ens(xs, in_dims=0), expected)
+        ens(xs, in_dims=0).pow(2).sum().backward()
         opt.step()
         opt.zero_grad()
-    other = ve.Ensemble.from_factory(
-        lambda: nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2)), 3, seed=9
-    )
+    other = ve.Ensemble.from_factory(make, 3, seed=9)
     ens.load_state_dict(other.state_dict())
     with torch.no_grad():
-        torch.testing.assert_close(
-            ens(xs, in_dims=0), torch.stack([m(x) for m, x in zip(other.unstack(), xs)])
-        )
+        expected = torch.stack([m(x) for m, x in zip(other.unstack(), xs)])
+        torch.testing.assert_close(ens(xs, in_dims=0), expected)

@@ -178,6 +178,10 @@ def test_groups_are_runs_of_equal_hyperparameters():
     assert shared.param_groups[0]["params"][0] is next(ens.parameters())  # no views needed
     member = MemberOptimizer(torch.optim.Adam, ens, lr=0.01, groups="member")
     assert [g["members"] for g in member.param_groups] == [range(i, i + 1) for i in range(5)]
+    same = MemberOptimizer(torch.optim.SGD, ens, lr=[0.5] * 5, momentum=[0.9] * 5)
+    assert len(same.param_groups) == 1  # a per-member list of equal values is that value
+    assert same.param_groups[0]["lr"] == 0.5 and same.param_groups[0]["momentum"] == 0.9
+    assert same.member_lr.tolist() == [0.5] * 5
 
 
 @pytest.mark.parametrize(("norm_type", "max_norm"), [(2.0, 0.7), (1.0, 6.0), (math.inf, 0.2)])

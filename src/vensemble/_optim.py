@@ -209,7 +209,9 @@ class MemberOptimizer(Optimizer):
         runs = _runs(keys, split=groups == "member" or not elementwise)
         self._links: list[tuple[Tensor, Tensor, slice | int]] = []
         if len(runs) == 1 and elementwise:
-            param_groups: list[dict[str, Any]] = [{"params": params, "members": range(n)}]
+            values = {k: member[k][0] for k in member}  # per-member values, all equal
+            self._check_values(opt_cls, shared, values, 0, params[0])
+            param_groups: list[dict[str, Any]] = [{"params": params, **values, "members": range(n)}]
         else:
             param_groups = []
             for a, b in runs:

@@ -64,31 +64,13 @@ class Fused(nn.Module):
 class _Linear(Fused):
     how = "fused: baddbmm (per-member input) / one wide GEMM or bmm (shared input), by measurement"
 
-    _cache: tuple[int, int, int, Tensor] | None = None
-
-    def _weight_t(self, w: Tensor) -> Tensor:
-        """``w.transpose(1, 2)``, as a contiguous copy when no gradient is needed.
-
-        bmm runs faster on a contiguous ``(N, in, out)`` operand; without autograd the copy
-        is made once and reused until the weight changes (its version counter moves).
-        """
-        wt = w.transpose(1, 2)
-        if torch.is_grad_enabled() and w.requires_grad:
-            return wt
-        stamp = (id(w), w._version, w.data_ptr())
-        cache = self._cache
-        if cache is None or cache[:3] != stamp:
-            cache = (*stamp, wt.detach().contiguous())
-            self._cache = cache
-        return cache[3]
-
     def forward(self, x: Tensor) -> Tensor:
         params = self.orig._parameters
         w, b = params["weight"], params["bias"]  # (N, out, in), (N, out)
         n, out_f, in_f = w.shape
         if self.batched[0]:
             x3 = x.reshape(n, -1, in_f)  # (N, M, in)
-            wt = self._weight_t(w)
+            wt = w.transpose(1, 2)
             y = torch.bmm(x3, wt) if b is None else torch.baddbmm(b.unsqueeze(1), x3, wt)
             return y.view(n, *x.shape[1:-1], out_f)
         x2 = x.reshape(-1, in_f)  # (M, in)
@@ -101,7 +83,7 @@ class _Linear(Fused):
 
         def bmm() -> Tensor:
             x3 = x2.expand(n, rows, in_f)
-            wt = self._weight_t(w)
+            wt = w.transpose(1, 2)
             return torch.bmm(x3, wt) if b is None else torch.baddbmm(b.unsqueeze(1), x3, wt)
 
         cands = {"wide": wide, "bmm": bmm}
