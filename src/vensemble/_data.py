@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -52,12 +52,21 @@ class MemberBatches:
 
     Every epoch has ``ceil(n / batch_size)`` steps; the last batch may be smaller.
 
+    Member ``i``'s draws depend only on ``i`` and the generator's seed: a sampler for the
+    block ``first_member, ..., first_member + num_members - 1`` of ``total_members`` (one
+    rank of a :class:`vensemble.distributed.ShardedEnsemble`) gives exactly those rows of
+    the whole ensemble's sampler (it draws every member's keys and keeps its own rows, a
+    bounded number at a time, so its generator stays in step with the whole's).
+
     Args:
         mode: one of :data:`DATA_MODES`.
         num_samples: the number of training samples ``n``.
         num_members: ``N``.
         batch_size: samples per member per step.
         generator: the CPU generator all draws come from (its state is the sampler's state).
+        bootstrap: a bootstrap sample to reuse ``(num_members, n)`` (when resuming).
+        first_member: the global index of this sampler's first member.
+        total_members: the whole ensemble's member count (``None``: ``num_members``).
 
     Example:
         >>> g = torch.Generator().manual_seed(0)
@@ -74,7 +83,15 @@ class MemberBatches:
         batch_size: int,
         generator: torch.Generator,
         bootstrap: Tensor | None = None,
+        first_member: int = 0,
+        total_members: int | None = None,
     ) -> None:
+        total = num_members if total_members is None else total_members
+        if not 0 <= first_member <= total - num_members:
+            raise EnsembleError(
+                f"members {first_member}..{first_member + num_members - 1} are not inside an "
+                f"ensemble of {total} members"
+            )
         if mode not in DATA_MODES:
             raise EnsembleError(f"data_mode must be one of {DATA_MODES}, got {mode!r}")
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
@@ -84,13 +101,36 @@ class MemberBatches:
         self.num_members = num_members
         self.batch_size = batch_size
         self.generator = generator
+        self.first_member, self.total_members = first_member, total
         self.bootstrap: Tensor | None = None
         if mode == "bootstrap":
-            if bootstrap is None:
-                bootstrap = torch.randint(
-                    0, num_samples, (num_members, num_samples), generator=generator
-                )  # (N, n): member i's bootstrap sample
+            if bootstrap is None:  # (N, n): member i's bootstrap sample
+                bootstrap = self._rows(
+                    lambda rows: torch.randint(
+                        0, num_samples, (rows, num_samples), generator=generator
+                    )
+                )
             self.bootstrap = bootstrap
+
+    def _rows(self, draw: Callable[[int], Tensor]) -> Tensor:
+        """This block's rows of ``draw(total_members)`` (``draw(rows)`` makes ``(rows, n)``).
+
+        CPU draws are sequential, so drawing ``a`` rows then ``b`` rows equals drawing
+        ``a + b``: the rows of other members are drawn (a bounded number at a time) and dropped.
+        """
+        first, count, total = self.first_member, self.num_members, self.total_members
+        if first == 0 and count == total:
+            return draw(total)
+        step = max(1, (1 << 22) // max(self.n, 1))  # rows per throw-away draw: <= 16 MiB
+
+        def skip(rows: int) -> None:
+            for s in range(0, rows, step):
+                draw(min(step, rows - s))
+
+        skip(first)
+        mine = draw(count)
+        skip(total - first - count)
+        return mine
 
     @property
     def per_member(self) -> bool:
@@ -104,7 +144,7 @@ class MemberBatches:
     def _order(self) -> Tensor:
         if self.mode == "shared":
             return torch.randperm(self.n, generator=self.generator)  # (n,)
-        keys = torch.rand(self.num_members, self.n, generator=self.generator)
+        keys = self._rows(lambda rows: torch.rand(rows, self.n, generator=self.generator))
         order = keys.argsort(dim=1, stable=True)  # (N, n): a permutation per member
         if self.bootstrap is not None:
             return self.bootstrap.gather(1, order)  # (N, n): the member's sample, shuffled

@@ -35,17 +35,20 @@ def interleaved_medians(
     Returns:
         name -> median seconds per call.
     """
+    threads = torch.get_num_threads()  # Timer's default is one thread
     numbers: dict[str, int] = {}
     for name, fn in candidates.items():
         fn()  # warm-up
         _synchronize()
         estimate = (
-            Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=round_time / 2).median
+            Timer("fn()", globals={"fn": fn}, num_threads=threads)
+            .blocked_autorange(min_run_time=round_time / 2)
+            .median
         )
         numbers[name] = max(1, int(round_time / max(estimate, 1e-9)))
     samples: dict[str, list[float]] = {name: [] for name in candidates}
     for _ in range(rounds):
         for name, fn in candidates.items():
-            timer = Timer("fn()", globals={"fn": fn}, setup="")
+            timer = Timer("fn()", globals={"fn": fn}, num_threads=threads)
             samples[name].append(timer.timeit(numbers[name]).median)
     return {name: statistics.median(values) for name, values in samples.items()}

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -149,10 +152,23 @@ def _learning_curves(history: History, path: Path) -> bool:
     return True
 
 
-def run_train(args: argparse.Namespace) -> int:
-    """Train, evaluate and save; prints the report. Returns the exit status."""
-    start = time.time()
+def _build(args: argparse.Namespace, factory: Callable[[], nn.Module]) -> Any:
+    """The ensemble: a ShardedEnsemble under torchrun (``WORLD_SIZE`` set), else an Ensemble."""
+    if "WORLD_SIZE" in os.environ:  # torchrun: each rank trains its block of members
+        from .distributed import ShardedEnsemble
+
+        return ShardedEnsemble(factory, args.members, seed=args.seed, device=args.device)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return Ensemble.from_factory(factory, args.members, seed=args.seed).to(device)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """Train, evaluate and save; prints the report. Returns the exit status.
+
+    Under ``torchrun`` every rank trains its block of the members; rank 0 prints the report
+    and writes the plots, and the ensemble file holds all members.
+    """
+    start = time.time()
     data = load_data(args.data)
     train_idx, val_idx, test_idx = split(len(data.y), args.seed)
     mean = data.x[train_idx].mean(dim=0)
@@ -164,16 +180,18 @@ def run_train(args: argparse.Namespace) -> int:
 
     classes = int(data.y.max()) + 1
     d_in = math.prod(data.x.shape[1:])
+    model = _build(args, lambda: make_mlp(d_in, args.hidden, classes))
+    ens: Ensemble = getattr(model, "local", model)  # this process's members
+    device = next(iter(ens.state_dict().values())).device
+    main = getattr(model, "rank", 0) == 0
+    say = print if main else (lambda *a, **k: None)
     x_test, y_test = data.x[test_idx], data.y[test_idx].to(device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    ens = Ensemble.from_factory(
-        lambda: make_mlp(d_in, args.hidden, classes), args.members, seed=args.seed
-    ).to(device)
     optimizer = MemberOptimizer(torch.optim.AdamW, ens, lr=args.lr, weight_decay=args.weight_decay)
     history = fit(
-        ens,
+        model,
         (prep(data.x[train_idx]), data.y[train_idx].to(device)),
         F.cross_entropy,
         optimizer=optimizer,
@@ -185,49 +203,51 @@ def run_train(args: argparse.Namespace) -> int:
         early_stopping_patience=args.patience,
         progress=not args.quiet,
     )
-    ens.eval()
+    model.eval()
     with torch.no_grad():
-        logits = ens(prep(x_test)).float().cpu()  # (N, B, C)
+        logits = model(prep(x_test)).float().cpu()  # (N, B, C): all members, on every rank
         ood = {
-            name: ens(prep(x)).float().cpu()
+            name: model(prep(x)).float().cpu()
             for name, x in ood_sets(data, x_test, args.seed).items()
         }
     y_cpu = y_test.cpu()
     train_s = time.time() - start
 
     arch = "-".join(str(v) for v in (d_in, args.hidden, args.hidden, classes))
-    print(
+    say(
         f"vensemble train: {args.members} x MLP {arch} on {data.name} ({len(train_idx)} train / "
         f"{len(val_idx)} val / {len(test_idx)} test), {history.epochs} epochs, "
-        f"{args.data_mode} data, {device}, {train_s:.1f} s"
+        f"{args.data_mode} data, {device}{_ranks(model)}, {train_s:.1f} s"
     )
     rows = [_scores(logits[i].softmax(dim=-1), y_cpu) for i in range(args.members)]
-    print(f"\n{'':<12}{'accuracy':>10}{'NLL':>9}{'ECE':>9}{'best epoch':>12}")
+    say(f"\n{'':<12}{'accuracy':>10}{'NLL':>9}{'ECE':>9}{'best epoch':>12}")
     best_epoch = history.best_epoch.tolist() if history.best_epoch is not None else []
     for i, (acc, nll, ece) in enumerate(rows):
-        print(f"{f'member {i}':<12}{acc:>10.4f}{nll:>9.4f}{ece:>9.4f}{best_epoch[i]:>12}")
+        say(f"{f'member {i}':<12}{acc:>10.4f}{nll:>9.4f}{ece:>9.4f}{best_epoch[i]:>12}")
     probs = metrics.mean_probs(logits)
     ensemble = _scores(probs, y_cpu)
     best = min(range(args.members), key=lambda i: rows[i][1])
     mean_row = tuple(sum(r[k] for r in rows) / len(rows) for k in range(3))
-    print(f"\nEvaluation on the {len(test_idx)} test samples")
-    print(f"{'':<28}{'accuracy':>10}{'NLL':>9}{'ECE':>9}")
+    say(f"\nEvaluation on the {len(test_idx)} test samples")
+    say(f"{'':<28}{'accuracy':>10}{'NLL':>9}{'ECE':>9}")
     for name, (acc, nll, ece) in (
         ("ensemble", ensemble),
         (f"best member (member {best})", rows[best]),
         ("mean member", mean_row),
     ):
-        print(f"{name:<28}{acc:>10.4f}{nll:>9.4f}{ece:>9.4f}")
-    print("\nOut-of-distribution detection, AUROC against the test samples")
-    print(f"{'':<28}{'mutual information':>20}{'predictive entropy':>20}")
+        say(f"{name:<28}{acc:>10.4f}{nll:>9.4f}{ece:>9.4f}")
+    say("\nOut-of-distribution detection, AUROC against the test samples")
+    say(f"{'':<28}{'mutual information':>20}{'predictive entropy':>20}")
     mi_in, pe_in = metrics.mutual_information(logits), metrics.predictive_entropy(logits)
     for name, out_logits in ood.items():
         mi = float(metrics.ood_auroc(mi_in, metrics.mutual_information(out_logits)))
         pe = float(metrics.ood_auroc(pe_in, metrics.predictive_entropy(out_logits)))
-        print(f"{name:<28}{mi:>20.4f}{pe:>20.4f}")
+        say(f"{name:<28}{mi:>20.4f}{pe:>20.4f}")
 
-    save(ens, out / "ensemble.safetensors")
+    save(model, out / "ensemble.safetensors")  # under torchrun: gathered, rank 0 writes
     saved = [out / "ensemble.safetensors"]
+    if not main:
+        return 0
     if _learning_curves(history, out / "learning_curves.png"):
         from .plots import reliability_diagram
 
@@ -237,6 +257,11 @@ def run_train(args: argparse.Namespace) -> int:
         print("(matplotlib is not installed: no plots written)", file=sys.stderr)
     print(f"\nsaved: {', '.join(str(p) for p in saved)}")
     return 0
+
+
+def _ranks(model: Any) -> str:
+    world = getattr(model, "world_size", 1)
+    return f" x {world} processes" if world > 1 else ""
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

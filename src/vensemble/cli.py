@@ -13,7 +13,7 @@ __all__ = ["main"]
 
 # Modules that add a verb: each defines `register(subparsers)`, which adds its parser and sets
 # `run=<function(args) -> int>` as a default. Add one line here for a new verb.
-_VERB_MODULES: tuple[str, ...] = ("_inspect", "_train_cli")
+_VERB_MODULES: tuple[str, ...] = ("_bench", "_inspect", "_train_cli")
 
 
 def _demo(args: argparse.Namespace) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -39,13 +39,16 @@ from ._io_write import write_safetensors
 from ._state import _replace_state, fingerprint, fingerprint_digest
 from .ensemble import Ensemble
 
+if TYPE_CHECKING:
+    from .distributed import ShardedEnsemble
+
 __all__ = ["export", "from_checkpoints", "load", "save"]
 
 
 # ----------------------------------------------------------------------------- save / load
 
 
-def save(ens: Ensemble, path: PathLike, *, optimizer: Any = None) -> None:
+def save(ens: Ensemble | ShardedEnsemble, path: PathLike, *, optimizer: Any = None) -> None:
     """Write an ensemble (and optionally its optimizer state) to one safetensors file.
 
     The file holds each distinct parameter and buffer once (weights tied inside a member are
@@ -58,6 +61,8 @@ def save(ens: Ensemble, path: PathLike, *, optimizer: Any = None) -> None:
 
     Args:
         ens: the ensemble. Tensors on an accelerator are copied to the CPU to be written.
+            A :class:`~vensemble.distributed.ShardedEnsemble` (call on every rank) is
+            gathered to rank 0, which writes one file (see ``ShardedEnsemble.save``).
         path: the file to write (conventionally ``*.safetensors``); its folder must exist.
         optimizer: anything with ``state_dict()`` in the torch optimizer format (a torch
             optimizer over ``ens.parameters()`` or a ``MemberOptimizer``); its tensors are
@@ -82,6 +87,10 @@ def save(ens: Ensemble, path: PathLike, *, optimizer: Any = None) -> None:
     from . import __version__
 
     if not isinstance(ens, Ensemble):
+        from .distributed import ShardedEnsemble
+
+        if isinstance(ens, ShardedEnsemble):  # collective: gathered, rank 0 writes
+            return ens.save(path, optimizer=optimizer)
         raise EnsembleError(f"save expects an Ensemble, got a {type(ens).__name__}")
     template = ens._template
     fp = member_fingerprint(template)

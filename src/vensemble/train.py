@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -28,12 +28,16 @@ from ._checkpoint import (
 )
 from ._clip import clip_grad_norm_
 from ._data import DATA_MODES, MemberBatches, as_tensors
+from ._dist_fit import MemberSync, member_sync
 from ._errors import EnsembleError
 from ._history import History
 from ._losses import LossFn, member_loss
 from ._members import MemberStatus, members_finite
 from ._optim import MemberOptimizer
 from .ensemble import Ensemble
+
+if TYPE_CHECKING:
+    from .distributed import ShardedEnsemble
 
 __all__ = ["History", "MemberOptimizer", "clip_grad_norm_", "fit", "member_loss"]
 
@@ -103,14 +107,15 @@ class _Run:
         max_grad_norm: float | None,
         on_nonfinite: str,
         patience: int | None,
+        sync: MemberSync,
     ) -> None:
-        self.ens, self.loss_fn, self.optimizer = ens, loss_fn, optimizer
+        self.ens, self.loss_fn, self.optimizer, self.sync = ens, loss_fn, optimizer, sync
         self.data, self.val, self.batches, self.status = data, val, batches, status
         self.scheduler, self.max_grad_norm = scheduler, max_grad_norm
         self.on_nonfinite, self.patience = on_nonfinite, patience
         self.val_batch_size = 4 * batches.batch_size
         self.n = len(ens)
-        self.history = History.empty(self.n)
+        self.history = History.empty(sync.total)
         self.rows: dict[str, list[Tensor]] = {"train_loss": [], "lr": []}
 
     def step_epoch(self, epoch: int) -> None:
@@ -142,7 +147,8 @@ class _Run:
             ],
             device=device,
         )  # (steps,)
-        self.rows["train_loss"].append((per_step * sizes[:, None]).sum(dim=0) / self.batches.n)
+        row = (per_step * sizes[:, None]).sum(dim=0) / self.batches.n
+        self.rows["train_loss"].append(self.sync.rows(row, "training losses"))
         self._check_finite(epoch, per_step)
 
     def _check_finite(self, epoch: int, per_step: Tensor) -> None:
@@ -151,7 +157,7 @@ class _Run:
         weights_ok = members_finite(status.state, self.n)
         bad_step = ~torch.isfinite(per_step)  # (steps, N)
         bad = (bad_step.any(dim=0) | ~weights_ok) & ~status.stopped
-        members = torch.nonzero(bad).flatten().tolist()
+        members = torch.nonzero(bad).flatten().tolist()  # local indices
         if not members:
             status.save_last_good()
             return
@@ -163,10 +169,12 @@ class _Run:
                 if steps
                 else f"its weights became non-finite by the end of epoch {epoch}"
             )
+            first = self.sync.first  # local to global member indices
             raise EnsembleError(
-                f"member {i} diverged: {where} (members {members} in all). Lower its learning "
-                "rate, clip its gradients, or pass on_nonfinite='stop_member' to stop only the "
-                "diverged members and keep training the others"
+                f"member {i + first} diverged: {where} (members {[m + first for m in members]} "
+                "in all). Lower its learning rate, clip its gradients, or pass "
+                "on_nonfinite='stop_member' to stop only the diverged members and keep training "
+                "the others"
             )
         status.restore(status.last_good or {}, members)
         status.stop(members, "nonfinite", epoch)
@@ -176,33 +184,41 @@ class _Run:
         if self.val is None:
             return
         vloss, vacc = _evaluate(self.ens, self.val, self.loss_fn, self.val_batch_size)
-        self.rows.setdefault("val_loss", []).append(vloss)
+        self.rows.setdefault("val_loss", []).append(self.sync.rows(vloss, "validation losses"))
         if vacc is not None:
-            self.rows.setdefault("val_accuracy", []).append(vacc)
+            self.rows.setdefault("val_accuracy", []).append(self.sync.rows(vacc, "accuracies"))
         self.status.record_validation(vloss, epoch)
         if self.patience is not None:
             due = (self.status.since_best >= self.patience) & ~self.status.stopped
             self.status.stop(torch.nonzero(due).flatten().tolist(), "early_stopping", epoch)
 
     def finish_epoch(self, epoch: int, lr: Tensor) -> None:
-        self.rows["lr"].append(lr)
+        self.rows["lr"].append(self.sync.rows(lr, "learning rates"))
         if self.scheduler is not None:
             if isinstance(self.scheduler, ReduceLROnPlateau):
                 rows = self.rows.get("val_loss", self.rows["train_loss"])
-                active = self.status.active or list(range(self.n))
+                stopped = self.sync.rows(self.status.stopped, "stopped members")
+                active = torch.nonzero(~stopped).flatten().tolist() or list(range(len(stopped)))
                 self.scheduler.step(float(rows[-1][active].mean()))
             else:
                 self.scheduler.step()
 
+    def any_active(self) -> bool:
+        """Whether any member (on any rank) still trains."""
+        return bool((~self.sync.rows(self.status.stopped, "stopped members")).any())
+
     def sync_history(self) -> None:
-        h, s = self.history, self.status
+        h, s, sync = self.history, self.status, self.sync
         for key, rows in self.rows.items():
             if rows:
                 setattr(h, key, torch.stack([r.cpu() for r in rows]))  # (epochs, N)
-        h.best_epoch = s.best_epoch.cpu() if self.val is not None else None
-        h.best_val_loss = s.best_val.cpu() if self.val is not None else None
-        h.stopped_epoch, h.stop_reason = list(s.stopped_epoch), list(s.stop_reason)
-        h.bootstrap_indices = self.batches.bootstrap
+        if self.val is not None:
+            h.best_epoch = sync.rows(s.best_epoch, "best epochs").cpu()
+            h.best_val_loss = sync.rows(s.best_val, "best validation losses").cpu()
+        h.stopped_epoch = sync.values(list(s.stopped_epoch), "stopped epochs")
+        h.stop_reason = sync.values(list(s.stop_reason), "stop reasons")
+        boot = self.batches.bootstrap
+        h.bootstrap_indices = None if boot is None else sync.rows(boot, "bootstrap samples")
 
     def checkpoint(self, epoch: int, config: dict[str, Any]) -> dict[str, Any]:
         sched = self.scheduler.state_dict() if self.scheduler is not None else None
@@ -247,6 +263,7 @@ def _progress_text(rows: dict[str, list[Tensor]]) -> str:
 
 def _check_args(
     ens: Ensemble,
+    total: int,
     epochs: int,
     data_mode: str,
     val_data: Any,
@@ -269,8 +286,8 @@ def _check_args(
         raise EnsembleError(f"on_nonfinite must be one of {_ON_NONFINITE}, got {on_nonfinite!r}")
     if val_data is None and (patience is not None or keep_best_k is not None):
         raise EnsembleError("early_stopping_patience and keep_best_k need val_data")
-    if keep_best_k is not None and keep_best_k > len(ens):
-        raise EnsembleError(f"keep_best_k={keep_best_k} exceeds the {len(ens)} members")
+    if keep_best_k is not None and keep_best_k > total:
+        raise EnsembleError(f"keep_best_k={keep_best_k} exceeds the {total} members")
     if checkpoint_every is not None and checkpoint_path is None:
         raise EnsembleError("checkpoint_every needs checkpoint_path")
     if max_grad_norm is not None and not float(max_grad_norm) >= 0:
@@ -278,7 +295,7 @@ def _check_args(
 
 
 def fit(
-    ens: Ensemble,
+    ens: Ensemble | ShardedEnsemble,
     train_data: Any,
     loss_fn: LossFn,
     *,
@@ -329,6 +346,11 @@ def fit(
     per member); the same seed gives the same trained ensemble, and the caller's RNG state
     is restored afterwards. ``seed=None`` uses the current RNG state.
 
+    A :class:`~vensemble.distributed.ShardedEnsemble` (``fit`` runs on every rank) trains
+    each rank's block; member ``i`` gets the data it gets at any world size, the history
+    holds all members on every rank, ``keep_best_k`` gathers the kept members into an
+    ``Ensemble`` on every rank, and checkpoints are per rank (``<path>.rank<r>-of-<W>``).
+
     Checkpoints (``checkpoint_every=k`` epochs, overwriting ``checkpoint_path``) hold the
     weights, optimizer and scheduler state, RNG states and history, as plain tensors (read
     with ``torch.load(weights_only=True)``). ``resume_from=path`` continues such a run up to
@@ -336,7 +358,7 @@ def fit(
     scheduler as for the original run.
 
     Args:
-        ens: the ensemble to train (in place).
+        ens: the ensemble (or a rank's shard) to train, in place.
         train_data: ``(inputs, targets)`` (or ``(input_1, ..., targets)``) tensors with a
             leading sample dim, or a ``TensorDataset``.
         loss_fn: ``loss_fn(member_outputs, member_targets) -> 0-dim tensor``, e.g.
@@ -377,8 +399,10 @@ def fit(
         >>> h.train_loss.shape  # (epochs, members)
         torch.Size([2, 5])
     """
+    ens, sync = member_sync(ens)  # a ShardedEnsemble trains its local block
     _check_args(
         ens,
+        sync.total,
         epochs,
         data_mode,
         val_data,
@@ -396,20 +420,32 @@ def fit(
     val = (
         None if val_data is None else tuple(t.to(device) for t in as_tensors(val_data, "val_data"))
     )
+    sync.same_data(data, "train_data")
+    if val is not None:
+        sync.same_data(val, "val_data")
     num_samples = data[0].shape[0]
     config = {
-        "num_members": n,
+        "num_members": sync.total,
         "num_samples": num_samples,
         "data_mode": data_mode,
         "batch_size": batch_size,
         "seed": seed,
+        **sync.config,
     }
     was_training = ens.training
     with seeded(seed, device):
         # without a seed, the data order comes from the caller's RNG
         data_seed = int(torch.randint(0, 2**62, ())) if seed is None else seed + _DATA_SEED_OFFSET
         generator = torch.Generator().manual_seed(data_seed)
-        batches = MemberBatches(data_mode, num_samples, n, batch_size, generator)
+        batches = MemberBatches(
+            data_mode,
+            num_samples,
+            n,
+            batch_size,
+            generator,
+            first_member=sync.first,
+            total_members=sync.total,
+        )
         if optimizer is None:
             optimizer = MemberOptimizer(torch.optim.Adam, ens, lr=1e-3)
         elif not isinstance(optimizer, Optimizer):
@@ -438,10 +474,11 @@ def fit(
             max_grad_norm=max_grad_norm,
             on_nonfinite=on_nonfinite,
             patience=early_stopping_patience,
+            sync=sync,
         )
         start = 0
         if resume_from is not None:
-            payload = load_checkpoint(resume_from, config)
+            payload = load_checkpoint(sync.path(Path(resume_from)), config)
             if payload["bootstrap"] is not None:
                 batches.bootstrap = payload["bootstrap"]
             start = run.resume(payload)
@@ -451,11 +488,11 @@ def fit(
         status.restore_best()
     ens.train(was_training)
     history = run.history
-    history.ensemble = ens
-    if keep_best_k is not None:
-        order = torch.argsort(status.best_val.cpu(), stable=True)[:keep_best_k]
+    history.ensemble = sync.whole(ens)
+    if keep_best_k is not None and history.best_val_loss is not None:
+        order = torch.argsort(history.best_val_loss, stable=True)[:keep_best_k]
         history.selected = sorted(order.tolist())
-        history.ensemble = ens.select(history.selected)
+        history.ensemble = sync.kept(ens, history.selected)
     return history
 
 
@@ -470,9 +507,10 @@ def _train(
 ) -> None:
     from tqdm.auto import tqdm
 
-    with tqdm(total=epochs, initial=start, disable=not progress, desc="fit", unit="epoch") as bar:
+    show = progress and run.sync.main
+    with tqdm(total=epochs, initial=start, disable=not show, desc="fit", unit="epoch") as bar:
         for epoch in range(start, epochs):
-            if not run.status.active:
+            if not run.any_active():
                 break
             lr = _member_lrs(run.optimizer, run.n)
             run.step_epoch(epoch)
@@ -481,4 +519,5 @@ def _train(
             bar.set_postfix_str(_progress_text(run.rows), refresh=False)
             bar.update(1)
             if checkpoint_every is not None and (epoch + 1) % checkpoint_every == 0:
-                save_checkpoint(Path(str(checkpoint_path)), run.checkpoint(epoch, config))
+                path = run.sync.path(Path(str(checkpoint_path)))
+                save_checkpoint(path, run.checkpoint(epoch, config))

@@ -57,7 +57,7 @@ def measure_paths(
     paths: dict[str, Callable[[], Any]],
     restore: Callable[[], None],
     device: torch.device | None,
-    repeats: int = 3,
+    repeats: int = 5,
     backward_to: list[Tensor] | None = None,
 ) -> dict[str, float]:
     """Seconds per run of each path (best of ``repeats`` interleaved rounds after a warm-up).
