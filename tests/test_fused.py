@@ -394,3 +394,31 @@ def test_inference_follows_in_place_updates(fused_adam):
     with torch.no_grad():
         expected = torch.stack([m(x) for m, x in zip(other.unstack(), xs)])
         torch.testing.assert_close(ens(xs, in_dims=0), expected)
+
+
+class _Views(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(6, 8)
+        self.b = nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.a(x))  # batched kernels may hand back a transposed layout
+        h = h.view(h.size(0), 2, 4)  # a member's view of a contiguous tensor
+        return self.b(h)
+
+
+@pytest.mark.parametrize("per_member", [False, True], ids=["shared", "per-member"])
+def test_views_work_whatever_layout_the_kernels_return(per_member):
+    from vensemble.backends import _autotune
+
+    members = [_Views() for _ in range(N)]
+    ens = ve.Ensemble(copy.deepcopy(members), backend="fused")
+    xs = torch.randn(N, 5, 6)
+    for forced in ("wide", "bmm"):
+        for key in [k for k in _autotune._CACHE if k[0] == "linear-shared"]:
+            _autotune._CACHE[key] = forced
+        out = ens(xs, in_dims=0) if per_member else ens(xs[0])
+        expected = torch.stack([m(xs[i] if per_member else xs[0]) for i, m in enumerate(members)])
+        torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-5)
+        assert out.is_contiguous() and "(fused)" not in ens.explain()

@@ -37,11 +37,15 @@ _LOOP_MARGIN = 0.85  # auto picks the loop only when it measured this much faste
 
 def _shape_key(call: Call, training: bool) -> Any:
     """What the fastest path depends on: input shapes, dtypes, devices, values and mode."""
+    grad = torch.is_grad_enabled()
+    if not call.kwargs and all(type(a) is Tensor for a in call.args):  # the common case, fast
+        shapes = tuple((a.shape, a.dtype, a.device) for a in call.args)
+        return (shapes, call.in_dims, training, grad)
     leaves = pytree.tree_leaves((call.args, call.kwargs))
     described = tuple(
         (tuple(t.shape), t.dtype, t.device) if isinstance(t, Tensor) else repr(t) for t in leaves
     )
-    return (described, call.in_dims, tuple(call.kwargs), training, torch.is_grad_enabled())
+    return (described, call.in_dims, tuple(call.kwargs), training, grad)
 
 
 class Ensemble(nn.Module):

@@ -69,10 +69,12 @@ class _Linear(Fused):
         w, b = params["weight"], params["bias"]  # (N, out, in), (N, out)
         n, out_f, in_f = w.shape
         if self.batched[0]:
-            x3 = x.reshape(n, -1, in_f)  # (N, M, in)
-            wt = w.transpose(1, 2)
-            y = torch.bmm(x3, wt) if b is None else torch.baddbmm(b.unsqueeze(1), x3, wt)
-            return y.view(n, *x.shape[1:-1], out_f)
+            # y^T = W x^T: with W in the member's own (out, in) layout both bmm operands are
+            # contiguous whenever x came out of a previous layer in this transposed layout
+            xt = x.reshape(n, -1, in_f).transpose(1, 2)  # (N, in, M)
+            yt = torch.bmm(w, xt) if b is None else torch.baddbmm(b.unsqueeze(2), w, xt)
+            y = yt.transpose(1, 2)  # (N, M, out), a view of the (N, out, M) result
+            return y if x.ndim == 3 else y.reshape(n, *x.shape[1:-1], out_f)
         x2 = x.reshape(-1, in_f)  # (M, in)
         rows = x2.shape[0]
 
@@ -82,9 +84,9 @@ class _Linear(Fused):
             return y.view(rows, n, out_f).transpose(0, 1)  # (N, M, out)
 
         def bmm() -> Tensor:
-            x3 = x2.expand(n, rows, in_f)
-            wt = w.transpose(1, 2)
-            return torch.bmm(x3, wt) if b is None else torch.baddbmm(b.unsqueeze(1), x3, wt)
+            xt = x2.t().expand(n, in_f, rows)  # (N, in, M), one copy of x for all
+            yt = torch.bmm(w, xt) if b is None else torch.baddbmm(b.unsqueeze(2), w, xt)
+            return yt.transpose(1, 2)  # (N, M, out)
 
         cands = {"wide": wide, "bmm": bmm}
         key = ("linear-shared", n, rows, in_f, out_f, b is None, x.dtype, x.device)

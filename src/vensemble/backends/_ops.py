@@ -120,8 +120,8 @@ def _dim_method(name: str, n: int) -> Callable[..., Any] | None:
     """A method that takes dims, applied to a batched ``x`` with the dims shifted, if known."""
     if name == "flatten":
         return lambda x, start_dim=0, end_dim=-1: x.flatten(_shift(start_dim), _shift(end_dim))
-    if name in ("view", "reshape"):
-        return lambda x, *shape: getattr(x, name)(n, *_sizes(shape))
+    if name in ("view", "reshape"):  # reshape: the stacked layout may differ from the member's
+        return lambda x, *shape: x.reshape(n, *_sizes(shape))
     if name == "expand":
         return lambda x, *shape: x.expand(n, *_sizes(shape))
     if name in ("transpose", "swapaxes", "swapdims"):

@@ -85,6 +85,13 @@ class _Submodule(nn.Module):
         return auto_forward(call, self.plan)
 
 
+def _contiguous(out: Any) -> Any:
+    """Outputs laid out as the loop's are (batched kernels may return transposed views)."""
+    if isinstance(out, Tensor):
+        return out.contiguous()
+    return pytree.tree_map_only(Tensor, torch.Tensor.contiguous, out)
+
+
 @dataclass
 class FusedProgram:
     """A member forward rewritten for all members; call it with the dynamic inputs in order."""
@@ -103,17 +110,17 @@ class FusedProgram:
         """Run the program; with ``compile_options`` through ``torch.compile`` after one eager
         call (which settles the kernels chosen by measurement)."""
         if compile_options is None:
-            return self.module(*dynamic)
+            return _contiguous(self.module(*dynamic))
         if self.compiled is None:
             out = self.module(*dynamic)
             self.compiled = torch.compile(self.module, **compile_options)
-            return out
+            return _contiguous(out)
         if self.warmup_s is None:
             start = time.perf_counter()
             out = self.compiled(*dynamic)
             self.warmup_s = time.perf_counter() - start
-            return out
-        return self.compiled(*dynamic)
+            return _contiguous(out)
+        return _contiguous(self.compiled(*dynamic))
 
 
 def _forward_parameters(template: nn.Module) -> list[inspect.Parameter]:
