@@ -7,15 +7,15 @@ import signal
 import statistics
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.benchmark import Timer
 
 from ._bench_candidates import LOOP, Candidate, first_line
+from ._timing import interleaved_samples
 
 __all__ = ["ATOL", "WARMUP_CALLS", "Row", "interleaved_samples", "measure_candidates"]
 
@@ -100,35 +100,6 @@ def _deadline(seconds: float | None) -> Iterator[list[bool]]:
         signal.signal(signal.SIGALRM, previous)
         if outer > 0:  # re-arm the outer alarm (pytest-timeout, say) with what is left of it
             signal.setitimer(signal.ITIMER_REAL, max(outer - (time.monotonic() - start), 1e-3))
-
-
-def interleaved_samples(
-    candidates: dict[str, Callable[[], object]], rounds: int = 7, round_time: float = 0.05
-) -> dict[str, list[float]]:
-    """Seconds per call of each candidate in each of ``rounds`` interleaved rounds.
-
-    The rounds of :func:`vensemble._timing.interleaved_medians` (each round times every
-    candidate once, repeated to fill about ``round_time``), run at ``torch.get_num_threads()``
-    threads (``torch.utils.benchmark.Timer`` defaults to one), keeping every round's sample so
-    ratios can be taken round by round: noise that hits one round hits all its candidates.
-
-    Example:
-        >>> [len(v) for v in interleaved_samples({"a": lambda: None}, 3, 1e-4).values()]
-        [3]
-    """
-    threads = torch.get_num_threads()
-    numbers: dict[str, int] = {}
-    for name, fn in candidates.items():
-        fn()  # warm-up
-        timer = Timer("fn()", globals={"fn": fn}, num_threads=threads)
-        estimate = timer.blocked_autorange(min_run_time=round_time / 2).median
-        numbers[name] = max(1, int(round_time / max(estimate, 1e-9)))
-    samples: dict[str, list[float]] = {name: [] for name in candidates}
-    for _ in range(rounds):
-        for name, fn in candidates.items():
-            timer = Timer("fn()", globals={"fn": fn}, num_threads=threads)
-            samples[name].append(timer.timeit(numbers[name]).median)
-    return samples
 
 
 def _max_abs_diff(out: Any, expected: Tensor) -> float | None:

@@ -10,7 +10,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 __all__ = ["add_arguments", "run_distributed_bench"]
 
@@ -40,22 +39,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _mlp(d_in: int, hidden: int, classes: int) -> nn.Module:
-    return nn.Sequential(
-        nn.Linear(d_in, hidden),
-        nn.ReLU(),
-        nn.Linear(hidden, hidden),
-        nn.ReLU(),
-        nn.Linear(hidden, classes),
-    )
-
-
 def run_distributed_bench(args: argparse.Namespace) -> dict[str, Any]:
     """Time one ``fit`` epoch on every rank; rank 0 prints (and writes ``--json``) the result.
 
     A warm-up step first (programs are built, and ``auto`` measures its paths, once per
     shape), then a timed epoch between two collectives, so the time is the slowest rank's.
     """
+    from ._train_cli import make_mlp
     from .distributed import ShardedEnsemble  # lazy: `vensemble --help` needs neither
     from .train import fit
 
@@ -65,7 +55,7 @@ def run_distributed_bench(args: argparse.Namespace) -> dict[str, Any]:
     samples = 64 if args.quick else args.samples
     batch = 16 if args.quick else args.batch_size
     shard = ShardedEnsemble(
-        lambda: _mlp(d_in, hidden, classes),
+        lambda: make_mlp(d_in, hidden, classes),
         members,
         seed=args.seed,
         device=args.device,

@@ -8,7 +8,7 @@ from collections.abc import Callable
 import torch
 from torch.utils.benchmark import Timer
 
-__all__ = ["interleaved_medians"]
+__all__ = ["interleaved_medians", "interleaved_samples"]
 
 
 def _synchronize() -> None:
@@ -16,16 +16,41 @@ def _synchronize() -> None:
         torch.cuda.synchronize()
 
 
+def interleaved_samples(
+    candidates: dict[str, Callable[[], object]], rounds: int = 7, round_time: float = 0.05
+) -> dict[str, list[float]]:
+    """Seconds per call of each candidate in each of ``rounds`` interleaved rounds.
+
+    Each round times every candidate once (``torch.utils.benchmark.Timer`` at
+    ``torch.get_num_threads()`` threads, the candidate repeated to fill about ``round_time``
+    seconds), so machine noise hits all candidates alike and ratios can be taken per round.
+
+    Example:
+        >>> [len(v) for v in interleaved_samples({"a": lambda: None}, 3, 1e-4).values()]
+        [3]
+    """
+    threads = torch.get_num_threads()  # Timer's default is one thread
+    numbers: dict[str, int] = {}
+    for name, fn in candidates.items():
+        fn()  # warm-up
+        _synchronize()
+        timer = Timer("fn()", globals={"fn": fn}, num_threads=threads)
+        estimate = timer.blocked_autorange(min_run_time=round_time / 2).median
+        numbers[name] = max(1, int(round_time / max(estimate, 1e-9)))
+    samples: dict[str, list[float]] = {name: [] for name in candidates}
+    for _ in range(rounds):
+        for name, fn in candidates.items():
+            timer = Timer("fn()", globals={"fn": fn}, num_threads=threads)
+            samples[name].append(timer.timeit(numbers[name]).median)
+    return samples
+
+
 def interleaved_medians(
     candidates: dict[str, Callable[[], object]],
     rounds: int = 7,
     round_time: float = 0.05,
 ) -> dict[str, float]:
-    """Median seconds per call of each candidate, measured in interleaved rounds.
-
-    Each round times every candidate once (``torch.utils.benchmark.Timer``, with the
-    candidate repeated to fill about ``round_time`` seconds), so machine noise hits all
-    candidates alike; the result is the median over rounds.
+    """Median seconds per call of each candidate over :func:`interleaved_samples` rounds.
 
     Args:
         candidates: name -> zero-argument callable.
@@ -35,20 +60,5 @@ def interleaved_medians(
     Returns:
         name -> median seconds per call.
     """
-    threads = torch.get_num_threads()  # Timer's default is one thread
-    numbers: dict[str, int] = {}
-    for name, fn in candidates.items():
-        fn()  # warm-up
-        _synchronize()
-        estimate = (
-            Timer("fn()", globals={"fn": fn}, num_threads=threads)
-            .blocked_autorange(min_run_time=round_time / 2)
-            .median
-        )
-        numbers[name] = max(1, int(round_time / max(estimate, 1e-9)))
-    samples: dict[str, list[float]] = {name: [] for name in candidates}
-    for _ in range(rounds):
-        for name, fn in candidates.items():
-            timer = Timer("fn()", globals={"fn": fn}, num_threads=threads)
-            samples[name].append(timer.timeit(numbers[name]).median)
+    samples = interleaved_samples(candidates, rounds, round_time)
     return {name: statistics.median(values) for name, values in samples.items()}
