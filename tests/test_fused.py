@@ -248,12 +248,12 @@ def test_dropout_module_on_a_shared_input_draws_per_member():
     assert not torch.allclose(out[0], out[1])
 
 
-def test_shared_input_linear_picks_a_kernel_and_both_kernels_agree():
+def test_out_major_linear_picks_a_shared_input_kernel_and_both_kernels_agree():
     from vensemble.backends import _autotune
 
-    ens = ve.Ensemble.from_factory(lambda: nn.Linear(7, 5), 4, backend="fused")
+    ens = ve.Ensemble.from_factory(lambda: nn.Linear(7, 5), 4, backend="fused").double()
+    ens.weight.data = ens.weight.data.contiguous()  # the member's own layout (as when tied)
     x = torch.randn(9, 7, dtype=torch.float64)
-    ens.double()
     expected = torch.stack([m(x) for m in ens.unstack()])
     torch.testing.assert_close(ens(x), expected, atol=1e-12, rtol=0)
     chosen = [v for k, v in _autotune.choices().items() if k[0] == "linear-shared" and k[2] == 9]

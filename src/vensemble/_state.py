@@ -326,12 +326,13 @@ def reindex_template(template: nn.Module, index: Tensor) -> nn.Module:
 
 
 def member_module(template: nn.Module, i: int) -> nn.Module:
-    """A standalone module with member ``i``'s current weights and buffers (copied)."""
+    """A standalone module with member ``i``'s current weights and buffers (copied, contiguous)."""
+    fmt = torch.contiguous_format  # the template may keep some weights in a kernel's layout
 
     def make_param(p: nn.Parameter) -> nn.Parameter:
-        return nn.Parameter(p.detach()[i].clone(), requires_grad=p.requires_grad)
+        return nn.Parameter(p.detach()[i].clone(memory_format=fmt), requires_grad=p.requires_grad)
 
-    return _replace_state(template, make_param, lambda b: b.detach()[i].clone())
+    return _replace_state(template, make_param, lambda b: b.detach()[i].clone(memory_format=fmt))
 
 
 def meta_skeleton(module: nn.Module) -> nn.Module:

@@ -12,6 +12,7 @@ import torch.utils._pytree as pytree
 from torch import Tensor, nn
 
 from ._errors import EnsembleError
+from ._layout import use_kernel_layout
 from ._state import member_module, reindex_template, stack_members, validate_members
 from .backends import (
     BACKENDS,
@@ -138,8 +139,10 @@ class Ensemble(nn.Module):
 
         The ensemble shares the template's parameter, buffer and child dicts, so everything
         ``nn.Module`` does (``state_dict``, ``parameters``, ``to``, ``zero_grad``, nesting in a
-        larger model) sees the member's names with stacked tensors.
+        larger model) sees the member's names with stacked tensors. ``nn.Linear`` weights are
+        stored in the layout the batched kernels want (see ``vensemble._layout``).
         """
+        use_kernel_layout(template)
         object.__setattr__(self, "_template", template)
         object.__setattr__(self, "_parameters", template._parameters)
         object.__setattr__(self, "_buffers", template._buffers)
@@ -332,6 +335,10 @@ class Ensemble(nn.Module):
     def _in_dims(self, in_dims: Any, args: tuple[Any, ...]) -> tuple[int | None, ...]:
         if in_dims is None:
             return (None,) * len(args)
+        if type(in_dims) is int and all(type(a) is Tensor for a in args):  # the common case
+            n = self._num_members
+            if all(-a.ndim <= in_dims < a.ndim and a.shape[in_dims] == n for a in args):
+                return (in_dims,) * len(args)
         if isinstance(in_dims, int):
             dims: tuple[int | None, ...] = (in_dims,) * len(args)
         elif isinstance(in_dims, (tuple, list)):

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from .._layout import in_major
 from ._autotune import autotune
 
 __all__ = ["FUSED_LAYERS", "PARAM_FREE_ELEMENTWISE", "Fused", "fused_layer_for"]
@@ -62,11 +63,27 @@ class Fused(nn.Module):
 
 
 class _Linear(Fused):
-    how = "fused: baddbmm (per-member input) / one wide GEMM or bmm (shared input), by measurement"
+    how = "fused: baddbmm over the members' in-major weights"
 
     def forward(self, x: Tensor) -> Tensor:
         params = self.orig._parameters
         w, b = params["weight"], params["bias"]  # (N, out, in), (N, out)
+        if not in_major(w):
+            return self._out_major(x, w, b)
+        # y = x @ W^T with W^T = w.mT contiguous (N, in, out): hand-batched code's layout
+        if self.batched[0]:
+            if x.ndim == 3:  # (N, B, in): the common case, nothing to reshape
+                return torch.bmm(x, w.mT) if b is None else torch.baddbmm(b.unsqueeze(1), x, w.mT)
+            lead = x.shape[1:-1]
+            x3 = x.reshape(self.n, -1, w.shape[2])
+        else:
+            lead = x.shape[:-1]
+            x3 = x.reshape(1, -1, w.shape[2]).expand(self.n, -1, -1)
+        y = torch.bmm(x3, w.mT) if b is None else torch.baddbmm(b.unsqueeze(1), x3, w.mT)
+        return y if len(lead) == 1 else y.reshape(self.n, *lead, w.shape[1])
+
+    def _out_major(self, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+        """Weights in the member's own ``(out, in)`` layout (tied or parametrized ones)."""
         n, out_f, in_f = w.shape
         if self.batched[0]:
             # y^T = W x^T: with W in the member's own (out, in) layout both bmm operands are
@@ -254,6 +271,8 @@ class _Direct(Fused):
         simple = {nn.ReLU: torch.relu, nn.Tanh: torch.tanh, nn.Sigmoid: torch.sigmoid}
         plain = type(m) in simple and not getattr(m, "inplace", False)
         self.fn: Callable[[Tensor], Tensor] = simple[type(m)] if plain else m.forward
+        # what the program calls in place of this wrapper (a torch function: no Python frame)
+        self.direct: Callable[[Tensor], Tensor] | None = self.fn if plain else None
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fn(x)  # hooks are refused before tracing: no __call__ needed

@@ -109,8 +109,8 @@ class FusedProgram:
     def __call__(self, *dynamic: Any, compile_options: dict[str, Any] | None = None) -> Any:
         """Run the program; with ``compile_options`` through ``torch.compile`` after one eager
         call (which settles the kernels chosen by measurement)."""
-        if compile_options is None:
-            return _contiguous(self.module(*dynamic))
+        if compile_options is None:  # forward: GraphModule.__call__ adds nothing we need
+            return _contiguous(self.module.forward(*dynamic))
         if self.compiled is None:
             out = self.module(*dynamic)
             self.compiled = torch.compile(self.module, **compile_options)
@@ -433,8 +433,9 @@ def _call_forward_directly(graph: fx.Graph, root: dict[str, Any]) -> None:
     ours = (Fused, Op, _Submodule, _Attr, Expand)  # torch's own modules keep call_module: fx
     for node in list(graph.nodes):  # cannot name a torch-defined bound method in its code
         if node.op == "call_module" and isinstance(root.get(node.target), ours):
+            fn = getattr(root[node.target], "direct", None) or root[node.target].forward
             with graph.inserting_before(node):
-                direct = graph.call_function(root[node.target].forward, node.args, node.kwargs)
+                direct = graph.call_function(fn, node.args, node.kwargs)
             node.replace_all_uses_with(direct)
             graph.erase_node(node)
             del root[node.target]
@@ -475,6 +476,7 @@ class FusedPlan:
     compile_options: dict[str, Any] | None = None
     signature: inspect.Signature | None = None
     modules: list[nn.Module] = field(default_factory=list)
+    tensor_keys: dict[tuple[int, tuple[int | None, ...]], Hashable] = field(default_factory=dict)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> FusedPlan:
         """Programs refer to the template they were traced from: a copy starts afresh."""
@@ -496,7 +498,15 @@ def fused_forward(call: Call, plan: FusedPlan) -> Any:
     if plan.signature is None:
         plan.signature = inspect.signature(call.template.forward)
         plan.modules = list(call.template.modules())
-    key, dynamic = signature_key(call, plan.signature)
+    tensors_only = not call.kwargs and all(isinstance(a, Tensor) for a in call.args)
+    quick = (len(call.args), call.in_dims)  # tensor-only calls: the key depends on nothing else
+    key = plan.tensor_keys.get(quick) if tensors_only else None
+    if key is not None:
+        dynamic = [a.movedim(d, 0) if d else a for a, d in zip(call.args, call.in_dims)]
+    else:
+        key, dynamic = signature_key(call, plan.signature)
+        if tensors_only and len(dynamic) == len(call.args):  # no tensor defaults
+            plan.tensor_keys[quick] = key
     full_key = (key, tuple([m.training for m in plan.modules]))  # traced code may read .training
     program = plan.programs.get(full_key)
     if program is None:

@@ -1,0 +1,79 @@
+"""Memory layout of stacked tensors: how the batched kernels want them, shapes unchanged.
+
+A stacked ``nn.Linear`` weight has the logical shape ``(N, out, in)``, the member's own
+``(out, in)`` with the member dim in front. The batched forward computes ``x @ W^T`` for all
+members with one ``bmm`` over ``(N, B, in) @ (N, in, out)``; that kernel runs fastest when the
+right operand is contiguous, as in hand-batched code that keeps pre-transposed weights. So the
+ensemble stores each such weight *in-major*: the memory holds ``(N, in, out)`` and the
+parameter is its transposed view (strides ``(in * out, 1, out)``). Shapes, names, values,
+``state_dict`` keys and every result are the member's; only ``weight.is_contiguous()`` is
+``False``. Gradients and optimizer state follow the parameter's layout (autograd and
+``torch.optim`` preserve strides), files are written contiguous, and members taken out with
+``Ensemble.member`` are ordinary contiguous modules.
+
+Weights tied to another module (an embedding shared with an output layer, say) and
+parametrized weights keep the ordinary layout; the batched ``Linear`` handles both layouts.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+__all__ = ["in_major", "use_kernel_layout"]
+
+
+def in_major(w: Tensor) -> bool:
+    """Whether a stacked ``(N, out, in)`` weight is stored as ``(N, in, out)`` in memory.
+
+    (With ``out == 1`` or ``in == 1`` both layouts are the same memory: then it is ``True``.)
+
+    Example:
+        >>> w = torch.zeros(3, 4, 2)
+        >>> in_major(w), in_major(w.transpose(1, 2).contiguous().transpose(1, 2))
+        (False, True)
+    """
+    if w.ndim != 3:
+        return False
+    n, out_f, in_f = w.shape  # strides compared directly: this runs on every batched call
+    s0, s1, s2 = w.stride()
+    return (s1 == 1 or out_f == 1) and (s2 == out_f or in_f == 1) and (s0 == out_f * in_f or n == 1)
+
+
+def _in_major_copy(w: Tensor) -> Tensor:
+    n, out_f, in_f = w.shape
+    new = torch.empty_strided(
+        (n, out_f, in_f), (in_f * out_f, 1, out_f), dtype=w.dtype, device=w.device
+    )
+    return new.copy_(w) if w.device.type != "meta" else new
+
+
+def use_kernel_layout(template: nn.Module) -> None:
+    """Store the stacked template's ``nn.Linear`` weights in-major, in place.
+
+    The parameters stay the same objects (their ``.data`` is replaced), so nothing that holds
+    them is left pointing at stale tensors. Weights that are tied to another module, are
+    parametrized, or are not a plain ``(N, out, in)`` tensor are left as they are.
+
+    Example:
+        >>> template = torch.nn.Linear(2, 4)
+        >>> template.weight = torch.nn.Parameter(torch.randn(3, 4, 2))  # 3 members, stacked
+        >>> before = template.weight.detach().clone()
+        >>> use_kernel_layout(template)
+        >>> in_major(template.weight), torch.equal(template.weight, before)
+        (True, True)
+    """
+    uses = Counter(id(p) for _, p in template.named_parameters(remove_duplicate=False))
+    with torch.no_grad():
+        for m in template.modules():
+            if type(m) is not nn.Linear or parametrize.is_parametrized(m):
+                continue
+            w = m._parameters.get("weight")
+            if w is None or w.ndim != 3 or uses[id(w)] != 1 or in_major(w):
+                continue
+            if w.layout != torch.strided or type(w) is not nn.Parameter:
+                continue
+            w.data = _in_major_copy(w)

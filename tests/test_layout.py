@@ -1,0 +1,110 @@
+"""The in-major layout of stacked Linear weights: same values, shapes and results as the loop."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import vensemble as ve
+from vensemble._layout import in_major
+
+
+def _mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3, bias=False))
+
+
+def test_linear_weights_are_stored_in_major_with_the_members_values():
+    models = []
+    for i in range(3):
+        torch.manual_seed(i)
+        models.append(_mlp())
+    ens = ve.Ensemble(models)
+    for name, p in ens.named_parameters():
+        assert p.shape[0] == 3
+        torch.testing.assert_close(
+            p, torch.stack([dict(m.named_parameters())[name] for m in models])
+        )
+    assert in_major(ens.get_parameter("0.weight")) and in_major(ens.get_parameter("2.weight"))
+    assert ens.get_parameter("0.weight").shape == (3, 5, 6)
+    for member in ens.unstack():  # members come out as ordinary modules
+        assert all(p.is_contiguous() for p in member.parameters())
+
+
+@pytest.mark.parametrize("backend", ["fused", "vmap", "loop"])
+@pytest.mark.parametrize("shared", [True, False])
+def test_both_layouts_give_the_loops_outputs_and_gradients(backend: str, shared: bool):
+    ens = ve.Ensemble.from_factory(_mlp, 4, backend=backend).double()
+    x = torch.randn(7, 6, dtype=torch.float64) if shared else torch.randn(4, 7, 6).double()
+    in_dims = None if shared else 0
+    members = ens.unstack()
+    expected = torch.stack([m(x if shared else x[i]) for i, m in enumerate(members)])
+    for layout in ("in-major", "out-major"):
+        if layout == "out-major":
+            for p in ens.parameters():
+                p.data = p.data.contiguous()
+        ens.zero_grad()
+        out = ens(x, in_dims=in_dims)
+        torch.testing.assert_close(out, expected, atol=1e-12, rtol=0)
+        out.pow(2).sum().backward()
+        for name, p in ens.named_parameters():
+            member_grads = []
+            for i, m in enumerate(members):
+                m.zero_grad()
+                m(x if shared else x[i]).pow(2).sum().backward()
+                member_grads.append(dict(m.named_parameters())[name].grad)
+            torch.testing.assert_close(p.grad, torch.stack(member_grads), atol=1e-12, rtol=0)
+            assert p.grad.stride() == p.stride(), f"{layout}: {name}'s gradient has its own layout"
+
+
+def test_tied_and_parametrized_weights_keep_the_members_layout():
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(10, 4)
+            self.head = nn.Linear(4, 10)
+            self.head.weight = self.emb.weight
+
+        def forward(self, idx: torch.Tensor) -> torch.Tensor:
+            return self.head(self.emb(idx))
+
+    ens = ve.Ensemble.from_factory(Tied, 3, backend="fused")
+    assert ens.get_parameter("emb.weight").is_contiguous()
+    assert ens.get_parameter("head.weight") is ens.get_parameter("emb.weight")
+    idx = torch.randint(0, 10, (5,))
+    expected = torch.stack([m(idx) for m in ens.unstack()])
+    torch.testing.assert_close(ens(idx), expected, atol=1e-6, rtol=0)
+
+
+def test_adam_on_in_major_weights_matches_each_member_trained_alone():
+    ens = ve.Ensemble.from_factory(_mlp, 3, backend="fused")
+    members = ens.unstack()
+    opt = ve.MemberOptimizer(torch.optim.Adam, ens, lr=[1e-2, 3e-3, 1e-3])
+    alone = [torch.optim.Adam(m.parameters(), lr=lr) for m, lr in zip(members, [1e-2, 3e-3, 1e-3])]
+    torch.manual_seed(0)
+    for _ in range(20):
+        x = torch.randn(8, 6)
+        opt.zero_grad()
+        ens(x).pow(2).mean(dim=(1, 2)).sum().backward()
+        opt.step()
+        for m, o in zip(members, alone):
+            o.zero_grad()
+            m(x).pow(2).mean().backward()
+            o.step()
+    assert in_major(ens.get_parameter("0.weight"))
+    for i, m in enumerate(members):
+        for name, p in m.named_parameters():
+            torch.testing.assert_close(ens.get_parameter(name)[i], p, atol=1e-5, rtol=0)
+
+
+def test_state_dict_round_trips_through_files_and_load_state_dict(tmp_path):
+    ens = ve.Ensemble.from_factory(_mlp, 3)
+    other = ve.Ensemble.from_factory(_mlp, 3, seed=10)
+    other.load_state_dict(ens.state_dict())
+    assert in_major(other.get_parameter("0.weight"))
+    x = torch.randn(5, 6)
+    torch.testing.assert_close(other(x), ens(x), atol=0, rtol=0)
+    ve.save(ens, tmp_path / "e.safetensors")
+    loaded = ve.load(tmp_path / "e.safetensors", _mlp)
+    assert in_major(loaded.get_parameter("0.weight"))
+    torch.testing.assert_close(loaded(x), ens(x), atol=0, rtol=0)
