@@ -175,7 +175,15 @@ def test_groups_are_runs_of_equal_hyperparameters():
     assert opt.member_values("weight_decay") == [0.01] * 5
     shared = MemberOptimizer(torch.optim.Adam, ens, lr=0.01)
     assert len(shared.param_groups) == 1 and shared.param_groups[0]["fused"] is True
-    assert shared.param_groups[0]["params"][0] is next(ens.parameters())  # no views needed
+    # in-major Linear weights are seen through their contiguous permutation (same storage):
+    weight, bias = shared.param_groups[0]["params"][:2]
+    stacked_weight, stacked_bias = list(ens.parameters())[:2]
+    assert weight.is_contiguous() and weight.data_ptr() == stacked_weight.data_ptr()
+    assert torch.equal(weight, stacked_weight.permute(0, 2, 1))
+    assert bias.data_ptr() == stacked_bias.data_ptr() and bias.shape == stacked_bias.shape
+    plain = ve.Ensemble.from_factory(lambda: torch.nn.Conv1d(2, 3, 3), 4)
+    only = MemberOptimizer(torch.optim.Adam, plain, lr=0.01)
+    assert only.param_groups[0]["params"] == list(plain.parameters()) and not only._links
     member = MemberOptimizer(torch.optim.Adam, ens, lr=0.01, groups="member")
     assert [g["members"] for g in member.param_groups] == [range(i, i + 1) for i in range(5)]
     same = MemberOptimizer(torch.optim.SGD, ens, lr=[0.5] * 5, momentum=[0.9] * 5)

@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from ._errors import EnsembleError
+from ._layout import member_rows
 from .ensemble import Ensemble
 
 __all__ = ["clip_grad_norm_"]
@@ -57,10 +58,12 @@ def clip_grad_norm_(
     grads = [p.grad for p in ens.parameters() if p.grad is not None]
     if not grads:
         return torch.zeros(n)
-    per_tensor = torch.stack(
-        [torch.linalg.vector_norm(g.reshape(n, -1), norm_type, dim=1) for g in grads]
+    per_tensor = torch.stack(  # rows: no copy of in-major gradients, the same sum for any N
+        [torch.linalg.vector_norm(member_rows(g), norm_type, dim=1) for g in grads]
     )  # (P, N): each member's norm of each gradient tensor
-    total = torch.linalg.vector_norm(per_tensor, norm_type, dim=0)  # (N,)
+    # over each member's row (N, P): a reduction over dim 0 would add in an order that
+    # depends on N, and a member's norm must not depend on the ensemble's size
+    total = torch.linalg.vector_norm(per_tensor.t().contiguous(), norm_type, dim=1)  # (N,)
     if error_if_nonfinite:
         bad = torch.nonzero(~torch.isfinite(total)).flatten().tolist()
         if bad:

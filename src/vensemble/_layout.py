@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-__all__ = ["in_major", "use_kernel_layout"]
+__all__ = ["contiguous_order", "in_major", "member_rows", "use_kernel_layout"]
 
 
 def in_major(w: Tensor) -> bool:
@@ -77,3 +77,34 @@ def use_kernel_layout(template: nn.Module) -> None:
             if w.layout != torch.strided or type(w) is not nn.Parameter:
                 continue
             w.data = _in_major_copy(w)
+
+
+def contiguous_order(t: Tensor) -> tuple[int, ...] | None:
+    """The permutation of ``t``'s dims, member dim first, under which it is contiguous.
+
+    ``None`` when ``t`` is contiguous already or no such permutation exists (an element
+    update does not care how elements are arranged, so optimizers see in-major weights through
+    this permutation and run their fused kernels without copies).
+
+    Example:
+        >>> contiguous_order(torch.zeros(2, 3, 4).transpose(1, 2))
+        (0, 2, 1)
+    """
+    if t.is_contiguous():
+        return None
+    order = tuple(sorted(range(t.ndim), key=lambda d: -t.stride()[d]))
+    return order if order[0] == 0 and t.permute(order).is_contiguous() else None
+
+
+def member_rows(t: Tensor) -> Tensor:
+    """``t`` as ``(N, numel / N)``: member ``i``'s elements in row ``i``, without a copy when
+    ``t`` is dense under some order of its dims (the row's element order is then the memory
+    order). Row ``i`` holds the same values in the same order whatever ``N`` is, so a
+    reduction over rows gives each member the same result in an ensemble of any size.
+
+    Example:
+        >>> member_rows(torch.arange(6.0).view(2, 3, 1).transpose(1, 2)).shape
+        torch.Size([2, 3])
+    """
+    order = contiguous_order(t)
+    return (t if order is None else t.permute(order)).reshape(t.shape[0], -1)

@@ -12,6 +12,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from ._errors import EnsembleError
+from ._layout import contiguous_order
 from .ensemble import Ensemble
 
 __all__ = ["MemberOptimizer"]
@@ -107,6 +108,15 @@ def _runs(keys: list[tuple[Any, ...]], split: bool) -> list[tuple[int, int]]:
             runs.append((start, i))
             start = i
     return runs
+
+
+def _view(t: Tensor, where: slice | int, perm: tuple[int, ...] | None) -> Tensor:
+    """``t[where]`` seen through ``perm`` (a permutation of ``t``'s dims, member dim first)."""
+    if perm is None:
+        return t[where]
+    if isinstance(where, slice):
+        return t.permute(perm)[where]
+    return t[where].permute(tuple(d - 1 for d in perm[1:]))
 
 
 class MemberOptimizer(Optimizer):
@@ -207,8 +217,12 @@ class MemberOptimizer(Optimizer):
 
         keys = [tuple(member[k][i] for k in member) for i in range(n)]
         runs = _runs(keys, split=groups == "member" or not elementwise)
-        self._links: list[tuple[Tensor, Tensor, slice | int]] = []
-        if len(runs) == 1 and elementwise:
+        # An elementwise update does not care how elements are arranged: such an optimizer
+        # sees each parameter through the permutation of its dims that is contiguous (the
+        # ensemble stores Linear weights in-major), so its fused kernel runs without copies.
+        perms = [contiguous_order(p) if elementwise else None for p in params]
+        self._links: list[tuple[Tensor, Tensor, slice | int, tuple[int, ...] | None]] = []
+        if len(runs) == 1 and elementwise and not any(perms):
             values = {k: member[k][0] for k in member}  # per-member values, all equal
             self._check_values(opt_cls, shared, values, 0, params[0])
             param_groups: list[dict[str, Any]] = [{"params": params, **values, "members": range(n)}]
@@ -216,8 +230,8 @@ class MemberOptimizer(Optimizer):
             param_groups = []
             for a, b in runs:
                 where: slice | int = slice(a, b) if elementwise else a
-                views = [p.detach()[where] for p in params]
-                self._links += [(p, v, where) for p, v in zip(params, views)]
+                views = [_view(p.detach(), where, perm) for p, perm in zip(params, perms)]
+                self._links += [(p, v, where, perm) for p, v, perm in zip(params, views, perms)]
                 values = {k: member[k][a] for k in member}
                 self._check_values(opt_cls, shared, values, a, params[0])
                 param_groups.append({"params": views, **values, "members": range(a, b)})
@@ -300,11 +314,11 @@ class MemberOptimizer(Optimizer):
     # ----------------------------------------------------------------------------- stepping
 
     def _attach_grads(self) -> None:
-        for p, view, where in self._links:
-            view.grad = None if p.grad is None else p.grad[where]
+        for p, view, where, perm in self._links:
+            view.grad = None if p.grad is None else _view(p.grad, where, perm)
 
     def _detach_grads(self) -> None:
-        for _, view, _ in self._links:
+        for _, view, _, _ in self._links:
             view.grad = None
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:

@@ -140,14 +140,14 @@ class _Run:
             status.hold()
             step_losses.append(losses.detach())
         per_step = torch.stack(step_losses).float()  # (steps, N)
-        sizes = torch.tensor(
-            [
-                min(self.batches.batch_size, self.batches.n - s * self.batches.batch_size)
-                for s in range(per_step.shape[0])
-            ],
-            device=device,
-        )  # (steps,)
-        row = (per_step * sizes[:, None]).sum(dim=0) / self.batches.n
+        row = torch.zeros_like(per_step[0])
+        for s, losses in enumerate(per_step):  # step by step, as _evaluate: a sum over dim 0
+            # would add in an order that depends on N, and a member's epoch loss must not
+            # depend on how many members share its process
+            row += losses * min(
+                self.batches.batch_size, self.batches.n - s * self.batches.batch_size
+            )
+        row /= self.batches.n
         self.rows["train_loss"].append(self.sync.rows(row, "training losses"))
         self._check_finite(epoch, per_step)
 
