@@ -1,9 +1,10 @@
 """Training-step benchmarks: vensemble against hand-batched ``baddbmm`` and the per-model loop.
 
-Run: ``.venv/bin/python benchmarks/train_bench.py [--rounds 7] [--quick]``. Each workload times
-one Adam step (forward, backward, step) per candidate in interleaved rounds (medians), on two
-threads, and prints the ratios with the issue's targets. The last row measures what ``fit``
-adds around the steps on the digits data.
+Run: ``.venv/bin/python benchmarks/train_bench.py [--rounds 7] [--quick] [--device cuda]``.
+Each workload times one Adam step (forward, backward, step) per candidate in interleaved rounds
+(medians), on two threads, and prints the ratios with the issue's targets. The last row
+measures what ``fit`` adds around the steps on the digits data. With ``--device cuda`` the
+models, data and the hand-batched reference live on the GPU (the timer synchronizes it).
 """
 
 from __future__ import annotations
@@ -59,15 +60,22 @@ class HandBatched:
 
 
 def step_candidates(
-    make: Callable[[], nn.Module], n: int, batch: int, d_in: int, classes: int, loop: bool
+    make: Callable[[], nn.Module],
+    n: int,
+    batch: int,
+    d_in: int,
+    classes: int,
+    loop: bool,
+    device: torch.device | None = None,
 ) -> dict[str, Callable[[], object]]:
+    device = device or torch.device("cpu")
     g = torch.Generator().manual_seed(0)
-    xs = torch.randn(n, batch, d_in, generator=g)  # each member its own minibatch
-    ys = torch.randint(0, classes, (n, batch), generator=g)
+    xs = torch.randn(n, batch, d_in, generator=g).to(device)  # each member its own minibatch
+    ys = torch.randint(0, classes, (n, batch), generator=g).to(device)
     out: dict[str, Callable[[], object]] = {}
     for backend in ("auto", "vmap"):
-        ens = ve.Ensemble.from_factory(make, n, seed=0, backend=backend)
-        opt = MemberOptimizer(torch.optim.Adam, ens, lr=1e-3)
+        ens = ve.Ensemble.from_factory(make, n, seed=0, backend=backend).to(device)
+        opt = MemberOptimizer(torch.optim.Adam, ens, lr=1e-3)  # after the move: fused kernels
 
         def step(ens: ve.Ensemble = ens, opt: MemberOptimizer = opt) -> None:
             losses = member_loss(F.cross_entropy, ens(xs, in_dims=0), ys)  # (N,)
@@ -112,15 +120,16 @@ def report(title: str, times: dict[str, float], targets: list[tuple[str, str, fl
             )
 
 
-def digits_fit_overhead(rounds: int, epochs: int = 3) -> None:
+def digits_fit_overhead(rounds: int, epochs: int = 3, device: torch.device | None = None) -> None:
     from sklearn.datasets import load_digits
 
+    device = device or torch.device("cpu")
     digits = load_digits()
     x = torch.tensor(digits.data, dtype=torch.float32) / 16.0
     y = torch.tensor(digits.target)
-    x, y = x[:1400], y[:1400]
+    x, y = x[:1400].to(device), y[:1400].to(device)
     n, bs = 8, 64
-    ens = ve.Ensemble.from_factory(mlp(64, 128, 128, 10), n, seed=0)
+    ens = ve.Ensemble.from_factory(mlp(64, 128, 128, 10), n, seed=0).to(device)
     opt = MemberOptimizer(torch.optim.Adam, ens, lr=1e-3)
 
     def with_fit() -> None:
@@ -139,7 +148,7 @@ def digits_fit_overhead(rounds: int, epochs: int = 3) -> None:
 
     def bare_steps() -> None:  # the same steps, nothing around them but the batch gather
         for _ in range(epochs):
-            order = torch.rand(n, x.shape[0], generator=g).argsort(dim=1)
+            order = torch.rand(n, x.shape[0], generator=g).argsort(dim=1).to(device)
             for s in range(0, x.shape[0], bs):
                 idx = order[:, s : s + bs]
                 losses = member_loss(F.cross_entropy, ens(x[idx], in_dims=0), y[idx])
@@ -163,23 +172,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--quick", action="store_true", help="skip the 1000-member workload")
+    parser.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, ...")
     args = parser.parse_args()
+    device = torch.device(args.device)
     torch.set_num_threads(2)
     start = time.time()
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, Adam steps, medians of {args.rounds} interleaved rounds"
+        f"torch {torch.__version__}, {device} ({where}), {torch.get_num_threads()} threads, Adam steps, medians of {args.rounds} interleaved rounds"
     )
     report(
         "32 x MLP 32-64-64-10, 64 samples each",
         interleaved_medians(
-            step_candidates(mlp(32, 64, 64, 10), 32, 64, 32, 10, True), args.rounds
+            step_candidates(mlp(32, 64, 64, 10), 32, 64, 32, 10, True, device), args.rounds
         ),
         [("within", "hand-batched", 1.10), ("faster", "loop", 10)],
     )
     report(
         "tutorial: 10 x MLP 784-128-128-10, batch 64",
         interleaved_medians(
-            step_candidates(mlp(784, 128, 128, 10), 10, 64, 784, 10, True), args.rounds
+            step_candidates(mlp(784, 128, 128, 10), 10, 64, 784, 10, True, device), args.rounds
         ),
         [("within", "hand-batched", 1.10)],
     )
@@ -187,13 +199,13 @@ def main() -> None:
         report(
             "1000 x MLP 8-32-32-2, batch 128",
             interleaved_medians(
-                step_candidates(mlp(8, 32, 32, 2), 1000, 128, 8, 2, True),
+                step_candidates(mlp(8, 32, 32, 2), 1000, 128, 8, 2, True, device),
                 max(3, args.rounds // 2),
                 round_time=0.2,
             ),
             [("faster", "loop", 15), ("within", "hand-batched", 1.10)],
         )
-    digits_fit_overhead(args.rounds)
+    digits_fit_overhead(args.rounds, device=device)
     print(f"\n({time.time() - start:.0f} s)")
 
 

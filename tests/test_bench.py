@@ -177,3 +177,96 @@ def test_peers_agree_with_the_loop_when_installed():
     loop = Candidate(LOOP, "baseline", lambda: torch.stack([m(x) for m in models]))
     rows = measure_candidates([loop, *runnable], rounds=1, round_time=0.001)
     assert all(r.status == "ok" for r in rows), [(r.candidate, r.note) for r in rows]
+
+
+def test_compile_backends_parses_a_comma_list_and_rejects_unknown_names(capsys):
+    from vensemble.cli import build_parser
+
+    parse = build_parser().parse_args
+    assert parse(["bench"]).compile_backends is None  # default: every backend
+    assert parse(["bench", "--compile-backends", "fused, auto"]).compile_backends == (
+        "fused",
+        "auto",
+    )
+    assert parse(["bench", "--compile-backends", "none"]).compile_backends == ()
+    rerun = bench._command(parse(["bench", "--compile-backends", "fused,auto"]))
+    assert rerun == "vensemble bench --compile-backends fused,auto"
+    with pytest.raises(SystemExit):
+        parse(["bench", "--compile-backends", "fused,loopy"])
+    assert "unknown backend 'loopy'" in capsys.readouterr().err
+
+
+def test_compile_backends_limits_the_compiled_vensemble_candidates():
+    w = main_workloads(quick=True)["small100"]
+    models, x = w.members(), w.make_input()
+    opts = Options(compile=True, peers=False, compile_backends=("fused",))
+    names = {c.name: c for c in build_candidates(w, models, x, opts)}
+    fused = names["vensemble fused +compile"]
+    assert fused.compiled or fused.note.startswith("not built: ")
+    for backend in BACKENDS:
+        assert names[f"vensemble {backend}"].fn is not None  # eager: always
+        if backend != "fused":
+            skipped = names[f"vensemble {backend} +compile"]
+            assert skipped.fn is None
+            assert skipped.note == "compile not requested (--compile-backends fused)"
+    assert names["torch.compile(torch.func)"].compiled  # the baseline is kept
+
+
+def test_the_report_is_written_after_each_workload_and_survives_a_kill(tmp_path, monkeypatch):
+    out_json, out_md = tmp_path / "bench.json", tmp_path / "bench.md"
+    seen: list[tuple[str, list[str] | None]] = []
+    steady = bench._steady
+
+    def record_then_maybe_die(w, opts, run, best_peak, retries):
+        before = json.loads(out_json.read_text()) if out_json.exists() else None
+        seen.append((w.key, None if before is None else [x["key"] for x in before["workloads"]]))
+        if w.key == "small100":
+            raise KeyboardInterrupt  # as if the stage's timeout killed the run here
+        return steady(w, opts, run, best_peak, retries)
+
+    monkeypatch.setattr(bench, "_steady", record_then_maybe_die)
+    args = [*QUICK, "--json", str(out_json), "--markdown", str(out_md)]
+    with pytest.raises(KeyboardInterrupt):  # the order of --workload is the run's order
+        main([*args, "--workload", "tiny1000", "--workload", "tutorial2", "--workload", "small100"])
+    assert seen == [
+        ("tiny1000", None),
+        ("tutorial2", ["tiny1000"]),
+        ("small100", ["tiny1000", "tutorial2"]),
+    ]
+    report = json.loads(out_json.read_text())
+    assert report["complete"] is False and report["command"].endswith("--no-peers")
+    assert [w["key"] for w in report["workloads"]] == ["tiny1000", "tutorial2"]
+    assert all(r["status"] != "WRONG" for w in report["workloads"] for r in w["rows"])
+    assert any(t["target"].startswith("3 ") for t in report["targets"])
+    markdown = out_md.read_text()
+    assert "**Partial report**: written after 2 workload(s)" in markdown
+    assert "### 8 x MLP 8-32-32-1" in markdown and "### tutorial:" in markdown
+    assert not list(tmp_path.glob(".*.tmp"))  # written through a temporary file, renamed
+
+    monkeypatch.setattr(bench, "_steady", steady)
+    assert main([*args, "--workload", "small100"]) == 0
+    report = json.loads(out_json.read_text())
+    assert report["complete"] is True and [w["key"] for w in report["workloads"]] == ["small100"]
+    assert "Partial report" not in out_md.read_text()
+
+
+def test_memory_cases_are_written_one_by_one(tmp_path, monkeypatch):
+    out_json = tmp_path / "bench.json"
+    measured: list[MemoryCase] = []
+
+    def fake_run(cases, device, threads):  # no subprocesses: a made-up growth per case
+        (case,) = cases
+        if len(measured) == 2:
+            raise KeyboardInterrupt  # killed while the third case runs
+        measured.append(case)
+        return [MemoryCase(**{**vars(case), "peak_growth_mb": 1.0 + len(measured)})]
+
+    monkeypatch.setattr(bench, "run_memory_cases", fake_run)
+    with pytest.raises(KeyboardInterrupt):
+        main([*QUICK, "--workload", "memory", "--json", str(out_json)])
+    report = json.loads(out_json.read_text())
+    assert report["complete"] is False and report["workloads"] == []
+    assert [(m["runner"], m["n"], m["chunk_size"]) for m in report["memory"]] == [
+        (c.runner, c.n, c.chunk_size) for c in measured
+    ]
+    assert [m["peak_growth_mb"] for m in report["memory"]] == [2.0, 3.0]

@@ -10,6 +10,7 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,25 @@ from ._dist_bench import add_arguments as add_distributed_arguments
 from ._dist_bench import run_distributed_bench
 from .backends import BACKENDS
 
-__all__ = ["machine_info", "register", "run_bench", "run_workload"]
+__all__ = ["compile_backends", "machine_info", "register", "run_bench", "run_workload"]
+
+
+def compile_backends(text: str) -> tuple[str, ...]:
+    """Parse ``--compile-backends``: a comma list of backends, or ``none`` (or nothing).
+
+    Example:
+        >>> compile_backends("fused, auto"), compile_backends("none")
+        (('fused', 'auto'), ())
+    """
+    names = [b.strip() for b in text.split(",") if b.strip()]
+    if names == ["none"]:
+        return ()
+    unknown = [b for b in names if b not in BACKENDS]
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown backend {unknown[0]!r}: give a comma list of {', '.join(BACKENDS)} (or none)"
+        )
+    return tuple(dict.fromkeys(names))
 
 
 def register(subparsers: Any) -> None:
@@ -61,6 +80,15 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument(
         "--compile-timeout", type=float, default=300.0, help="seconds a compile may take"
+    )
+    p.add_argument(
+        "--compile-backends",
+        type=compile_backends,
+        default=None,
+        metavar="LIST",
+        help=f"comma list of the vensemble backends ({','.join(BACKENDS)}) that get a "
+        "+compile candidate, or 'none' (default: all; the compiled torch.func baseline is "
+        "always kept)",
     )
     p.add_argument("--no-peers", action="store_true", help="skip tensordict, torchensemble, jax")
     p.add_argument(
@@ -101,6 +129,7 @@ def machine_info(device: torch.device) -> dict[str, Any]:
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
+        info["tf32"] = torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32
     return info
 
 
@@ -166,7 +195,7 @@ def _steady(
 
 
 def _plan(args: argparse.Namespace) -> list[str]:
-    keys = list(args.workload or WORKLOAD_KEYS)
+    keys = list(dict.fromkeys(args.workload or WORKLOAD_KEYS))
     if args.sweep and "sweep" not in keys:
         keys.append("sweep")
     return keys
@@ -192,8 +221,22 @@ def _load() -> list[float] | None:
         return None
 
 
+def _full_float32(device: torch.device) -> None:
+    """No TF32 on CUDA: its rounding differs between the loop and a batched kernel by more
+    than ``ATOL`` (cuDNN convolutions use TF32 by default; JAX runs at "highest" too)."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+
+
 def run_bench(args: argparse.Namespace) -> dict[str, Any]:
-    """Run the selected workloads, print the markdown report and return the JSON one."""
+    """Run the selected workloads, print the markdown report and return the JSON one.
+
+    Workloads run in the order of ``--workload`` (the sweep and the memory cases last). After
+    each one (and each memory case) the report so far (``"complete": false``) is written to
+    ``--json``/``--markdown``/``--plot`` and a workload's table goes to stderr, so a run
+    stopped early keeps what it measured.
+    """
     torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     compile_on = not (args.quick or args.no_compile)
@@ -201,11 +244,20 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         import torch._inductor.config as inductor_config
 
         inductor_config.compile_threads = 1  # no compile workers stealing cores from timings
-    opts = Options(device, compile_on, args.compile_mode, peers=not args.no_peers)
+    _full_float32(device)
+    opts = Options(
+        device,
+        compile_on,
+        args.compile_mode,
+        peers=not args.no_peers,
+        compile_backends=args.compile_backends,
+    )
     keys = _plan(args)
     report: dict[str, Any] = {"machine": machine_info(device), "command": _command(args)}
     report["machine"]["load_before"] = _load()
     peak_size = 256 if args.quick else (8192 if device.type == "cuda" else 2048)
+    report.update(peak_size=peak_size, atol=ATOL, rounds=args.rounds)
+    report.update(round_time=args.round_time, quick=args.quick)
     run = dict(
         rounds=args.rounds,
         round_time=args.round_time,
@@ -216,34 +268,58 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     retries = 0 if args.quick else args.retries
     best_peak = [_matmul_rate(opts.device, peak_size)]  # the best seen in this run, GFLOP/s
     results: dict[str, WorkloadResult] = {}
-    for key, w in main_workloads(args.quick).items():
-        if key in keys:
-            _log(w.title)
-            results[key] = _steady(w, opts, run, best_peak, retries)
-            _log(f"  {_summary(results[key])}")
     sweep: list[WorkloadResult] = []
+    memory: list[Any] = []
+
+    def done(res: WorkloadResult) -> None:
+        _log(f"  {_summary(res)}")
+        print(format_workload(res) + "\n", file=sys.stderr, flush=True)
+        _finish(args, report, results, sweep, memory, complete=False)
+
+    mains = main_workloads(args.quick)
+    for key in keys:
+        if key in mains:
+            _log(mains[key].title)
+            results[key] = _steady(mains[key], opts, run, best_peak, retries)
+            done(results[key])
     if "sweep" in keys:
         for w in sweep_workloads(args.quick, base=args.sweep_base):
             _log(f"sweep: {w.title}")
             sweep.append(_steady(w, opts, run, best_peak, retries))
-            _log(f"  {_summary(sweep[-1])}")
-    memory = []
+            done(sweep[-1])
     if "memory" in keys:
         _log("memory: one subprocess per configuration")
-        cases = memory_cases(BACKENDS, quick=args.quick)
-        memory = run_memory_cases(cases, str(device), args.threads)
+        for case in memory_cases(BACKENDS, quick=args.quick):
+            memory.extend(run_memory_cases([case], str(device), args.threads))
+            _finish(args, report, results, sweep, memory, complete=False, plot=False)
+    return _finish(args, report, results, sweep, memory, complete=True)
+
+
+def _finish(
+    args: argparse.Namespace,
+    report: dict[str, Any],
+    results: dict[str, WorkloadResult],
+    sweep: list[WorkloadResult],
+    memory: list[Any],
+    complete: bool,
+    plot: bool = True,
+) -> dict[str, Any]:
+    """Fill ``report`` from what was measured so far and write the outputs (``plot``: the
+    plot too). The complete report's markdown is also printed (stdout)."""
     report["machine"]["load_after"] = _load()
     peaks = [p for p in (r.peak_gflops("min") for r in [*results.values(), *sweep]) if p]
-    report.update(peak_gflops=max(peaks, default=None), peak_size=peak_size)
-    report.update(atol=ATOL, rounds=args.rounds, round_time=args.round_time, quick=args.quick)
+    report["peak_gflops"] = max(peaks, default=None)
+    report["complete"] = complete
     goals = targets(results, memory)
     report["workloads"] = [_workload_json(r) for r in results.values()]
     report["sweep"] = [_workload_json(r) for r in sweep]
     report["memory"] = [vars(c) for c in memory]
     report["targets"] = [{**vars(t), "verdict": t.verdict()} for t in goals]
     markdown = _markdown(report, results, sweep, memory, goals)
-    print(markdown, flush=True)
-    _write_outputs(args, report, markdown, list(results.values()), sweep)
+    if complete:
+        print(markdown, flush=True)
+    rows = list(results.values())
+    _write_outputs(args, report, markdown, rows, sweep, quiet=not complete, plot=plot)
     return report
 
 
@@ -271,7 +347,8 @@ def _markdown(
     goals: list[Any],
 ) -> str:
     m, peak = report["machine"], report["peak_gflops"]
-    where = f"{m['gpu']} (torch device {m['device']})" if "gpu" in m else m["device"]
+    tf32 = "TF32 on" if m.get("tf32") else "TF32 off"
+    where = f"{m['gpu']} (torch device {m['device']}, {tf32})" if "gpu" in m else m["device"]
     size = report["peak_size"]
     peak_text = "n/a" if peak is None else f"{peak:.1f} GFLOP/s"
     head = [
@@ -292,6 +369,13 @@ def _markdown(
         f"(max |diff| <= {ATOL:g}) before timing; compiled rows' warm-up is their first "
         "calls (compile, graph capture).",
     ]
+    if not report.get("complete", True):
+        done = len(report["workloads"]) + len(report["sweep"])
+        cases = f" and {len(memory)} memory case(s)" if memory else ""
+        head += [
+            "",
+            f"**Partial report**: written after {done} workload(s){cases}; the run went on.",
+        ]
     parts = ["\n".join(head), format_targets(goals)]
     parts += [format_workload(r) for r in results.values()]
     if sweep:
@@ -299,6 +383,10 @@ def _markdown(
     if memory:
         parts.append(format_memory(memory, m["device"]))
     return "\n\n".join(parts) + "\n"
+
+
+def _join(names: tuple[str, ...] | None) -> str | None:
+    return None if names is None else ",".join(names) or "none"
 
 
 def _command(args: argparse.Namespace) -> str:
@@ -313,6 +401,7 @@ def _command(args: argparse.Namespace) -> str:
         "--sweep-base": (args.sweep_base, 4),
         "--compile-mode": (args.compile_mode, None),
         "--compile-timeout": (args.compile_timeout, 300.0),
+        "--compile-backends": (_join(args.compile_backends), None),
         "--seed": (args.seed, 0),
         "--retries": (args.retries, 2),
     }
@@ -322,28 +411,41 @@ def _command(args: argparse.Namespace) -> str:
     return " ".join(words)
 
 
+def _write_atomic(path: Path, write: Callable[[Path], object]) -> None:
+    """``write(tmp)`` then rename over ``path``: a reader (or a kill) never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
 def _write_outputs(
     args: argparse.Namespace,
     report: dict[str, Any],
     markdown: str,
     results: list[WorkloadResult],
     sweep: list[WorkloadResult],
+    quiet: bool = False,
+    plot: bool = True,
 ) -> None:
+    written = []
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=1, default=str) + "\n")
-        _log(f"wrote {args.json}")
+        text = json.dumps(report, indent=1, default=str) + "\n"
+        _write_atomic(args.json, lambda p: p.write_text(text))
+        written.append(args.json)
     if args.markdown is not None:
-        args.markdown.parent.mkdir(parents=True, exist_ok=True)
-        args.markdown.write_text(markdown)
-        _log(f"wrote {args.markdown}")
-    if args.plot is not None:
+        _write_atomic(args.markdown, lambda p: p.write_text(markdown))
+        written.append(args.markdown)
+    if args.plot is not None and plot and (sweep or results or not quiet):
         m = report["machine"]
         where = m.get("gpu") or f"{m['cpu']}, {m['threads']} threads"
         what = "MLP 16-64-64-1, batch 32" if sweep else "the workloads run"
-        args.plot.parent.mkdir(parents=True, exist_ok=True)
-        save_plot(sweep or results, args.plot, f"{what}: time per member ({where})")
-        _log(f"wrote {args.plot}")
+        title = f"{what}: time per member ({where})"
+        _write_atomic(args.plot, lambda p: save_plot(sweep or results, p, title))
+        written.append(args.plot)
+    if not quiet:
+        for path in written:
+            _log(f"wrote {path}")
 
 
 def _run(args: argparse.Namespace) -> int:

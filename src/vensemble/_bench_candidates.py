@@ -44,12 +44,15 @@ class Options:
         compile_mode: ``mode`` for ``torch.compile`` (e.g. ``"reduce-overhead"`` for CUDA
             graphs); ``None`` is torch's default.
         peers: build the peer libraries' candidates when they import.
+        compile_backends: the vensemble backends that get a compiled candidate (``None``:
+            all of them); the compiled torch.func baseline is built whenever ``compile`` is.
     """
 
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     compile: bool = True
     compile_mode: str | None = None
     peers: bool = True
+    compile_backends: tuple[str, ...] | None = None
 
 
 @dataclass
@@ -198,14 +201,23 @@ def _ensemble_kwargs(compile_mode: str | None) -> dict[str, Any]:
 def _vensemble_candidates(
     w: Workload, models: list[nn.Module], x: Tensor, opts: Options
 ) -> list[Candidate]:
-    """Every backend in ``vensemble.backends.BACKENDS``, eager and (when it builds) compiled."""
+    """Every backend in ``vensemble.backends.BACKENDS``, eager and (when it builds) compiled.
+
+    Only the backends in ``opts.compile_backends`` (``None``: all) get a compiled candidate;
+    the others' is skipped with a note.
+    """
     out = []
     variants: list[tuple[str, dict[str, Any]]] = [("", {})]
     if opts.compile:
         variants.append((" +compile", _ensemble_kwargs(opts.compile_mode)))
+    chosen = BACKENDS if opts.compile_backends is None else opts.compile_backends
     for backend in BACKENDS:
         for suffix, kwargs in variants:
             name = f"vensemble {backend}{suffix}"
+            if kwargs and backend not in chosen:
+                why = f"compile not requested (--compile-backends {','.join(chosen)})"
+                out.append(_skipped(name, "vensemble", why))
+                continue
             try:
                 ens = Ensemble(models, backend=backend, **kwargs).to(opts.device)
             except Exception as err:  # e.g. compile=True not supported by this version
@@ -230,16 +242,24 @@ def _bind(ens: Ensemble, x: Tensor, per_member: bool) -> Callable[[], Any]:
     return lambda: ens(x)
 
 
+_PEAK_OPERANDS: dict[tuple[str, int], tuple[Tensor, Tensor, Tensor]] = {}
+
+
 def peak_candidate(device: torch.device, size: int) -> Candidate:
     """A square ``(size, size) @ (size, size)`` float32 ``torch.mm``: this machine's matmul rate.
 
     Timed in the same interleaved rounds as a workload's candidates, so each round's share of
-    the peak compares like with like on a busy machine.
+    the peak compares like with like on a busy machine. The operands are made once per
+    device and size (the most recent pair is kept).
     """
-    gen = torch.Generator().manual_seed(0)
-    a = torch.randn(size, size, generator=gen).to(device)
-    b = torch.randn(size, size, generator=gen).to(device)
-    c = torch.empty(size, size, device=device)
+    key = (str(device), size)
+    if key not in _PEAK_OPERANDS:  # made once: 8192x8192 normals take seconds on one core
+        _PEAK_OPERANDS.clear()
+        gen = torch.Generator().manual_seed(0)
+        a = torch.randn(size, size, generator=gen).to(device)
+        b = torch.randn(size, size, generator=gen).to(device)
+        _PEAK_OPERANDS[key] = (a, b, torch.empty(size, size, device=device))
+    a, b, c = _PEAK_OPERANDS[key]
     return Candidate(
         PEAK,
         "peak",
