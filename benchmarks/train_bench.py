@@ -41,7 +41,13 @@ class HandBatched:
     def __init__(self, ens: ve.Ensemble) -> None:
         sd = ens.state_dict()
         keys = sorted({k.rsplit(".", 1)[0] for k in sd}, key=int)
-        self.w = [sd[f"{k}.weight"].transpose(1, 2).contiguous().requires_grad_() for k in keys]
+        self.w = [
+            sd[f"{k}.weight"]
+            .transpose(1, 2)
+            .clone(memory_format=torch.contiguous_format)
+            .requires_grad_()
+            for k in keys
+        ]
         self.b = [sd[f"{k}.bias"].unsqueeze(1).clone().requires_grad_() for k in keys]
         self.opt = torch.optim.Adam([*self.w, *self.b], lr=1e-3, fused=True)
         self.n = len(ens)
