@@ -80,7 +80,9 @@ def vmap_friendly_kernels(device: torch.device | None = None) -> Iterator[None]:
     The fused fast path of ``nn.MultiheadAttention``/``TransformerEncoderLayer`` and the CPU
     flash-attention kernel of ``scaled_dot_product_attention`` have no batching rule (vmap
     would fail, or loop over members slowly); the regular path and the math kernel compute
-    the same and batch well. On CUDA the attention kernels are left as they are.
+    the same and batch well. On CUDA (torch 2.11, H100) the memory-efficient kernel's backward
+    fails on vmapped inputs ("LSE is not correctly aligned"), so the math kernel is used on
+    every device; ``device`` is accepted for callers that know it.
     """
     with contextlib.ExitStack() as stack:
         mha = getattr(torch.backends, "mha", None)
@@ -88,10 +90,9 @@ def vmap_friendly_kernels(device: torch.device | None = None) -> Iterator[None]:
             enabled = mha.get_fastpath_enabled()
             mha.set_fastpath_enabled(False)
             stack.callback(mha.set_fastpath_enabled, enabled)
-        if device is None or device.type == "cpu":
-            from torch.nn.attention import SDPBackend, sdpa_kernel
+        from torch.nn.attention import SDPBackend, sdpa_kernel
 
-            stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
+        stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
         yield
 
 
