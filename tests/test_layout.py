@@ -108,3 +108,28 @@ def test_state_dict_round_trips_through_files_and_load_state_dict(tmp_path):
     loaded = ve.load(tmp_path / "e.safetensors", _mlp)
     assert in_major(loaded.get_parameter("0.weight"))
     torch.testing.assert_close(loaded(x), ens(x), atol=0, rtol=0)
+
+
+def test_inference_reuses_operand_views_only_while_they_show_the_parameters():
+    ens = ve.Ensemble.from_factory(_mlp, 3, backend="fused").double()
+    x = torch.randn(5, 6, dtype=torch.float64)
+
+    def expected(inputs: torch.Tensor = x) -> torch.Tensor:
+        return torch.stack([m(inputs) for m in ens.unstack()])
+
+    with torch.no_grad():
+        torch.testing.assert_close(ens(x), expected(), atol=1e-12, rtol=0)
+        for p in ens.parameters():  # in place, as an optimizer step: the views show it
+            p.mul_(1.5).add_(0.25)
+        torch.testing.assert_close(ens(x), expected(), atol=1e-12, rtol=0)
+        first = ens.get_parameter("0.weight")
+        first.data = first.data.clone(memory_format=torch.preserve_format) * -1  # new storage
+        torch.testing.assert_close(ens(x), expected(), atol=1e-12, rtol=0)
+        ens[0].weight = torch.nn.Parameter(torch.randn(3, 5, 6, dtype=torch.float64))  # new object
+        ens[0].bias = torch.nn.Parameter(torch.randn(3, 5, dtype=torch.float64))
+        torch.testing.assert_close(ens(x), expected(), atol=1e-12, rtol=0)
+    ens.float()  # .to() gives every parameter new storage
+    torch.testing.assert_close(ens(x.float()), expected(x.float()), atol=1e-5, rtol=0)
+    out = ens(x.float())  # with autograd after cached calls: gradients reach the parameters
+    out.sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in ens.parameters())
