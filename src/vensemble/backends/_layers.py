@@ -74,8 +74,9 @@ class _Linear(Fused):
         """``(W^T (N, in, out) contiguous, bias (N, 1, out))``; ``None`` for out-major weights."""
         grad = torch.is_grad_enabled()
         c = self._views
-        if not grad and c is not None and c[0] is w and c[2] is b and c[1] == w.data_ptr():
-            if b is None or c[3] == b.data_ptr():
+        if not grad and c is not None:
+            same_b = c[2] is b and (b is None or c[3] == b.data_ptr())
+            if same_b and c[0] is w and c[1] == w.data_ptr():
                 return c[4], c[5]
         if not in_major(w):
             return None
