@@ -72,7 +72,8 @@ class _Linear(Fused):
 
     def _operands(self, w: Tensor, b: Tensor | None) -> tuple[Tensor, Tensor | None] | None:
         """``(W^T (N, in, out) contiguous, bias (N, 1, out))``; ``None`` for out-major weights."""
-        grad = torch.is_grad_enabled()
+        # (under torch.compile the views are free, and a cache would be a side effect to guard)
+        grad = torch.is_grad_enabled() or torch.compiler.is_compiling()
         c = self._views
         if not grad and c is not None:
             same_b = c[2] is b and (b is None or c[3] == b.data_ptr())

@@ -5,26 +5,46 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch.func import functional_call
+from torch import Tensor, nn
 
 from ._call import Call, stack_outputs
 
 __all__ = ["loop_forward"]
 
 
+def _slots(template: nn.Module) -> list[tuple[dict[str, Any], str, Tensor]]:
+    """Every ``(module._parameters or module._buffers, name, stacked tensor)`` of the template."""
+    slots = []
+    for m in template.modules():
+        for d in (m._parameters, m._buffers):
+            slots += [(d, k, t) for k, t in d.items() if t is not None]
+    return slots
+
+
 def loop_forward(call: Call) -> Any:
     """Run each member on its inputs in turn; outputs stacked along a new dim 0.
 
-    Member ``i`` computes with views ``t[i]`` of the stacked tensors, so gradients reach the
-    stacked parameters and in-place buffer updates (BatchNorm running stats) land in member
-    ``i``'s slice. With ``randomness="same"`` every member starts from the same RNG state.
+    Member ``i`` computes with views ``t[i]`` of the stacked tensors, put in the template's
+    parameter and buffer slots for its call (as ``torch.func.functional_call`` does, without
+    its per-call bookkeeping) and put back afterwards, so gradients reach the stacked
+    parameters and in-place buffer updates (BatchNorm running stats) land in member ``i``'s
+    slice; tensors tied inside the member stay tied (one view each). With
+    ``randomness="same"`` every member starts from the same RNG state.
     """
     same = call.randomness == "same"
     start = torch.get_rng_state() if same else None
+    slots = _slots(call.template)
+    unique = list({id(t): t for _, _, t in slots}.values())
     outputs = []
-    for i in range(call.n):
-        if start is not None:
-            torch.set_rng_state(start)
-        state = {k: t[i] for k, t in call.state.items()}
-        outputs.append(functional_call(call.template, state, call.member_args(i), call.kwargs))
+    try:
+        for i in range(call.n):
+            if start is not None:
+                torch.set_rng_state(start)
+            views = {id(t): t[i] for t in unique}
+            for d, k, t in slots:
+                d[k] = views[id(t)]
+            outputs.append(call.template(*call.member_args(i), **call.kwargs))
+    finally:
+        for d, k, t in slots:
+            d[k] = t
     return stack_outputs(outputs)
