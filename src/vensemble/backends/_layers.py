@@ -72,10 +72,11 @@ class _Linear(Fused):
 
     def _operands(self, w: Tensor, b: Tensor | None) -> tuple[Tensor, Tensor | None] | None:
         """``(W^T (N, in, out) contiguous, bias (N, 1, out))``; ``None`` for out-major weights."""
-        # (under torch.compile the views are free, and a cache would be a side effect to guard)
+        # (under torch.compile the views are free, and the cache a side effect dynamo would
+        # guard on: it is neither read nor written there)
         grad = torch.is_grad_enabled() or torch.compiler.is_compiling()
-        c = self._views
-        if not grad and c is not None:
+        c = None if grad else self._views
+        if c is not None:
             same_b = c[2] is b and (b is None or c[3] == b.data_ptr())
             if same_b and c[0] is w and c[1] == w.data_ptr():
                 return c[4], c[5]
