@@ -9,9 +9,9 @@
 #   jax    GPU_SH_JAX_S=15     JAX (a peer) next to torch on the GPU in one process; when it
 #                              fails, the benchmark stages run without peers (--no-peers)
 #   check  GPU_SH_CHECK_S=60   benchmarks/gpu_check.py: every backend against the loop on the GPU
-#   bench  GPU_SH_BENCH_S=240  `vensemble bench`, compiled with CUDA graphs (reduce-overhead)
+#   bench  GPU_SH_BENCH_S=220  `vensemble bench`, compiled with CUDA graphs (reduce-overhead)
 #   sweep  GPU_SH_SWEEP_S=75   `vensemble bench --workload sweep`, no compile
-#   train  GPU_SH_TRAIN_S=75   benchmarks/train_bench.py on the GPU
+#   train  GPU_SH_TRAIN_S=95   benchmarks/train_bench.py on the GPU (JAX + optax compile too)
 # A stage that fails or runs out of time is logged and the next one runs. No stage runs past
 # GPU_SH_TOTAL_S=480 seconds from the start (a stage gets at most what is left), so the whole
 # call ends within about 8.5 minutes. The suite writes its JSON and markdown after every
@@ -196,7 +196,7 @@ main() {
     # retries: a retry measures the workload again, compiles included.
     read -r -a extra <<<"${BENCH_ARGS:-}"
     read -r -a workloads <<<"${GPU_SH_WORKLOADS:-tutorial1 tutorial2 small100 tiny1000 cnn8 memory}"
-    stage bench "${GPU_SH_BENCH_S:-240}" - \
+    stage bench "${GPU_SH_BENCH_S:-220}" - \
         "$PY" -m vensemble bench --device "$DEV" --compile-mode reduce-overhead \
         --rounds 5 --compile-timeout 60 --compile-backends fused,auto --retries 0 \
         "${workloads[@]/#/--workload=}" \
@@ -210,7 +210,7 @@ main() {
         "${peers[@]}" "${extra[@]}"
 
     read -r -a extra <<<"${TRAIN_ARGS:-}"
-    stage train "${GPU_SH_TRAIN_S:-75}" "train_$TAG.log" \
+    stage train "${GPU_SH_TRAIN_S:-95}" "train_$TAG.log" \
         "$PY" benchmarks/train_bench.py --device "$DEV" --rounds 5 "${extra[@]}"
 
     rm -f "$OUTDIR"/.*.tmp  # a write cut short by a timeout

@@ -126,7 +126,9 @@ def main() -> None:
     member_mb = DEPTH * (WIDTH * WIDTH + WIDTH) * 4 / 1e6
     n = max(1, round(args.mb / member_mb))
     ens = ve.Ensemble.from_factory(make, n, seed=0)
-    tensors = {k: t.detach() for k, t in ens.state_dict().items()}
+    # save_file takes contiguous tensors only: stacked Linear weights are in-major, so the
+    # baseline gets contiguous copies made before timing (vensemble.io.save makes its own)
+    tensors = {k: t.detach().contiguous() for k, t in ens.state_dict().items()}
     with tempfile.TemporaryDirectory(dir=Path(__file__).resolve().parent) as tmp:
         ours, theirs = Path(tmp) / "ours.safetensors", Path(tmp) / "theirs.safetensors"
 
