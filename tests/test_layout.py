@@ -133,3 +133,18 @@ def test_inference_reuses_operand_views_only_while_they_show_the_parameters():
     out = ens(x.float())  # with autograd after cached calls: gradients reach the parameters
     out.sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in ens.parameters())
+
+
+def test_large_linear_weights_keep_the_members_layout():
+    from vensemble._layout import IN_MAJOR_MAX_ELEMENTS
+
+    side = int(IN_MAJOR_MAX_ELEMENTS**0.5) + 1  # just above the limit
+    ens = ve.Ensemble.from_factory(
+        lambda: nn.Sequential(nn.Linear(side, side), nn.Linear(side, 4)), 2
+    )
+    assert ens.get_parameter("0.weight").is_contiguous()  # large: the member's (out, in) layout
+    assert in_major(ens.get_parameter("1.weight"))  # small: in-major
+    x = torch.randn(3, side)
+    expected = torch.stack([m(x) for m in ens.unstack()])
+    ens.backend = "fused"
+    torch.testing.assert_close(ens(x), expected, atol=1e-4, rtol=1e-5)
