@@ -422,3 +422,25 @@ def test_views_work_whatever_layout_the_kernels_return(per_member):
         expected = torch.stack([m(xs[i] if per_member else xs[0]) for i, m in enumerate(members)])
         torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-5)
         assert out.is_contiguous() and "(fused)" not in ens.explain()
+
+
+def test_one_tensor_elementwise_functions_are_called_directly_and_others_aligned():
+    class Functional(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+            self.register_buffer("scale", torch.tensor([1.0, 2.0, 3.0]))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = torch.relu(self.fc(x))  # one tensor: called as is
+            return torch.mul(h, self.scale) + torch.sigmoid(h)  # a stacked buffer: aligned
+
+    ens = ve.Ensemble.from_factory(Functional, 3, backend="fused").double()
+    with torch.no_grad():
+        ens.scale.copy_(torch.arange(9.0).view(3, 3))  # a different buffer per member
+    x = torch.randn(5, 4, dtype=torch.float64)
+    expected = torch.stack([m(x) for m in ens.unstack()])
+    torch.testing.assert_close(ens(x), expected, atol=1e-12, rtol=0)
+    code = ens._fused.last.module.code
+    assert "torch.relu(" in code and "torch.sigmoid(" in code
+    assert "torch.mul(" not in code  # its second argument needs the member dim aligned

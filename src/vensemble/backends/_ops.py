@@ -18,7 +18,7 @@ import torch.nn.functional as F
 import torch.utils._pytree as pytree
 from torch import Tensor, nn
 
-__all__ = ["RANDOM_FUNCTIONS", "RANDOM_METHODS", "Expand", "make_op"]
+__all__ = ["RANDOM_FUNCTIONS", "RANDOM_METHODS", "Elementwise", "Expand", "make_op"]
 
 Target = Callable[..., Any] | str
 
@@ -219,7 +219,7 @@ class Op(nn.Module):
         return self.vmapped(*args, **kwargs)
 
 
-class _Elementwise(Op):
+class Elementwise(Op):
     how = "fused: elementwise, member dim aligned"
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -338,7 +338,7 @@ def make_op(
     random = (target in RANDOM_METHODS) if is_method else (target in RANDOM_FUNCTIONS)
     if random:
         if randomness == "different" and target is F.dropout and first_only:
-            return _Elementwise(target, is_method, *rest)
+            return Elementwise(target, is_method, *rest)
         return Op(target, is_method, *rest)
     if is_method and isinstance(target, str) and target.endswith("_"):
         return Op(target, is_method, *rest)  # in-place: vmap knows the rules
@@ -346,7 +346,7 @@ def make_op(
         if name in ("size", "dim", "ndimension", "numel"):
             return _Logical(name, True, *rest)
         if name in PASSTHROUGH_METHODS:
-            return _Elementwise(name, True, *rest)
+            return Elementwise(name, True, *rest)
         if _dim_method(name, n) is not None:
             return _DimMethod(name, *rest)
     if not is_method and target is getattr and first_only and attr in _SHAPE_ATTRS:
@@ -364,5 +364,5 @@ def make_op(
     if (is_method and target in ELEMENTWISE_METHODS) or (
         not is_method and target in ELEMENTWISE_FUNCTIONS
     ):
-        return _Elementwise(target, is_method, *rest)
+        return Elementwise(target, is_method, *rest)
     return Op(target, is_method, *rest)

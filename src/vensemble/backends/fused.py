@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from ._call import Call
 from ._layers import Fused, fused_layer_for
-from ._ops import RANDOM_FUNCTIONS, RANDOM_METHODS, Expand, Op, make_op
+from ._ops import RANDOM_FUNCTIONS, RANDOM_METHODS, Elementwise, Expand, Op, make_op
 from .select import AutoPlan, auto_forward
 
 __all__ = [
@@ -371,6 +371,14 @@ def build_program(call: Call, key: Hashable) -> FusedProgram:
                 continue
             attr = args[1] if node.target is getattr and len(args) > 1 else None
             op = make_op(node.target, node.op == "call_method", flags, kwflags, n, randomness, attr)
+            if (
+                isinstance(op, Elementwise)
+                and node.op == "call_function"
+                and not random
+                and args
+                and nodes_in((args, kwargs)) == [args[0]]
+            ):  # one tensor (the batched first argument): nothing to align, call the function
+                op.direct = node.target
             target = add(op, "_op")
             env[node] = new.call_module(
                 target, tuple(mapped(a) for a in args), {k: mapped(v) for k, v in kwargs.items()}
