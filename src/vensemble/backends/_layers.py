@@ -95,14 +95,19 @@ class _Linear(Fused):
             return self._out_major(x, w, b)
         wt, bu = operands  # y = x @ W^T with W^T contiguous: hand-batched code's layout
         if self.batched[0]:
-            if x.ndim == 3:  # (N, B, in): the common case, nothing to reshape
+            if x.ndim == 3 and not torch.compiler.is_compiling():  # (N, B, in): the common case
                 return torch.bmm(x, wt) if bu is None else torch.baddbmm(bu, x, wt)
             lead = x.shape[1:-1]
             x3 = x.reshape(self.n, -1, w.shape[2])
         else:
             lead = x.shape[:-1]
             x3 = x.reshape(1, -1, w.shape[2]).expand(self.n, -1, -1)
-        y = torch.bmm(x3, wt) if bu is None else torch.baddbmm(bu, x3, wt)
+        if torch.compiler.is_compiling():
+            # matmul + add, as vmap's graph has them: inductor fuses the bias (and what follows)
+            # into its own kernels for small layers, where an extern baddbmm would stay opaque
+            y = torch.matmul(x3, wt) if bu is None else torch.matmul(x3, wt) + bu
+        else:
+            y = torch.bmm(x3, wt) if bu is None else torch.baddbmm(bu, x3, wt)
         return y if len(lead) == 1 else y.reshape(self.n, *lead, w.shape[1])
 
     def _out_major(self, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
