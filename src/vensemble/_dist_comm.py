@@ -3,6 +3,8 @@ name the rank that did not arrive."""
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import datetime
 import os
 from collections.abc import Callable
@@ -19,6 +21,13 @@ __all__ = ["DEFAULT_TIMEOUT", "CollectiveError", "Comm", "block_bounds", "block_
 DEFAULT_TIMEOUT = 300.0  # seconds any rank waits for the others in one collective
 _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 _T = TypeVar("_T")
+
+
+def _destroy_default_group() -> None:
+    """Destroy the default process group (at exit, when vensemble initialised it)."""
+    if dist.is_available() and dist.is_initialized():
+        with contextlib.suppress(Exception):  # the peers may be gone: nothing left to clean up
+            dist.destroy_process_group()
 
 
 class CollectiveError(RuntimeError):
@@ -124,6 +133,10 @@ class Comm:
             dist.init_process_group("nccl", timeout=delta, device_id=torch.cuda.current_device())
         else:
             dist.init_process_group("gloo", timeout=delta)
+        # The group is ours: take it down before the interpreter does. Left to interpreter
+        # shutdown, a rank that finishes first could abort ("terminate called without an
+        # active exception") while the backend's threads were still running.
+        atexit.register(_destroy_default_group)
         return cls(dist.group.WORLD, delta)
 
     @property

@@ -247,7 +247,7 @@ def run_train(args: argparse.Namespace) -> int:
     save(model, out / "ensemble.safetensors")  # under torchrun: gathered, rank 0 writes
     saved = [out / "ensemble.safetensors"]
     if not main:
-        return 0
+        return _leave_together()
     if _learning_curves(history, out / "learning_curves.png"):
         from .plots import reliability_diagram
 
@@ -256,6 +256,21 @@ def run_train(args: argparse.Namespace) -> int:
     else:
         print("(matplotlib is not installed: no plots written)", file=sys.stderr)
     print(f"\nsaved: {', '.join(str(p) for p in saved)}")
+    return _leave_together()
+
+
+def _leave_together() -> int:
+    """Under torchrun: every rank waits for rank 0's plots, then the group is taken down.
+
+    A rank that left early and tore its process group down while rank 0 was still connected
+    sometimes aborted in the backend's threads ("terminate called without an active
+    exception"), failing the whole torchrun job after the work was done.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
     return 0
 
 
