@@ -59,11 +59,11 @@ def clip_grad_norm_(
     if not grads:
         return torch.zeros(n)
     per_tensor = torch.stack(  # rows: no copy of in-major gradients, the same sum for any N
-        [torch.linalg.vector_norm(member_rows(g), norm_type, dim=1) for g in grads]
-    )  # (P, N): each member's norm of each gradient tensor
-    # over each member's row (N, P): a reduction over dim 0 would add in an order that
-    # depends on N, and a member's norm must not depend on the ensemble's size
-    total = torch.linalg.vector_norm(per_tensor.t().contiguous(), norm_type, dim=1)  # (N,)
+        [torch.linalg.vector_norm(member_rows(g), norm_type, dim=1) for g in grads], dim=1
+    )  # (N, P): each member's norm of each gradient tensor, one row per member
+    # over each member's row: a reduction over dim 0 of a (P, N) table would add in an order
+    # that depends on N, and a member's norm must not depend on the ensemble's size
+    total = torch.linalg.vector_norm(per_tensor, norm_type, dim=1)  # (N,)
     if error_if_nonfinite:
         bad = torch.nonzero(~torch.isfinite(total)).flatten().tolist()
         if bad:

@@ -16,14 +16,21 @@ from torch import Tensor
 
 from ._errors import EnsembleError
 
-__all__ = ["DEFAULT_TIMEOUT", "CollectiveError", "Comm", "block_bounds", "block_sizes"]
+__all__ = [
+    "DEFAULT_TIMEOUT",
+    "CollectiveError",
+    "Comm",
+    "block_bounds",
+    "block_sizes",
+    "destroy_default_group",
+]
 
 DEFAULT_TIMEOUT = 300.0  # seconds any rank waits for the others in one collective
 _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 _T = TypeVar("_T")
 
 
-def _destroy_default_group() -> None:
+def destroy_default_group() -> None:
     """Destroy the default process group (at exit, when vensemble initialised it)."""
     if dist.is_available() and dist.is_initialized():
         with contextlib.suppress(Exception):  # the peers may be gone: nothing left to clean up
@@ -136,7 +143,7 @@ class Comm:
         # The group is ours: take it down before the interpreter does. Left to interpreter
         # shutdown, a rank that finishes first could abort ("terminate called without an
         # active exception") while the backend's threads were still running.
-        atexit.register(_destroy_default_group)
+        atexit.register(destroy_default_group)
         return cls(dist.group.WORLD, delta)
 
     @property

@@ -111,14 +111,12 @@ def _runs(keys: list[tuple[Any, ...]], split: bool) -> list[tuple[int, int]]:
 
 
 def _view(t: Tensor, where: slice | int, perm: tuple[int, ...] | None) -> Tensor:
-    """``t[where]`` seen through ``perm`` (a permutation of ``t``'s dims, member dim first)."""
+    """``t[where]`` seen through ``perm`` (a permutation of ``t``'s dims, member dim first;
+    only elementwise optimizers get one, and their ``where`` is always a slice)."""
+    view = t if perm is None else t.permute(perm)
     # all members: no slicing (this runs for every parameter at every step)
     full = isinstance(where, slice) and where.start == 0 and where.stop == t.shape[0]
-    if perm is None:
-        return t if full else t[where]
-    if isinstance(where, slice):
-        return t.permute(perm) if full else t.permute(perm)[where]
-    return t[where].permute(tuple(d - 1 for d in perm[1:]))
+    return view if full else view[where]
 
 
 class MemberOptimizer(Optimizer):

@@ -268,9 +268,11 @@ def _leave_together() -> int:
     """
     import torch.distributed as dist
 
+    from ._dist_comm import destroy_default_group
+
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
-        dist.destroy_process_group()
+        destroy_default_group()
     return 0
 
 

@@ -60,7 +60,7 @@ def _loop_wins(loop: float, vectorized: float, device: torch.device) -> bool:
 def _shape_key(call: Call, training: bool) -> Any:
     """What the fastest path depends on: input shapes, dtypes, devices, values and mode."""
     grad = torch.is_grad_enabled()
-    if not call.kwargs and all(type(a) is Tensor for a in call.args):  # the common case, fast
+    if call.tensor_args:  # the common case, fast
         shapes = tuple((a.shape, a.dtype, a.device) for a in call.args)
         return (shapes, call.in_dims, training, grad)
     leaves = pytree.tree_leaves((call.args, call.kwargs))

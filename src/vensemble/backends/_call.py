@@ -40,6 +40,11 @@ class Call:
     name: str = ""
 
     @functools.cached_property
+    def tensor_args(self) -> bool:
+        """No keyword inputs and every positional input a tensor: the common, fast case."""
+        return not self.kwargs and all(isinstance(a, Tensor) for a in self.args)
+
+    @functools.cached_property
     def state(self) -> dict[str, Tensor]:
         """The stacked parameters and buffers by (canonical) name."""
         return {**dict(self.template.named_parameters()), **dict(self.template.named_buffers())}

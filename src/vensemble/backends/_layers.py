@@ -70,12 +70,15 @@ class _Linear(Fused):
     # dispatcher calls fewer per layer, which is most of what a small layer costs on a GPU.
     _views: tuple[Tensor, int, Tensor | None, int, Tensor, Tensor | None] | None = None
 
-    def _operands(self, w: Tensor, b: Tensor | None) -> tuple[Tensor, Tensor | None] | None:
-        """``(W^T (N, in, out) contiguous, bias (N, 1, out))``; ``None`` for out-major weights."""
-        # (under torch.compile the views are free, and the cache a side effect dynamo would
-        # guard on: it is neither read nor written there)
-        grad = torch.is_grad_enabled() or torch.compiler.is_compiling()
-        c = None if grad else self._views
+    def _operands(
+        self, w: Tensor, b: Tensor | None, cache: bool
+    ) -> tuple[Tensor, Tensor | None] | None:
+        """``(W^T (N, in, out) contiguous, bias (N, 1, out))``; ``None`` for out-major weights.
+
+        ``cache``: reuse and keep the views (only without autograd, and never under
+        torch.compile, where the views are free and the cache a side effect dynamo would guard).
+        """
+        c = self._views if cache else None
         if c is not None:
             same_b = c[2] is b and (b is None or c[3] == b.data_ptr())
             if same_b and c[0] is w and c[1] == w.data_ptr():
@@ -83,29 +86,31 @@ class _Linear(Fused):
         if not in_major(w):
             return None
         wt, bu = w.mT, None if b is None else b.unsqueeze(1)
-        if not grad:
+        if cache:
             self._views = (w, w.data_ptr(), b, 0 if b is None else b.data_ptr(), wt, bu)
         return wt, bu
 
     def forward(self, x: Tensor) -> Tensor:
         params = self.orig._parameters
         w, b = params["weight"], params["bias"]  # (N, out, in), (N, out)
-        operands = self._operands(w, b)
+        compiling = torch.compiler.is_compiling()
+        operands = self._operands(w, b, cache=not (compiling or torch.is_grad_enabled()))
         if operands is None:
             return self._out_major(x, w, b)
         wt, bu = operands  # y = x @ W^T with W^T contiguous: hand-batched code's layout
         if self.batched[0]:
-            if x.ndim == 3 and not torch.compiler.is_compiling():  # (N, B, in): the common case
+            if x.ndim == 3 and not compiling:  # (N, B, in): the common case
                 return torch.bmm(x, wt) if bu is None else torch.baddbmm(bu, x, wt)
             lead = x.shape[1:-1]
             x3 = x.reshape(self.n, -1, w.shape[2])
         else:
             lead = x.shape[:-1]
             x3 = x.reshape(1, -1, w.shape[2]).expand(self.n, -1, -1)
-        if torch.compiler.is_compiling():
+        if compiling:
             # matmul + add, as vmap's graph has them: inductor fuses the bias (and what follows)
             # into its own kernels for small layers, where an extern baddbmm would stay opaque
-            y = torch.matmul(x3, wt) if bu is None else torch.matmul(x3, wt) + bu
+            y = torch.matmul(x3, wt)
+            y = y if bu is None else y + bu
         else:
             y = torch.bmm(x3, wt) if bu is None else torch.baddbmm(bu, x3, wt)
         return y if len(lead) == 1 else y.reshape(self.n, *lead, w.shape[1])

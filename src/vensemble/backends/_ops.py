@@ -183,6 +183,8 @@ class Op(nn.Module):
         self.n = n
         self.randomness = randomness
         self.batched_output = True
+        # a function the program calls in this op's place when nothing needs wrapping
+        self.direct: Callable[..., Any] | None = None
 
     def call(self, *args: Any, **kwargs: Any) -> Any:
         if self.is_method:

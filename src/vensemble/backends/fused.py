@@ -506,14 +506,13 @@ def fused_forward(call: Call, plan: FusedPlan) -> Any:
     if plan.signature is None:
         plan.signature = inspect.signature(call.template.forward)
         plan.modules = list(call.template.modules())
-    tensors_only = not call.kwargs and all(isinstance(a, Tensor) for a in call.args)
     quick = (len(call.args), call.in_dims)  # tensor-only calls: the key depends on nothing else
-    key = plan.tensor_keys.get(quick) if tensors_only else None
+    key = plan.tensor_keys.get(quick) if call.tensor_args else None
     if key is not None:
         dynamic = [a.movedim(d, 0) if d else a for a, d in zip(call.args, call.in_dims)]
     else:
         key, dynamic = signature_key(call, plan.signature)
-        if tensors_only and len(dynamic) == len(call.args):  # no tensor defaults
+        if call.tensor_args and len(dynamic) == len(call.args):  # no tensor defaults
             plan.tensor_keys[quick] = key
     full_key = (key, tuple([m.training for m in plan.modules]))  # traced code may read .training
     program = plan.programs.get(full_key)
