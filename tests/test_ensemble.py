@@ -489,3 +489,28 @@ def test_auto_measures_once_per_shape_and_restores_what_measuring_changed():
     ens(torch.randn(6, 4))
     ens(torch.randn(9, 4))  # a new batch size: measured once more
     assert len(ens._choices) == 2
+
+
+def test_auto_times_nothing_under_deterministic_algorithms(deterministic, monkeypatch):
+    """Timed choices agree only up to rounding; deterministic mode makes them fixed rules."""
+    import vensemble.backends._autotune as autotune
+    import vensemble.ensemble as ensemble_module
+
+    def no_timing(*args, **kwargs):
+        raise AssertionError("timed a choice under torch.use_deterministic_algorithms(True)")
+
+    monkeypatch.setattr(ensemble_module, "measure_paths", no_timing)
+    monkeypatch.setattr(autotune, "_time", no_timing)
+
+    def net() -> nn.Module:
+        return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 5))
+
+    ens = ve.Ensemble.from_factory(net, 3, seed=0)
+    fused = ve.Ensemble.from_factory(net, 3, seed=0, backend="fused")
+    x = torch.randn(2, 3, 8, 8)
+    out = ens(x)
+    assert ens.explain()["(auto)"].startswith("vectorized (deterministic algorithms")
+    torch.testing.assert_close(out, fused(x), atol=0, rtol=0)
+    torch.testing.assert_close(out, ve.Ensemble.from_factory(net, 3, seed=0)(x), atol=0, rtol=0)
+    loop = ve.Ensemble.from_factory(net, 3, seed=0, backend="loop")
+    torch.testing.assert_close(out, loop(x), atol=1e-5, rtol=1e-5)  # the reference, to rounding

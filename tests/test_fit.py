@@ -224,7 +224,7 @@ def test_fit_equals_separate_training_on_each_members_batches(mode):
 # ----------------------------------------------------------------------------- fit
 
 
-def test_same_seed_same_ensemble_with_dropout():
+def test_same_seed_same_ensemble_with_dropout(deterministic):
     x, y = _data()
 
     def run(seed: int) -> ve.Ensemble:
@@ -313,7 +313,7 @@ def test_keep_best_k_selects_the_members_with_the_lowest_validation_loss():
     assert val_min is not None and torch.equal(val_min, h.best_val_loss)
 
 
-def test_resume_from_a_checkpoint_equals_an_uninterrupted_run(tmp_path):
+def test_resume_from_a_checkpoint_equals_an_uninterrupted_run(tmp_path, deterministic):
     x, y = _data(64)
     xv, yv = _data(32, seed=1)
 

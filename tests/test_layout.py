@@ -97,7 +97,7 @@ def test_adam_on_in_major_weights_matches_each_member_trained_alone():
             torch.testing.assert_close(ens.get_parameter(name)[i], p, atol=1e-5, rtol=0)
 
 
-def test_state_dict_round_trips_through_files_and_load_state_dict(tmp_path):
+def test_state_dict_round_trips_through_files_and_load_state_dict(tmp_path, deterministic):
     ens = ve.Ensemble.from_factory(_mlp, 3)
     other = ve.Ensemble.from_factory(_mlp, 3, seed=10)
     other.load_state_dict(ens.state_dict())

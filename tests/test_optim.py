@@ -252,7 +252,7 @@ def test_per_member_lambda_schedule_sets_each_members_lr():
     )
 
 
-def test_state_dict_round_trip_continues_identically():
+def test_state_dict_round_trip_continues_identically(deterministic):
     hp = {"lr": [0.01, 0.02, 0.01], "weight_decay": 0.01}
     ens = ve.Ensemble.from_factory(BNNet, 3, seed=0)
     opt = MemberOptimizer(torch.optim.AdamW, ens, **hp)

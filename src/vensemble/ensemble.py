@@ -23,7 +23,7 @@ from .backends import (
     loop_forward,
     strict_vmap_forward,
 )
-from .backends._autotune import measure_paths
+from .backends._autotune import measure_paths, measuring_allowed
 from .backends._call import state_device
 from .backends.fused import FusedPlan, Untraceable, fused_forward
 from .backends.select import check_loop_runs, raise_if_randomness_error, snapshot_buffers
@@ -40,6 +40,9 @@ _RANDOMNESS = ("different", "same", "error")
 # else runs on the machine (an 8-member CNN measured 25 ms in one moment and 50-75 ms later),
 # while the loop's cache-resident time does not; the vectorized path must be 15% faster.
 _MARGIN = 0.85
+
+# auto's choice under torch.use_deterministic_algorithms(True): fixed, not timed
+_UNMEASURED: tuple[str, dict[str, float]] = ("vectorized", {})
 
 
 def _loop_wins(loop: float, vectorized: float, device: torch.device) -> bool:
@@ -332,7 +335,12 @@ class Ensemble(nn.Module):
         if self.backend == "auto" and self._last_choice is not None:
             path, timings = self._last_choice
             measured = ", ".join(f"{k} {v * 1e3:.3g} ms" for k, v in timings.items())
-            out["(auto)"] = f"{path} (measured per call: {measured}); the vectorized path:"
+            why = (
+                f"measured per call: {measured}"
+                if timings
+                else "deterministic algorithms: not measured"
+            )
+            out["(auto)"] = f"{path} ({why}); the vectorized path:"
         last = self._fused.last
         if self.backend in ("auto", "fused") and last is not None:
             if isinstance(last, str):
@@ -446,9 +454,14 @@ class Ensemble(nn.Module):
         CPU a convolutional member run member by member often wins: its activations stay in
         cache; when the two are close (within 15%) a CPU takes the loop and a GPU the
         vectorized path (see ``_MARGIN``). With ``compile`` set, the (compiled) vectorized path
-        is used without measuring.
+        is used without measuring, and so it is under ``torch.use_deterministic_algorithms(True)``:
+        the two paths agree only up to float rounding, and a timed choice may differ from run to
+        run (like ``torch.backends.cudnn.benchmark``).
         """
         if self.compile_options is not None:
+            return "vectorized"
+        if not measuring_allowed():
+            self._last_choice = _UNMEASURED
             return "vectorized"
         key = _shape_key(call, self.training)
         choice = self._choices.get(key)

@@ -343,8 +343,9 @@ def fit(
     never reach them).
 
     Randomness: ``seed`` seeds the data order and torch's RNG (dropout draws independently
-    per member); the same seed gives the same trained ensemble, and the caller's RNG state
-    is restored afterwards. ``seed=None`` uses the current RNG state.
+    per member); the same seed gives the same trained ensemble (to the bit with a fixed
+    ``backend`` or under ``torch.use_deterministic_algorithms(True)``: ``auto`` times its
+    paths, which agree up to rounding), and the caller's RNG state is restored afterwards. ``seed=None`` uses the current RNG state.
 
     A :class:`~vensemble.distributed.ShardedEnsemble` (``fit`` runs on every rank) trains
     each rank's block; member ``i`` gets the data it gets at any world size, the history

@@ -10,7 +10,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch import Tensor
 
-__all__ = ["autotune", "choices", "measure_paths"]
+__all__ = ["autotune", "choices", "measure_paths", "measuring_allowed"]
 
 _CACHE: dict[Hashable, str] = {}
 
@@ -32,23 +32,33 @@ def _time(fn: Callable[[], Any], device: torch.device, repeats: int) -> float:
     return best
 
 
+def measuring_allowed() -> bool:
+    """False under ``torch.use_deterministic_algorithms(True)``: then no choice is timed.
+
+    Equivalent kernels agree only up to float rounding, and a timed choice can differ between
+    two runs of one program (like ``torch.backends.cudnn.benchmark``). Deterministic mode
+    makes every choice a fixed rule, so the same seed gives the same bits.
+    """
+    return not torch.are_deterministic_algorithms_enabled()
+
+
 def autotune(key: Hashable, candidates: dict[str, Callable[[], Any]], device: torch.device) -> str:
     """The name of the fastest candidate for ``key``; measured once (best of 3 after a warm-up).
 
     Candidates must compute the same result; they run without gradient tracking while
-    measuring. With a single candidate nothing is measured.
+    measuring. With a single candidate, or when :func:`measuring_allowed` is False, nothing is
+    measured and the first candidate is taken (a fixed rule: the order is the preference).
     """
+    if len(candidates) == 1 or not measuring_allowed():
+        return next(iter(candidates))
     if key in _CACHE:
         return _CACHE[key]
-    if len(candidates) == 1:
-        name = next(iter(candidates))
-    else:
-        with torch.no_grad():
-            timings = {}
-            for cand, fn in candidates.items():
-                fn()  # warm-up
-                timings[cand] = _time(fn, device, repeats=3)
-        name = min(timings, key=timings.__getitem__)
+    with torch.no_grad():
+        timings = {}
+        for cand, fn in candidates.items():
+            fn()  # warm-up
+            timings[cand] = _time(fn, device, repeats=3)
+    name = min(timings, key=timings.__getitem__)
     _CACHE[key] = name
     return name
 

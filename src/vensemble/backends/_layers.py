@@ -164,7 +164,7 @@ class _Conv(Fused):
                 ]
             )
 
-        cands: dict[str, Callable[[], Tensor]] = {"loop": loop}
+        cands: dict[str, Callable[[], Tensor]] = {}  # in order of preference (see autotune)
         if m.padding_mode == "zeros" and full:
             args = (m.stride, m.padding, m.dilation)
             bias = None if b is None else b.reshape(-1)
@@ -185,6 +185,7 @@ class _Conv(Fused):
                     return y.view(y.shape[0], n, out_c, *y.shape[2:]).transpose(0, 1)
 
                 cands["grouped"] = grouped
+        cands["loop"] = loop
         key = (
             "conv",
             tuple(x.shape),
