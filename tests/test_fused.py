@@ -432,7 +432,7 @@ def test_one_tensor_elementwise_functions_are_called_directly_and_others_aligned
             self.register_buffer("scale", torch.tensor([1.0, 2.0, 3.0]))
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            h = torch.relu(self.fc(x))  # one tensor: called as is
+            h = torch.relu(self.fc(x))  # one tensor: called as is (in place: fc's own output)
             return torch.mul(h, self.scale) + torch.sigmoid(h)  # a stacked buffer: aligned
 
     ens = ve.Ensemble.from_factory(Functional, 3, backend="fused").double()
@@ -442,5 +442,43 @@ def test_one_tensor_elementwise_functions_are_called_directly_and_others_aligned
     expected = torch.stack([m(x) for m in ens.unstack()])
     torch.testing.assert_close(ens(x), expected, atol=1e-12, rtol=0)
     code = ens._fused.last.module.code
-    assert "torch.relu(" in code and "torch.sigmoid(" in code
+    assert "torch.relu_(" in code and "torch.sigmoid(" in code  # h has two readers
     assert "torch.mul(" not in code  # its second argument needs the member dim aligned
+
+
+class _Activations(nn.Module):
+    """Activations after batched layers: in place where the layer's output has one reader."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3)
+        self.fc1 = nn.Linear(12, 8)
+        self.fc2 = nn.Linear(8, 8)
+        self.fc3 = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.conv(x)).flatten(1)
+        h = torch.relu(self.fc1(h))
+        g = self.fc2(h)
+        h = torch.sigmoid(g) + g  # g has two readers: sigmoid must not overwrite it
+        return self.fc3(torch.relu(h))  # the sum is not a layer's output: left alone
+
+
+@pytest.mark.parametrize("per_member", [False, True])
+def test_activations_in_place_match_the_loop_forward_and_backward(per_member: bool):
+    ens = ve.Ensemble.from_factory(_Activations, 3, backend="fused").double()
+    loop = ve.Ensemble.from_factory(_Activations, 3, backend="loop").double()
+    x = torch.randn(3, 4, 2, 4, 4, dtype=torch.float64) if per_member else None
+    x = x if x is not None else torch.randn(4, 2, 4, 4, dtype=torch.float64)
+    kw = {"in_dims": 0} if per_member else {}
+    for _ in range(2):  # the second call: the fast path
+        ens.zero_grad(), loop.zero_grad()
+        out, want = ens(x, **kw), loop(x, **kw)
+        torch.testing.assert_close(out, want, atol=1e-12, rtol=0)
+        out.square().sum().backward()
+        want.square().sum().backward()
+        for (k, p), q in zip(ens.named_parameters(), loop.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, atol=1e-10, rtol=0, msg=k)
+    code = ens._fused.last.module.code
+    assert code.count("torch.tanh_(") == 1 and code.count("torch.relu_(") == 1
+    assert "torch.sigmoid(" in code and "torch.relu(" in code

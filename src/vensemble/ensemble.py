@@ -25,7 +25,7 @@ from .backends import (
 )
 from .backends._autotune import measure_paths, measuring_allowed
 from .backends._call import state_device
-from .backends.fused import FusedPlan, Untraceable, fused_forward
+from .backends.fused import FusedPlan, FusedProgram, Untraceable, fused_forward
 from .backends.select import check_loop_runs, raise_if_randomness_error, snapshot_buffers
 
 __all__ = ["Ensemble"]
@@ -40,6 +40,23 @@ _RANDOMNESS = ("different", "same", "error")
 # else runs on the machine (an 8-member CNN measured 25 ms in one moment and 50-75 ms later),
 # while the loop's cache-resident time does not; the vectorized path must be 15% faster.
 _MARGIN = 0.85
+
+# A fast-path entry: the program, auto's choice (for explain) and whether buffers are saved
+# first (training mode with buffers: a failed call must not leave running stats half updated)
+_FastEntry = tuple[FusedProgram, "tuple[str, dict[str, float]] | None", bool]
+_MISS = object()
+
+
+class _FastPaths(dict[tuple[Any, ...], _FastEntry]):
+    """The fast path's programs by call key; a copy (deepcopy, pickle) starts empty, as
+    ``FusedPlan`` does: programs belong to the template they were traced from."""
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _FastPaths:
+        return _FastPaths()
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_FastPaths, ())
+
 
 # auto's choice under torch.use_deterministic_algorithms(True): fixed, not timed
 _UNMEASURED: tuple[str, dict[str, float]] = ("vectorized", {})
@@ -180,6 +197,8 @@ class Ensemble(nn.Module):
         self._fused = FusedPlan(compile_options=self.compile_options)
         self._choices: dict[Any, tuple[str, dict[str, float]]] = {}
         self._last_choice: tuple[str, dict[str, float]] | None = None
+        self._fast = _FastPaths()
+        self._module_list = list(template.modules())
         self.training = template.training
 
     @classmethod
@@ -413,6 +432,13 @@ class Ensemble(nn.Module):
             The members' outputs stacked: a tensor ``(N, ...)``, or the member's tuple/dict
             structure with each tensor stacked.
         """
+        fast_key = self._fast_key(args, in_dims) if not kwargs else None
+        if fast_key is not None:
+            entry = self._fast.get(fast_key)
+            if entry is not None:
+                out = self._run_fast(entry, args, in_dims)
+                if out is not _MISS:
+                    return out
         call = Call(
             template=self._template,
             n=self._num_members,
@@ -428,14 +454,63 @@ class Ensemble(nn.Module):
             return strict_vmap_forward(call)
         if self.backend == "auto" and self._choose(call) == "loop":
             return loop_forward(call)
-        return self._vectorized(call)
+        return self._vectorized(call, fast_key)
 
-    def _vectorized(self, call: Call) -> Any:
-        """The fused program where the forward traces; else vmap, looping what vmap cannot run."""
+    # A call repeated with what decided its path unchanged (the inputs' shapes, dtypes and
+    # devices, in_dims, grad mode, every module's training flag, the ensemble's options) goes
+    # straight to the fused program that ran it: no Call, no signature key, no auto lookup.
+    # Each of those costs a microsecond or two, but a batched layer's activations push the
+    # interpreter's own data out of cache: on 100 small members they added 10-15% to a call.
+
+    def _fast_key(self, args: tuple[Any, ...], in_dims: Any) -> tuple[Any, ...] | None:
+        """What the fast path is keyed on; ``None`` where it does not apply."""
+        if not (in_dims is None or type(in_dims) is int) or torch.compiler.is_compiling():
+            return None
+        described = []
+        for a in args:
+            if type(a) is not Tensor and type(a) is not nn.Parameter:
+                return None
+            described.append((a.shape, a.dtype, a.device))
+        return (
+            in_dims,
+            torch.is_grad_enabled(),
+            torch.are_deterministic_algorithms_enabled(),
+            self.training,
+            self.backend,
+            self.randomness,
+            self.chunk_size,
+            tuple([m.training for m in self._module_list]),
+            *described,
+        )
+
+    def _run_fast(self, entry: _FastEntry, args: tuple[Any, ...], in_dims: int | None) -> Any:
+        """Run a remembered fused program; ``_MISS`` when it raised (the buffers are restored,
+        and the full path then decides what the failure means)."""
+        program, choice, save_buffers = entry
+        saved = [b.detach().clone() for b in self._template.buffers()] if save_buffers else None
+        dynamic = args if not in_dims else tuple([a.movedim(in_dims, 0) for a in args])
+        try:
+            out = program(*dynamic, compile_options=self._fused.compile_options)
+        except Exception:
+            if saved is not None:
+                with torch.no_grad():
+                    for b, old in zip(self._template.buffers(), saved):
+                        b.copy_(old)
+            self._fast.clear()
+            return _MISS
+        self._fused.last = program
+        self.__dict__["_last_choice"] = choice  # (nn.Module.__setattr__ costs a microsecond)
+        return out
+
+    def _vectorized(self, call: Call, fast_key: tuple[Any, ...] | None = None) -> Any:
+        """The fused program where the forward traces; else vmap, looping what vmap cannot run.
+
+        With ``fast_key``, a call signature the fused program ran is remembered for the fast path.
+        """
         if self.chunk_size is None or self.chunk_size >= self._num_members:
             snapshot = snapshot_buffers(call) if self._has_buffers else None
             try:
-                return fused_forward(call, self._fused)
+                out = fused_forward(call, self._fused)
             except Untraceable:
                 pass  # the reason is kept for explain(); vmap runs it
             except Exception as err:
@@ -444,6 +519,12 @@ class Ensemble(nn.Module):
                 raise_if_randomness_error(call, err)
                 check_loop_runs(call, snapshot)
                 self._fused_failed(err)
+            else:
+                program = self._fused.last
+                if fast_key is not None and isinstance(program, FusedProgram):
+                    choice = self._last_choice if self.backend == "auto" else None
+                    self._fast[fast_key] = (program, choice, snapshot is not None)
+                return out
         return auto_forward(call, self._plan)
 
     def _choose(self, call: Call) -> str:
@@ -490,6 +571,7 @@ class Ensemble(nn.Module):
             if program is self._fused.last:
                 self._fused.programs[key] = f"the fused program failed ({reason})"
         self._fused.last = None
+        self._fast.clear()
         warnings.warn(
             f"vensemble: the fused path failed ({reason}); this call signature now runs under vmap "
             "(same results, slower).",

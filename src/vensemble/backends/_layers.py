@@ -19,7 +19,7 @@ from torch.nn.utils import parametrize
 from .._layout import in_major
 from ._autotune import autotune
 
-__all__ = ["FUSED_LAYERS", "PARAM_FREE_ELEMENTWISE", "Fused", "fused_layer_for"]
+__all__ = ["FRESH_OUTPUT", "FUSED_LAYERS", "PARAM_FREE_ELEMENTWISE", "Fused", "fused_layer_for"]
 
 
 def _bview(t: Tensor, ndim: int, channel_dim: int | None = None) -> Tensor:
@@ -63,7 +63,7 @@ class Fused(nn.Module):
 
 
 class _Linear(Fused):
-    how = "fused: baddbmm over the members' in-major weights"
+    how = "fused: bmm over the members' in-major weights, bias added in place"
 
     # Without autograd, the operand views of the last call, reused while the parameters are the
     # same objects on the same storage (views share it, so in-place updates show through): two
@@ -85,7 +85,11 @@ class _Linear(Fused):
                 return c[4], c[5]
         if not in_major(w):
             return None
-        wt, bu = w.mT, None if b is None else b.unsqueeze(1)
+        n, out_f, in_f = w.shape
+        # one output: W^T's size-1 dim gets the canonical stride (BLAS takes a slower path
+        # for (in, 1) with a stride of ``in`` on the 1: 10-20% on a 64 -> 1 head)
+        wt = w.mT if out_f != 1 else w.view(n, in_f, 1)
+        bu = None if b is None else b.unsqueeze(1)
         if cache:
             self._views = (w, w.data_ptr(), b, 0 if b is None else b.data_ptr(), wt, bu)
         return wt, bu
@@ -100,7 +104,8 @@ class _Linear(Fused):
         wt, bu = operands  # y = x @ W^T with W^T contiguous: hand-batched code's layout
         if self.batched[0]:
             if x.ndim == 3 and not compiling:  # (N, B, in): the common case
-                return torch.bmm(x, wt) if bu is None else torch.baddbmm(bu, x, wt)
+                y = torch.bmm(x, wt)
+                return y if bu is None else y.add_(bu)
             lead = x.shape[1:-1]
             x3 = x.reshape(self.n, -1, w.shape[2])
         else:
@@ -112,7 +117,11 @@ class _Linear(Fused):
             y = torch.matmul(x3, wt)
             y = y if bu is None else y + bu
         else:
-            y = torch.bmm(x3, wt) if bu is None else torch.baddbmm(bu, x3, wt)
+            # bmm, then the bias added in place: baddbmm first copies the broadcast bias into
+            # the output and has the GEMM read it back (measured 2-20% slower, more the smaller
+            # the layer)
+            y = torch.bmm(x3, wt)
+            y = y if bu is None else y.add_(bu)
         return y if len(lead) == 1 else y.reshape(self.n, *lead, w.shape[1])
 
     def _out_major(self, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
@@ -380,6 +389,9 @@ class _Pool(Fused):
             return y.unflatten(0, (self.n, x.shape[1]))
         return self.orig(x)  # (N, C, *s): the member dim plays the batch
 
+
+# Wrappers whose output is always new memory (never an input or a view of one)
+FRESH_OUTPUT: tuple[type[Fused], ...] = (_Linear, _Conv)
 
 PARAM_FREE_ELEMENTWISE: tuple[type[nn.Module], ...] = (
     nn.Identity,

