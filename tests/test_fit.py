@@ -433,3 +433,18 @@ def test_history_and_progress_bar(capsys):
         torch.testing.assert_close(
             h.best_val_loss[i], F.cross_entropy(m(x), y), atol=1e-6, rtol=1e-5
         )
+
+
+def test_members_finite_names_exactly_the_members_with_a_nan_or_an_infinity():
+    from vensemble._members import member_state, members_finite
+
+    ens = ve.Ensemble.from_factory(BNNet, 4, seed=0)
+    state = member_state(ens)
+    assert members_finite(state, 4).tolist() == [True] * 4
+    with torch.no_grad():
+        w = state["fc1.weight"]  # in-major: member rows in memory order
+        w[1, 0, 0] = w[1, 0, 1] = 3e38  # finite, but their sum overflows
+        assert members_finite(state, 4).tolist() == [True] * 4
+        w[2, 3, 1] = float("-inf")
+        state["bn.running_var"][3, 0] = float("nan")
+    assert members_finite(state, 4).tolist() == [True, True, False, False]

@@ -7,6 +7,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ._layout import member_rows
+
 __all__ = ["MemberStatus", "member_state", "members_finite"]
 
 
@@ -16,11 +18,26 @@ def member_state(module: nn.Module) -> dict[str, Tensor]:
 
 
 def members_finite(state: dict[str, Tensor], n: int) -> Tensor:
-    """Whether each member's floating-point tensors are all finite, shape ``(N,)``."""
+    """Whether each member's floating-point tensors are all finite, shape ``(N,)``.
+
+    First one sum per member and tensor: NaN and infinity survive a sum, so a finite sum
+    clears the member (this runs every epoch, and a sum is one pass with no mask to
+    allocate). Only when some sum is not finite (a sum of huge finite values can overflow
+    too) are the elements checked one by one.
+    """
     ok = torch.ones(n, dtype=torch.bool, device=next(iter(state.values())).device)
-    for t in state.values():
-        if t.is_floating_point() or t.is_complex():
-            ok &= torch.isfinite(t.detach()).reshape(n, -1).all(dim=1)
+    rows = [
+        member_rows(t.detach())  # in memory order: no copy
+        for t in state.values()
+        if t.is_floating_point() or t.is_complex()
+    ]
+    for r in rows:
+        ok &= torch.isfinite(r.sum(dim=1))
+    if bool(ok.all()):
+        return ok
+    ok.fill_(True)
+    for r in rows:
+        ok &= torch.isfinite(r).all(dim=1)
     return ok
 
 
@@ -80,6 +97,11 @@ class MemberStatus:
         self.stopped[index] = True
         self._frozen_index = index
         self._frozen = {k: t.detach().index_select(0, index) for k, t in self.state.items()}
+
+    @property
+    def holding(self) -> bool:
+        """Whether some member is stopped (and so held fixed around each step)."""
+        return self._frozen_index is not None
 
     @torch.no_grad()
     def mask_grads(self) -> None:

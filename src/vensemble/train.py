@@ -133,21 +133,22 @@ class _Run:
             self.optimizer.zero_grad(set_to_none=True)
             # a member's NaN stays in its own gradients: the sum's backward sends 1 to each
             losses.sum().backward()
-            status.mask_grads()
+            if status.holding:
+                status.mask_grads()
             if self.max_grad_norm is not None:
                 clip_grad_norm_(ens, self.max_grad_norm)
             self.optimizer.step()
-            status.hold()
+            if status.holding:
+                status.hold()
             step_losses.append(losses.detach())
+        # each member's epoch loss: its step losses weighted by batch size, summed along its
+        # own row (steps in order): the same sum whatever N is, so a member's epoch loss does
+        # not depend on how many members share its process
         per_step = torch.stack(step_losses).float()  # (steps, N)
-        row = torch.zeros_like(per_step[0])
-        for s, losses in enumerate(per_step):  # step by step, as _evaluate: a sum over dim 0
-            # would add in an order that depends on N, and a member's epoch loss must not
-            # depend on how many members share its process
-            row += losses * min(
-                self.batches.batch_size, self.batches.n - s * self.batches.batch_size
-            )
-        row /= self.batches.n
+        sizes = torch.full((per_step.shape[0],), float(self.batches.batch_size))
+        sizes[-1] = self.batches.n - (per_step.shape[0] - 1) * self.batches.batch_size
+        rows = per_step.t().contiguous()  # (N, steps)
+        row = (rows * sizes.to(rows.device)).sum(dim=1) / self.batches.n
         self.rows["train_loss"].append(self.sync.rows(row, "training losses"))
         self._check_finite(epoch, per_step)
 
@@ -517,7 +518,8 @@ def _train(
             run.step_epoch(epoch)
             run.validate(epoch)
             run.finish_epoch(epoch, lr)
-            bar.set_postfix_str(_progress_text(run.rows), refresh=False)
+            if show:
+                bar.set_postfix_str(_progress_text(run.rows), refresh=False)
             bar.update(1)
             if checkpoint_every is not None and (epoch + 1) % checkpoint_every == 0:
                 path = run.sync.path(Path(str(checkpoint_path)))
