@@ -133,3 +133,38 @@ def test_copies_start_without_remembered_programs():
         with torch.no_grad():
             other.get_parameter("0.bias").add_(1.0)  # its own parameters, not ens's
         assert not torch.equal(other(x), ens(x))
+
+
+@pytest.mark.parametrize("kind", ["forward", "forward_pre", "full_backward", "global_forward"])
+def test_hooks_registered_after_the_first_call_run_as_in_the_members_alone(kind: str):
+    ens = ve.Ensemble.from_factory(_mlp, 3, backend="fused").eval()
+    loop = ve.Ensemble.from_factory(_mlp, 3, backend="loop").eval()
+    x = torch.randn(5, 6, requires_grad=kind == "full_backward")  # (no warning about inputs)
+    ens(x), ens(x)  # a program is built and remembered
+    seen: list[tuple[int, ...]] = []  # the shapes each hook call saw
+    layer = ens.get_submodule("0")
+    if kind == "forward":
+        handle = layer.register_forward_hook(lambda m, i, o: seen.append(tuple(o.shape)))
+    elif kind == "forward_pre":
+        handle = layer.register_forward_pre_hook(lambda m, i: seen.append(tuple(i[0].shape)))
+    elif kind == "full_backward":
+        handle = layer.register_full_backward_hook(
+            lambda m, gi, go: seen.append(tuple(go[0].shape))
+        )
+    else:
+        handle = nn.modules.module.register_module_forward_hook(
+            lambda m, i, o: seen.append(tuple(o.shape)) if m is layer else None
+        )
+    try:
+        out = ens(x)
+        if kind == "full_backward":
+            out.sum().backward()
+        torch.testing.assert_close(out, loop(x), atol=1e-6, rtol=1e-5)
+        want = (5, 6) if kind == "forward_pre" else (5, 16)
+        assert seen == [want] * 3, seen  # once per member, with the member's own tensors
+        assert "hooks" in ens.explain()[""]
+    finally:
+        handle.remove()
+    seen.clear()
+    ens(x), ens(x)  # hooks gone: fused again
+    assert not seen and ens.explain()["0"].startswith("fused")

@@ -25,7 +25,13 @@ from .backends import (
 )
 from .backends._autotune import measure_paths, measuring_allowed
 from .backends._call import state_device
-from .backends.fused import FusedPlan, FusedProgram, Untraceable, fused_forward
+from .backends.fused import (
+    FusedPlan,
+    FusedProgram,
+    Untraceable,
+    fused_forward,
+    hooks_registered,
+)
 from .backends.select import check_loop_runs, raise_if_randomness_error, snapshot_buffers
 
 __all__ = ["Ensemble"]
@@ -45,6 +51,7 @@ _MARGIN = 0.85
 # first (training mode with buffers: a failed call must not leave running stats half updated)
 _FastEntry = tuple[FusedProgram, "tuple[str, dict[str, float]] | None", bool]
 _MISS = object()
+_HOOKED: tuple[str, dict[str, float]] = ("loop", {})  # _last_choice when hooks made it the loop
 
 
 class _FastPaths(dict[tuple[Any, ...], _FastEntry]):
@@ -350,6 +357,11 @@ class Ensemble(nn.Module):
         """
         if self.backend == "loop":
             return {"": "backend='loop': every member runs one after another"}
+        if self._last_choice is _HOOKED:
+            return {
+                "": "per-member loop: module hooks are registered, and they see what they would "
+                "see in each member alone (fused programs and vmap would skip or batch them)"
+            }
         out: dict[str, str] = {}
         if self.backend == "auto" and self._last_choice is not None:
             path, timings = self._last_choice
@@ -452,6 +464,10 @@ class Ensemble(nn.Module):
             return loop_forward(call)
         if self.backend == "vmap":
             return strict_vmap_forward(call)
+        if hooks_registered(self._module_list):  # they run as for the members alone
+            self._fused.last = None
+            self.__dict__["_last_choice"] = _HOOKED
+            return loop_forward(call)
         if self.backend == "auto" and self._choose(call) == "loop":
             return loop_forward(call)
         return self._vectorized(call, fast_key)
@@ -465,6 +481,8 @@ class Ensemble(nn.Module):
     def _fast_key(self, args: tuple[Any, ...], in_dims: Any) -> tuple[Any, ...] | None:
         """What the fast path is keyed on; ``None`` where it does not apply."""
         if not (in_dims is None or type(in_dims) is int) or torch.compiler.is_compiling():
+            return None
+        if hooks_registered(self._module_list):  # fused programs would skip them
             return None
         described = []
         for a in args:

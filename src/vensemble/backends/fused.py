@@ -24,6 +24,7 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 from torch import Tensor, nn
+from torch.nn.modules import module as module_globals
 
 from ._call import Call
 from ._layers import FRESH_OUTPUT, Fused, fused_layer_for
@@ -237,18 +238,36 @@ def _traced_only(fn: Any, name: str) -> Any:
     return guarded
 
 
-def _check_hooks(template: nn.Module) -> None:
-    from torch.nn.modules import module as module_globals
+def hooks_registered(modules: list[nn.Module]) -> bool:
+    """Whether a module hook (forward or backward, on one of ``modules`` or global) is set.
 
+    A fused program calls no ``nn.Module.__call__``, so it would skip them: such calls run
+    under vmap instead. Checked on every call, since hooks may come after a program was built.
+    """
+    g = module_globals
+    if (
+        g._global_forward_hooks
+        or g._global_forward_pre_hooks
+        or g._global_backward_hooks
+        or g._global_backward_pre_hooks
+    ):
+        return True
+    hooked = [
+        m
+        for m in modules
+        if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+    ]
+    return bool(hooked)
+
+
+def _check_hooks(template: nn.Module) -> None:
     for path, m in template.named_modules():
-        if (
-            m._forward_hooks
-            or m._forward_pre_hooks
-            or getattr(m, "_forward_hooks_with_kwargs", None)
-        ):
-            raise Untraceable(f"module '{path}' has forward hooks (fx does not run them)")
-    if module_globals._global_forward_hooks or module_globals._global_forward_pre_hooks:
-        raise Untraceable("global module forward hooks are registered (fx does not run them)")
+        if hooks_registered([m]):
+            raise Untraceable(
+                f"module '{path or type(m).__name__}' has hooks (fx does not run them)"
+            )
+    if hooks_registered([]):
+        raise Untraceable("global module hooks are registered (fx does not run them)")
 
 
 def _trace(template: nn.Module, concrete: dict[str, Any], constants: dict[str, Any]) -> fx.Graph:
@@ -543,6 +562,8 @@ def fused_forward(call: Call, plan: FusedPlan) -> Any:
         except Untraceable as err:
             program = str(err)
         plan.programs[full_key] = program
+    if not isinstance(program, str) and hooks_registered(plan.modules):
+        program = "module hooks are registered (a fused program would not run them)"
     plan.last = program
     if isinstance(program, str):
         raise Untraceable(program)
