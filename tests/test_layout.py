@@ -148,3 +148,61 @@ def test_large_linear_weights_keep_the_members_layout():
     expected = torch.stack([m(x) for m in ens.unstack()])
     ens.backend = "fused"
     torch.testing.assert_close(ens(x), expected, atol=1e-4, rtol=1e-5)
+
+
+def _cnn() -> nn.Module:
+    # no bias before BatchNorm: its true gradient is 0, and Adam would scale rounding noise up
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1, bias=False),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Conv2d(4, 6, 3, stride=2),
+        nn.Flatten(),
+        nn.Linear(6 * 3 * 3, 2),
+    )
+
+
+def test_conv2d_weights_are_channels_last_per_member_on_the_cpu():
+    from vensemble._layout import channels_last_members
+
+    ens = ve.Ensemble.from_factory(_cnn, 3)
+    for name in ("0.weight", "3.weight"):
+        w = ens.get_parameter(name)
+        assert channels_last_members(w) and not w.is_contiguous(), name
+        assert w[1].is_contiguous(memory_format=torch.channels_last)
+    members = ens.unstack()
+    assert all(p.is_contiguous() for m in members for p in m.parameters())
+    torch.testing.assert_close(
+        ens.get_parameter("0.weight"), torch.stack([m[0].weight for m in members]), atol=0, rtol=0
+    )
+    # float64 (mkldnn's fast channels-last path is float32) keeps the member's layout
+    double = ve.Ensemble([m.double() for m in ens.unstack()])
+    assert double.get_parameter("0.weight").is_contiguous()
+
+
+@pytest.mark.parametrize("backend", ["loop", "fused", "auto"])
+def test_channels_last_convs_train_like_the_members_alone(backend: str):
+    ens = ve.Ensemble.from_factory(_cnn, 3, backend=backend)
+    members = ens.unstack()
+    lrs = [1e-2, 3e-3, 1e-3]
+    opt = ve.MemberOptimizer(torch.optim.Adam, ens, lr=lrs)
+    alone = [torch.optim.Adam(m.parameters(), lr=lr) for m, lr in zip(members, lrs)]
+    torch.manual_seed(0)
+    for _ in range(10):
+        x = torch.randn(4, 3, 7, 7)
+        opt.zero_grad()
+        out = ens(x)
+        outs = [m(x) for m in members]  # once: train-mode BatchNorm updates its running stats
+        torch.testing.assert_close(out, torch.stack(outs), atol=1e-5, rtol=0)
+        out.pow(2).mean(dim=(1, 2)).sum().backward()
+        opt.step()
+        for o, y in zip(alone, outs):
+            o.zero_grad()
+            y.pow(2).mean().backward()
+            o.step()
+    for i, m in enumerate(members):
+        for name, t in m.state_dict().items():
+            torch.testing.assert_close(ens.state_dict()[name][i], t, atol=1e-5, rtol=0, msg=name)
+    from vensemble._layout import channels_last_members
+
+    assert channels_last_members(ens.get_parameter("0.weight"))  # the layout survived training
