@@ -101,16 +101,22 @@ def _fast_plan(loss_fn: LossFn) -> tuple[Callable[..., Tensor], str, str, int] |
     if isinstance(loss_fn, nn.Module):
         return _module_call(loss_fn)
     try:
-        kind = _FAST_FUNCTIONS.get(loss_fn)
+        plan = _FUNCTION_PLANS.get(loss_fn)
+        kind = _FAST_FUNCTIONS.get(loss_fn) if plan is None else None
     except TypeError:  # an unhashable callable object
         return None
-    if kind is None:
-        return None
+    if plan is not None or kind is None:
+        return plan
 
     def call(o: Tensor, y: Tensor) -> Tensor:
         return loss_fn(o, y, reduction="none")
 
-    return call, kind, "mean", -100
+    plan = _FUNCTION_PLANS[loss_fn] = (call, kind, "mean", -100)
+    return plan
+
+
+# plans of plain loss functions (F.cross_entropy, ...), built once: a loss runs every step
+_FUNCTION_PLANS: dict[Any, tuple[Callable[..., Tensor], str, str, int]] = {}
 
 
 def _fast_member_loss(
@@ -141,7 +147,7 @@ def _fast_member_loss(
         return total
     if kind == "class" and not (targets.is_floating_point() or targets.is_complex()):
         count = (full != ignore_index).view(n, -1).sum(dim=1)  # (N,): the samples that count
-        return total / count.to(total.dtype)
+        return total / count  # (an integer count: true division gives total's dtype)
     return total / values.shape[1]
 
 
