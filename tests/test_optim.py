@@ -336,3 +336,38 @@ def test_betas_tuple_is_one_value_for_all_members():
     ens = ve.Ensemble.from_factory(BNNet, 2, seed=0)
     opt = MemberOptimizer(torch.optim.Adam, ens, betas=(0.8, 0.9))  # N == len(betas)
     assert len(opt.param_groups) == 1 and opt.param_groups[0]["betas"] == (0.8, 0.9)
+
+
+def test_step_hooks_and_the_profiler_range_work_as_for_any_optimizer():
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    ens = ve.Ensemble.from_factory(BNNet, 3, seed=0)
+    opt = MemberOptimizer(torch.optim.AdamW, ens, lr=[0.01, 0.02, 0.01])
+    x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
+    calls: list[str] = []
+
+    def step() -> None:
+        opt.zero_grad()
+        member_loss(F.cross_entropy, ens(x), y).sum().backward()
+        opt.step()
+
+    step()  # no hooks, no profiler: the light path
+    pre = opt.register_step_pre_hook(lambda o, args, kwargs: calls.append("pre"))
+    post = opt.register_step_post_hook(lambda o, args, kwargs: calls.append("post"))
+    glob = register_optimizer_step_pre_hook(
+        lambda o, args, kwargs: calls.append("global") if o is opt else None
+    )
+    try:
+        before = ens.get_parameter("fc2.bias").detach().clone()
+        step()
+        assert calls == ["global", "pre", "post"]
+        assert not torch.equal(before, ens.get_parameter("fc2.bias"))  # and it stepped
+    finally:
+        pre.remove(), post.remove(), glob.remove()
+    calls.clear()
+    step()
+    assert calls == []
+    with torch.profiler.profile() as prof:
+        step()
+    names = {e.name for e in prof.events()}
+    assert "Optimizer.step#MemberOptimizer.step" in names

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.optim.optimizer as _torch_optimizer
 from torch import Tensor
 from torch.optim import Optimizer
 
@@ -322,7 +323,28 @@ class MemberOptimizer(Optimizer):
             view.grad = None
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """One update of every member (the views' gradients are the stacked ones' slices)."""
+        """One update of every member (the views' gradients are the stacked ones' slices).
+
+        Step hooks and the profiler's ``Optimizer.step#MemberOptimizer.step`` range work as for
+        any optimizer; torch's wrapper that provides them runs only when one of them is in use
+        (its profiler range alone cost ~30 us per step, 2% of a small ensemble's step).
+        """
+        if self._needs_step_wrapper():
+            return self._wrapped_step(closure)
+        return self._step(closure)
+
+    step.hooked = True  # type: ignore[attr-defined]  # Optimizer: "do not wrap step again"
+
+    def _needs_step_wrapper(self) -> bool:
+        return bool(
+            self._optimizer_step_pre_hooks
+            or self._optimizer_step_post_hooks
+            or getattr(_torch_optimizer, "_global_optimizer_pre_hooks", True)
+            or getattr(_torch_optimizer, "_global_optimizer_post_hooks", True)
+            or torch.autograd._profiler_enabled()
+        )
+
+    def _step(self, closure: Callable[[], Any] | None = None) -> Any:
         if not self._links:
             return self.optimizer.step(closure) if closure is not None else self.optimizer.step()
         loss = None
@@ -332,12 +354,14 @@ class MemberOptimizer(Optimizer):
         self._attach_grads()
         try:
             # the inner step itself: this step's own wrapper has run the hooks and the profiler
-            # range already (a second wrapper costs ~15 us per step)
+            # range already when they are in use
             step = type(self.optimizer).step
             getattr(step, "__wrapped__", step)(self.optimizer)
         finally:
             self._detach_grads()
         return loss
+
+    _wrapped_step = Optimizer.profile_hook_step(_step)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Reset the stacked parameters' gradients (as ``torch.optim.Optimizer.zero_grad``)."""
