@@ -168,3 +168,13 @@ def test_hooks_registered_after_the_first_call_run_as_in_the_members_alone(kind:
     seen.clear()
     ens(x), ens(x)  # hooks gone: fused again
     assert not seen and ens.explain()["0"].startswith("fused")
+
+
+def test_the_fast_path_remembers_a_bounded_number_of_call_shapes():
+    ens = ve.Ensemble.from_factory(_mlp, 2, backend="fused").eval()
+    loop = ve.Ensemble.from_factory(_mlp, 2, backend="loop").eval()
+    limit = ensemble_module._FAST_MAX_ENTRIES
+    for batch in range(1, limit + 10):  # a new shape every call
+        x = torch.randn(batch, 6)
+        torch.testing.assert_close(ens(x), loop(x), atol=1e-6, rtol=1e-5)
+        assert len(ens._fast) <= limit

@@ -51,6 +51,7 @@ _MARGIN = 0.85
 # first (training mode with buffers: a failed call must not leave running stats half updated)
 _FastEntry = tuple[FusedProgram, "tuple[str, dict[str, float]] | None", bool]
 _MISS = object()
+_FAST_MAX_ENTRIES = 64  # call keys remembered at most (a key per input shape, mode, ...)
 _HOOKED: tuple[str, dict[str, float]] = ("loop", {})  # _last_choice when hooks made it the loop
 
 
@@ -540,6 +541,8 @@ class Ensemble(nn.Module):
             else:
                 program = self._fused.last
                 if fast_key is not None and isinstance(program, FusedProgram):
+                    if len(self._fast) >= _FAST_MAX_ENTRIES:  # shapes that keep changing
+                        self._fast.clear()
                     choice = self._last_choice if self.backend == "auto" else None
                     self._fast[fast_key] = (program, choice, snapshot is not None)
                 return out
