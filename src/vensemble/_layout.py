@@ -111,27 +111,25 @@ def use_kernel_layout(template: nn.Module) -> None:
         for m in template.modules():
             if type(m) not in (nn.Linear, nn.Conv2d) or parametrize.is_parametrized(m):
                 continue
-            if type(m) is nn.Conv2d and not parametrize.is_parametrized(m):
-                _conv_channels_last(m, uses)
+            w = _own_weight(m, uses)
+            if w is None:
                 continue
-            w = m._parameters.get("weight")
-            if w is None or w.ndim != 3 or uses[id(w)] != 1 or in_major(w):
+            if type(m) is nn.Linear:
+                small = w.ndim == 3 and w.shape[1] * w.shape[2] <= IN_MAJOR_MAX_ELEMENTS
+                if small and not in_major(w):
+                    w.data = _in_major_copy(w)
                 continue
-            if w.shape[1] * w.shape[2] > IN_MAJOR_MAX_ELEMENTS:
-                continue
-            if w.layout != torch.strided or type(w) is not nn.Parameter:
-                continue
-            w.data = _in_major_copy(w)
+            cpu_float = w.device.type == "cpu" and w.dtype == torch.float32  # oneDNN's fast case
+            if w.ndim == 5 and cpu_float and not channels_last_members(w):
+                w.data = _channels_last_copy(w)
 
 
-def _conv_channels_last(m: nn.Conv2d, uses: Counter[int]) -> None:
+def _own_weight(m: nn.Module, uses: Counter[int]) -> nn.Parameter | None:
+    """``m.weight`` when it is a plain strided parameter that no other module shares."""
     w = m._parameters.get("weight")
-    if w is None or w.ndim != 5 or uses[id(w)] != 1 or type(w) is not nn.Parameter:
-        return
-    if w.layout != torch.strided or w.device.type != "cpu" or w.dtype != torch.float32:
-        return
-    if not channels_last_members(w):
-        w.data = _channels_last_copy(w)
+    if w is None or uses[id(w)] != 1 or type(w) is not nn.Parameter:
+        return None
+    return w if w.layout == torch.strided else None
 
 
 def contiguous_order(t: Tensor) -> tuple[int, ...] | None:

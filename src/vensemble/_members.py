@@ -98,27 +98,24 @@ class MemberStatus:
         self._frozen_index = index
         self._frozen = {k: t.detach().index_select(0, index) for k, t in self.state.items()}
 
-    @property
-    def holding(self) -> bool:
-        """Whether some member is stopped (and so held fixed around each step)."""
-        return self._frozen_index is not None
+    # (both run at every step: with no member stopped they return before entering no_grad)
 
-    @torch.no_grad()
     def mask_grads(self) -> None:
         """Zero the stopped members' gradients (call between backward and the step)."""
         if self._frozen_index is None:
             return
-        for t in self.state.values():
-            if t.grad is not None:
-                t.grad.index_fill_(0, self._frozen_index, 0)
+        with torch.no_grad():
+            for t in self.state.values():
+                if t.grad is not None:
+                    t.grad.index_fill_(0, self._frozen_index, 0)
 
-    @torch.no_grad()
     def hold(self) -> None:
         """Put the stopped members' frozen weights back (call after the step)."""
         if self._frozen_index is None:
             return
-        for k, t in self.state.items():
-            t.index_copy_(0, self._frozen_index, self._frozen[k])
+        with torch.no_grad():
+            for k, t in self.state.items():
+                t.index_copy_(0, self._frozen_index, self._frozen[k])
 
     # ----------------------------------------------------------------------------- snapshots
 

@@ -445,7 +445,8 @@ class Ensemble(nn.Module):
             The members' outputs stacked: a tensor ``(N, ...)``, or the member's tuple/dict
             structure with each tensor stacked.
         """
-        fast_key = self._fast_key(args, in_dims) if not kwargs else None
+        hooked = hooks_registered(self._module_list)  # fused programs would skip them
+        fast_key = None if kwargs or hooked else self._fast_key(args, in_dims)
         if fast_key is not None:
             entry = self._fast.get(fast_key)
             if entry is not None:
@@ -465,7 +466,7 @@ class Ensemble(nn.Module):
             return loop_forward(call)
         if self.backend == "vmap":
             return strict_vmap_forward(call)
-        if hooks_registered(self._module_list):  # they run as for the members alone
+        if hooked:  # the members one by one: each hook sees what it sees in a member alone
             self._fused.last = None
             self.__dict__["_last_choice"] = _HOOKED
             return loop_forward(call)
@@ -480,10 +481,9 @@ class Ensemble(nn.Module):
     # interpreter's own data out of cache: on 100 small members they added 10-15% to a call.
 
     def _fast_key(self, args: tuple[Any, ...], in_dims: Any) -> tuple[Any, ...] | None:
-        """What the fast path is keyed on; ``None`` where it does not apply."""
+        """What the fast path is keyed on; ``None`` where it does not apply (the caller has
+        checked that no module hook is registered)."""
         if not (in_dims is None or type(in_dims) is int) or torch.compiler.is_compiling():
-            return None
-        if hooks_registered(self._module_list):  # fused programs would skip them
             return None
         described = []
         for a in args:

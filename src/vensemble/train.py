@@ -133,13 +133,11 @@ class _Run:
             self.optimizer.zero_grad(set_to_none=True)
             # a member's NaN stays in its own gradients: the sum's backward sends 1 to each
             losses.sum().backward()
-            if status.holding:
-                status.mask_grads()
+            status.mask_grads()
             if self.max_grad_norm is not None:
                 clip_grad_norm_(ens, self.max_grad_norm)
             self.optimizer.step()
-            if status.holding:
-                status.hold()
+            status.hold()
             step_losses.append(losses.detach())
         # each member's epoch loss: its step losses weighted by batch size, summed along its
         # own row (steps in order): the same sum whatever N is, so a member's epoch loss does
@@ -346,7 +344,8 @@ def fit(
     Randomness: ``seed`` seeds the data order and torch's RNG (dropout draws independently
     per member); the same seed gives the same trained ensemble (to the bit with a fixed
     ``backend`` or under ``torch.use_deterministic_algorithms(True)``: ``auto`` times its
-    paths, which agree up to rounding), and the caller's RNG state is restored afterwards. ``seed=None`` uses the current RNG state.
+    paths, which agree up to rounding), and the caller's RNG state is restored afterwards.
+    ``seed=None`` uses the current RNG state.
 
     A :class:`~vensemble.distributed.ShardedEnsemble` (``fit`` runs on every rank) trains
     each rank's block; member ``i`` gets the data it gets at any world size, the history

@@ -103,11 +103,8 @@ class _Linear(Fused):
             return self._out_major(x, w, b)
         wt, bu = operands  # y = x @ W^T with W^T contiguous: hand-batched code's layout
         if self.batched[0]:
-            if x.ndim == 3 and not compiling:  # (N, B, in): the common case
-                y = torch.bmm(x, wt)
-                return y if bu is None else y.add_(bu)
             lead = x.shape[1:-1]
-            x3 = x.reshape(self.n, -1, w.shape[2])
+            x3 = x if x.ndim == 3 else x.reshape(self.n, -1, w.shape[2])  # (N, B, in) mostly
         else:
             lead = x.shape[:-1]
             x3 = x.reshape(1, -1, w.shape[2]).expand(self.n, -1, -1)

@@ -241,8 +241,9 @@ def _traced_only(fn: Any, name: str) -> Any:
 def hooks_registered(modules: list[nn.Module]) -> bool:
     """Whether a module hook (forward or backward, on one of ``modules`` or global) is set.
 
-    A fused program calls no ``nn.Module.__call__``, so it would skip them: such calls run
-    under vmap instead. Checked on every call, since hooks may come after a program was built.
+    A fused program calls no ``nn.Module.__call__``, so it would skip them: ``Ensemble`` then
+    runs the members one by one. Checked on every call, since hooks may come after a program
+    was built.
     """
     g = module_globals
     if (
@@ -540,6 +541,10 @@ class FusedPlan:
 def fused_forward(call: Call, plan: FusedPlan) -> Any:
     """Run ``call`` through the fused program for its signature, building it on first use.
 
+    A program calls no ``nn.Module.__call__``: the caller runs calls with module hooks
+    registered some other way (``Ensemble.forward`` checks :func:`hooks_registered` once per
+    call; a program is never built while hooks are registered).
+
     Raises:
         Untraceable: this signature cannot be fused (the reason is cached in ``plan``).
     """
@@ -562,8 +567,6 @@ def fused_forward(call: Call, plan: FusedPlan) -> Any:
         except Untraceable as err:
             program = str(err)
         plan.programs[full_key] = program
-    if not isinstance(program, str) and hooks_registered(plan.modules):
-        program = "module hooks are registered (a fused program would not run them)"
     plan.last = program
     if isinstance(program, str):
         raise Untraceable(program)
