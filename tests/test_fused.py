@@ -20,6 +20,9 @@ def _layer_cases() -> list:
     return [
         c(lambda: nn.Linear(5, 4), lambda: torch.randn(6, 5), id="linear"),
         c(lambda: nn.Linear(5, 4, bias=False), lambda: torch.randn(2, 3, 5), id="linear-3d-nobias"),
+        c(lambda: nn.Linear(5, 4), lambda: torch.randn(5), id="linear-1d"),
+        c(lambda: nn.Linear(5, 4), lambda: torch.randn(2, 3, 2, 5), id="linear-4d"),
+        c(lambda: nn.Linear(5, 1), lambda: torch.randn(6, 5), id="linear-one-output"),
         c(lambda: nn.Conv1d(3, 4, 3, padding=1), lambda: torch.randn(2, 3, 7), id="conv1d"),
         c(lambda: nn.Conv2d(4, 6, 3, stride=2, groups=2), lambda: torch.randn(2, 4, 7, 7), id="conv2d-groups"),
         c(lambda: nn.Conv2d(3, 4, 3, padding="same", bias=False), lambda: torch.randn(2, 3, 5, 5), id="conv2d-same"),
@@ -482,3 +485,19 @@ def test_activations_in_place_match_the_loop_forward_and_backward(per_member: bo
     code = ens._fused.last.module.code
     assert code.count("torch.tanh_(") == 1 and code.count("torch.relu_(") == 1
     assert "torch.sigmoid(" in code and "torch.relu(" in code
+
+
+def test_torch_stateless_layers_on_a_shared_input_skip_module_call_but_not_hooks():
+    def make() -> nn.Module:
+        return nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
+
+    ens = ve.Ensemble.from_factory(make, 3, backend="fused")
+    x = torch.randn(4, 3, 4)
+    expected = torch.stack([m(x) for m in ens.unstack()])
+    torch.testing.assert_close(ens(x), expected)
+    code = ens._fused.last.module.code
+    assert "flatten_forward(" in code and "getattr(self" not in code, code
+    seen: list[torch.Size] = []
+    ens.get_submodule("0").register_forward_hook(lambda m, args, out: seen.append(out.shape))
+    torch.testing.assert_close(ens(x), expected)  # a hook after the program: it still runs
+    assert seen == [torch.Size([4, 12])] * 3
