@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import textwrap
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -25,6 +26,7 @@ from .backends import (
 )
 from .backends._autotune import measure_paths, measuring_allowed
 from .backends._call import state_device
+from .backends.folded import FoldedPlan, folded_program
 from .backends.fused import (
     FusedPlan,
     FusedProgram,
@@ -203,6 +205,7 @@ class Ensemble(nn.Module):
         self._has_buffers = next(template.buffers(), None) is not None
         self._plan = AutoPlan()
         self._fused = FusedPlan(compile_options=self.compile_options)
+        self._folded = FoldedPlan()
         self._choices: dict[Any, tuple[str, dict[str, float]]] = {}
         self._last_choice: tuple[str, dict[str, float]] | None = None
         self._fast = _FastPaths()
@@ -373,6 +376,9 @@ class Ensemble(nn.Module):
                 else "deterministic algorithms: not measured"
             )
             out["(auto)"] = f"{path} ({why}); the vectorized path:"
+            program = self._folded.last if path == "folded" else None
+            if program is not None:
+                out["(auto)"] = f"{path} ({why}): {program.describe()}; the vectorized path:"
         last = self._fused.last
         if self.backend in ("auto", "fused") and last is not None:
             if isinstance(last, str):
@@ -470,8 +476,13 @@ class Ensemble(nn.Module):
             self._fused.last = None
             self.__dict__["_last_choice"] = _HOOKED
             return loop_forward(call)
-        if self.backend == "auto" and self._choose(call) == "loop":
-            return loop_forward(call)
+        if self.backend == "auto":
+            path = self._choose(call)
+            if path == "loop":
+                return loop_forward(call)
+            if path == "folded":
+                program = folded_program(call, self._folded)
+                return loop_forward(call, None if program is None else program.module)
         return self._vectorized(call, fast_key)
 
     # A call repeated with what decided its path unchanged (the inputs' shapes, dtypes and
@@ -555,7 +566,9 @@ class Ensemble(nn.Module):
         are enabled, backward; buffers and RNG state are restored after each timed run). On a
         CPU a convolutional member run member by member often wins: its activations stay in
         cache; when the two are close (within 15%) a CPU takes the loop and a GPU the
-        vectorized path (see ``_MARGIN``). With ``compile`` set, the (compiled) vectorized path
+        vectorized path (see ``_MARGIN``). Inference calls of a member with an eval-mode
+        conv -> BatchNorm pair measure a third path, ``"folded"``: the loop with each such
+        BatchNorm folded into its convolution (``backends.folded``). With ``compile`` set, the (compiled) vectorized path
         is used without measuring, and so it is under ``torch.use_deterministic_algorithms(True)``:
         the two paths agree only up to float rounding, and a timed choice may differ from run to
         run (like ``torch.backends.cudnn.benchmark``).
@@ -570,15 +583,23 @@ class Ensemble(nn.Module):
         if choice is None:
             snapshot = call.snapshot_buffers()
             trainable: list[Tensor] = [p for p in self.parameters() if p.requires_grad]
+            paths = {
+                "vectorized": lambda: self._vectorized(call),
+                "loop": lambda: loop_forward(call),
+            }
+            folded = folded_program(call, self._folded)
+            if folded is not None:  # inference with an eval-mode conv -> BatchNorm pair
+                paths["folded"] = lambda: loop_forward(call, folded.module)
             timings = measure_paths(
-                {"vectorized": lambda: self._vectorized(call), "loop": lambda: loop_forward(call)},
+                paths,
                 restore=lambda: call.restore_buffers(snapshot),
                 device=state_device(call.state),
                 backward_to=trainable if torch.is_grad_enabled() else None,
             )
             device = state_device(call.state) or torch.device("cpu")
-            loop_wins = _loop_wins(timings["loop"], timings["vectorized"], device)
-            choice = ("loop" if loop_wins else "vectorized", timings)
+            loop = "folded" if timings.get("folded", math.inf) < timings["loop"] else "loop"
+            loop_wins = _loop_wins(timings[loop], timings["vectorized"], device)
+            choice = (loop if loop_wins else "vectorized", timings)
             self._choices[key] = choice
         self._last_choice = choice
         return choice[0]

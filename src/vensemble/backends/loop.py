@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -21,7 +22,7 @@ def _slots(template: nn.Module) -> list[tuple[dict[str, Any], str, Tensor]]:
     return slots
 
 
-def loop_forward(call: Call) -> Any:
+def loop_forward(call: Call, forward: Callable[..., Any] | None = None) -> Any:
     """Run each member on its inputs in turn; outputs stacked along a new dim 0.
 
     Member ``i`` computes with views ``t[i]`` of the stacked tensors, put in the template's
@@ -30,11 +31,15 @@ def loop_forward(call: Call) -> Any:
     parameters and in-place buffer updates (BatchNorm running stats) land in member ``i``'s
     slice; tensors tied inside the member stay tied (one view each). With
     ``randomness="same"`` every member starts from the same RNG state.
+
+    ``forward``: what runs each member in place of the template (a rewritten forward that
+    reads the same slots, e.g. ``folded.FoldedProgram.module``).
     """
     same = call.randomness == "same"
     start = torch.get_rng_state() if same else None
     slots = _slots(call.template)
     unique = list({id(t): t for _, _, t in slots}.values())
+    run = call.template if forward is None else forward
     outputs = []
     try:
         for i in range(call.n):
@@ -43,7 +48,7 @@ def loop_forward(call: Call) -> Any:
             views = {id(t): t[i] for t in unique}
             for d, k, t in slots:
                 d[k] = views[id(t)]
-            outputs.append(call.template(*call.member_args(i), **call.kwargs))
+            outputs.append(run(*call.member_args(i), **call.kwargs))
     finally:
         for d, k, t in slots:
             d[k] = t

@@ -1,0 +1,186 @@
+"""The folded loop: eval-mode BatchNorm folded into its convolution, member by member."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+import vensemble as ve
+from vensemble import ensemble as ensemble_module
+from vensemble.backends._call import Call
+from vensemble.backends.folded import FoldedPlan, folded_program
+from vensemble.backends.loop import loop_forward
+
+N = 3
+
+
+class _Net(nn.Module):
+    """Conv -> BN pairs of every dimension, with and without bias and affine parameters."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv1d(2, 4, 3, padding=1)
+        self.b1 = nn.BatchNorm1d(4)
+        self.c2 = nn.Conv2d(2, 3, 3, bias=False, padding=1, padding_mode="reflect")
+        self.b2 = nn.BatchNorm2d(3, affine=False)
+        self.c3 = nn.Conv3d(1, 2, 2)
+        self.b3 = nn.BatchNorm3d(2)
+        self.head = nn.Linear(4 + 3 + 2, 2)
+
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor, x3: torch.Tensor) -> torch.Tensor:
+        h1 = torch.relu(self.b1(self.c1(x1))).mean(-1)
+        h2 = nn.functional.relu(self.b2(self.c2(x2))).mean((-2, -1))
+        h3 = self.b3(self.c3(x3)).mean((-3, -2, -1))
+        return self.head(torch.cat([h1, h2, h3], dim=-1))
+
+
+def _ensemble(backend: str = "auto") -> ve.Ensemble:
+    ens = ve.Ensemble.from_factory(_Net, N, backend=backend).double().eval()
+    with torch.no_grad():  # distinct running statistics and affine parameters per member
+        for name, t in ens.named_buffers():
+            if name.endswith("running_mean"):
+                t.copy_(torch.randn_like(t) * 0.3)
+            elif name.endswith("running_var"):
+                t.copy_(torch.rand_like(t) + 0.5)
+        for name, p in ens.named_parameters():
+            if name.startswith("b"):
+                p.add_(torch.randn_like(p) * 0.3)
+    return ens
+
+
+def _inputs() -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(0)
+    shapes = [(5, 2, 7), (5, 2, 6, 6), (5, 1, 3, 4, 4)]
+    return tuple(torch.randn(*s, generator=g, dtype=torch.float64) for s in shapes)
+
+
+def _call(ens: ve.Ensemble, args: tuple[torch.Tensor, ...]) -> Call:
+    return Call(ens._template, N, args, {}, (None,) * len(args))
+
+
+def test_folded_members_equal_the_loop_and_relu_runs_in_place():
+    ens, x = _ensemble(), _inputs()
+    plan = FoldedPlan()
+    with torch.no_grad():
+        expected = loop_forward(_call(ens, x))
+        program = folded_program(_call(ens, x), plan)
+        assert program is not None
+        got = loop_forward(_call(ens, x), program.module)
+    torch.testing.assert_close(got, expected, atol=1e-12, rtol=1e-10)
+    assert [p.name for p in program.pairs] == ["c1 -> b1", "c2 -> b2", "c3 -> b3"]
+    code = program.module.code
+    assert code.count("torch.relu_(") == 2, code  # after the 1-D and 2-D pairs; not after b3
+    assert "b1" not in code and "c1" not in code  # the pair's modules are not called
+
+
+def test_folding_follows_updated_weights_and_statistics():
+    ens, x = _ensemble(), _inputs()
+    plan = FoldedPlan()
+    with torch.no_grad():
+        program = folded_program(_call(ens, x), plan)
+        assert program is not None
+        loop_forward(_call(ens, x), program.module)
+        ens.c2.weight.mul_(1.5)  # in place, as an optimizer step
+        ens.b1.running_var.add_(0.25)
+        ens.b3.bias = nn.Parameter(ens.b3.bias + 1)  # a new tensor in the slot
+        again = folded_program(_call(ens, x), plan)
+        assert again is program  # nothing is baked in: the same program serves
+        got = loop_forward(_call(ens, x), again.module)
+        expected = loop_forward(_call(ens, x))
+    torch.testing.assert_close(got, expected, atol=1e-12, rtol=1e-10)
+
+
+def test_nothing_is_folded_with_autograd_in_training_mode_or_without_statistics():
+    ens, x = _ensemble(), _inputs()
+    plan = FoldedPlan()
+    assert folded_program(_call(ens, x), plan) is None  # autograd on
+    with torch.no_grad():
+        ens.train()
+        assert folded_program(_call(ens, x), plan) is None
+        ens.eval()
+        assert folded_program(_call(ens, x), plan) is not None
+        ens.b1.train(), ens.b2.train()  # one pair still folds: it runs; the others run as is
+        program = folded_program(_call(ens, x), plan)
+        assert program is not None and [p.foldable() for p in program.pairs] == [0, 0, 1]
+        before = {k: b.clone() for k, b in ens.named_buffers()}
+        got = loop_forward(_call(ens, x), program.module)
+        after = {k: b.clone() for k, b in ens.named_buffers()}
+        for k in before:  # reset the training-mode statistics the folded run updated
+            ens.get_buffer(k).copy_(before[k])
+        expected = loop_forward(_call(ens, x))
+        for k, b in ens.named_buffers():
+            torch.testing.assert_close(after[k], b, atol=1e-12, rtol=1e-10, msg=k)
+    torch.testing.assert_close(got, expected, atol=1e-12, rtol=1e-10)
+
+    def no_stats() -> nn.Module:
+        return nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2, track_running_stats=False))
+
+    plain = ve.Ensemble.from_factory(no_stats, 2).eval()
+    with torch.no_grad():
+        assert folded_program(Call(plain._template, 2, (torch.randn(2, 1, 5, 5),), {}, (None,)), FoldedPlan()) is None  # fmt: skip
+
+
+class _Shared(nn.Module):
+    """A conv whose output has two readers, and a tensor read straight off the module."""
+
+    def __init__(self, direct: bool) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3, padding=1)
+        self.bn = nn.BatchNorm2d(2)
+        self.scale = nn.Parameter(torch.ones(1))
+        self.direct = direct
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv(x)
+        if self.direct:
+            return self.bn(h) * self.scale
+        return self.bn(h) + h
+
+
+@pytest.mark.parametrize("direct", [False, True], ids=["conv-output-read-twice", "get-attr"])
+def test_pairs_it_cannot_fold_exactly_are_left_alone(direct):
+    ens = ve.Ensemble.from_factory(lambda: _Shared(direct), 2).eval()
+    plan = FoldedPlan()
+    with torch.no_grad():
+        assert folded_program(Call(ens._template, 2, (torch.randn(2, 1, 4, 4),), {}, (None,)), plan) is None  # fmt: skip
+    reason = next(iter(plan.programs.values()))
+    assert isinstance(reason, str)
+    assert ("attribute" in reason) if direct else ("no convolution" in reason)
+
+
+def test_auto_takes_the_folded_loop_when_it_measures_fastest(monkeypatch):
+    ens, x = _ensemble(), _inputs()
+    loop = _ensemble("loop")
+    loop.load_state_dict(ens.state_dict())
+    seen: list[list[str]] = []
+
+    def timings(paths, **kwargs):
+        seen.append(list(paths))
+        return {"vectorized": 3.0, "loop": 2.0, "folded": 1.0}
+
+    monkeypatch.setattr(ensemble_module, "measure_paths", timings)
+    with torch.no_grad():
+        got = ens(*x)
+        torch.testing.assert_close(got, loop(*x), atol=1e-12, rtol=1e-10)
+        assert "folded" in ens.explain()["(auto)"] and "c1 -> b1" in ens.explain()["(auto)"]
+        torch.testing.assert_close(ens(*x), got)  # the choice is remembered
+    assert seen == [["vectorized", "loop", "folded"]]
+    ens.train()
+    monkeypatch.setattr(ensemble_module, "measure_paths", lambda paths, **kw: seen.append(list(paths)) or {k: 1.0 for k in paths})  # fmt: skip
+    with torch.no_grad():
+        ens(*x)
+    ens.eval()
+    ens(*x)  # with autograd: nothing to fold
+    assert seen[1:] == [["vectorized", "loop"], ["vectorized", "loop"]]
+
+
+def test_copies_start_without_programs():
+    ens, x = _ensemble(), _inputs()
+    with torch.no_grad():
+        assert folded_program(_call(ens, x), ens._folded) is not None
+    assert copy.deepcopy(ens)._folded.programs == {}
+    assert pickle.loads(pickle.dumps(ens))._folded.programs == {}
