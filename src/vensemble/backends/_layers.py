@@ -63,7 +63,7 @@ class Fused(nn.Module):
 
 
 class _Linear(Fused):
-    how = "fused: bmm over the members' in-major weights, bias added in place"
+    how = "fused: baddbmm over the members' in-major weights (one output: bmm, bias added in place)"
 
     # Without autograd, the operand views of the last call, reused while the parameters are the
     # same objects on the same storage (views share it, so in-place updates show through): two
