@@ -514,3 +514,29 @@ def test_auto_times_nothing_under_deterministic_algorithms(deterministic, monkey
     torch.testing.assert_close(out, ve.Ensemble.from_factory(net, 3, seed=0)(x), atol=0, rtol=0)
     loop = ve.Ensemble.from_factory(net, 3, seed=0, backend="loop")
     torch.testing.assert_close(out, loop(x), atol=1e-5, rtol=1e-5)  # the reference, to rounding
+
+
+def test_auto_with_compile_times_the_compiled_program_against_the_loop(monkeypatch):
+    """compile=True must not leave a model slower than the loop: the compiled path is timed."""
+    import vensemble.ensemble as ensemble_module
+
+    measure = ensemble_module.measure_paths
+    calls: list[dict] = []
+
+    def spy(paths, **kwargs):
+        timings = measure(paths, **kwargs)
+        calls.append({"warmups": kwargs.get("warmups"), "compiled": ens._fused.last.compiled})
+        return {**timings, "vectorized": 2.0, "loop": 1.0}  # as if the loop were faster
+
+    monkeypatch.setattr(ensemble_module, "measure_paths", spy)
+    ens = ve.Ensemble.from_factory(
+        lambda: nn.Sequential(nn.Linear(4, 8), nn.Tanh()), 3, compile=True
+    )
+    loop = ve.Ensemble.from_factory(lambda: nn.Sequential(nn.Linear(4, 8), nn.Tanh()), 3, backend="loop")  # fmt: skip
+    loop.load_state_dict(ens.state_dict())
+    x = torch.randn(5, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(ens(x), loop(x), atol=0, rtol=0)  # the loop ran
+    assert calls == [{"warmups": {"vectorized": 3}, "compiled": calls[0]["compiled"]}]
+    assert calls[0]["compiled"] is not None  # the compiled program was built before timing
+    assert ens.explain()["(auto)"].startswith("loop (measured per call")

@@ -568,13 +568,13 @@ class Ensemble(nn.Module):
         cache; when the two are close (within 15%) a CPU takes the loop and a GPU the
         vectorized path (see ``_MARGIN``). Inference calls of a member with an eval-mode
         conv -> BatchNorm pair measure a third path, ``"folded"``: the loop with each such
-        BatchNorm folded into its convolution (``backends.folded``). With ``compile`` set, the (compiled) vectorized path
-        is used without measuring, and so it is under ``torch.use_deterministic_algorithms(True)``:
-        the two paths agree only up to float rounding, and a timed choice may differ from run to
-        run (like ``torch.backends.cudnn.benchmark``).
+        BatchNorm folded into its convolution (``backends.folded``). With ``compile`` set,
+        the vectorized path is timed compiled (its compile comes first, untimed), so compiling
+        never leaves a model slower than the loop. Under
+        ``torch.use_deterministic_algorithms(True)`` nothing is timed and the vectorized path
+        runs: the paths agree only up to float rounding, and a timed choice may differ from run
+        to run (like ``torch.backends.cudnn.benchmark``).
         """
-        if self.compile_options is not None:
-            return "vectorized"
         if not measuring_allowed():
             self._last_choice = _UNMEASURED
             return "vectorized"
@@ -595,6 +595,8 @@ class Ensemble(nn.Module):
                 restore=lambda: call.restore_buffers(snapshot),
                 device=state_device(call.state),
                 backward_to=trainable if torch.is_grad_enabled() else None,
+                # compiled: an eager call, the compile with its first call, then a warm one
+                warmups={"vectorized": 3} if self.compile_options is not None else None,
             )
             device = state_device(call.state) or torch.device("cpu")
             loop = "folded" if timings.get("folded", math.inf) < timings["loop"] else "loop"
