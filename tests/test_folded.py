@@ -184,3 +184,112 @@ def test_copies_start_without_programs():
         assert folded_program(_call(ens, x), ens._folded) is not None
     assert copy.deepcopy(ens)._folded.programs == {}
     assert pickle.loads(pickle.dumps(ens))._folded.programs == {}
+
+
+class _Optional(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.bn(self.conv(x))
+        if bias is not None:  # traced without a value for bias, this branch would be baked in
+            h = h + bias
+        return h.mean((-2, -1))
+
+
+def test_a_forward_with_optional_arguments_is_not_folded():
+    ens = ve.Ensemble.from_factory(_Optional, 3).eval()
+    loop = ve.Ensemble.from_factory(_Optional, 3, backend="loop").eval()
+    loop.load_state_dict(ens.state_dict())
+    x = torch.randn(2, 2, 5, 5)
+    with torch.no_grad():
+        assert folded_program(Call(ens._template, 3, (x,), {}, (None,)), ens._folded) is None
+        torch.testing.assert_close(ens(x), loop(x))
+    assert "optional" in next(iter(ens._folded.programs.values()))
+
+
+def test_mixed_precision_pairs_run_unfolded_with_the_loops_dtype():
+    def net() -> nn.Module:
+        return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+
+    def prepare(e: ve.Ensemble) -> ve.Ensemble:
+        e.to(torch.bfloat16).get_submodule("1").float()  # BatchNorm kept in float32
+        return e.eval()
+
+    ens, loop = prepare(ve.Ensemble.from_factory(net, 3)), prepare(ve.Ensemble.from_factory(net, 3, backend="loop"))  # fmt: skip
+    loop.load_state_dict(ens.state_dict())
+    x = torch.randn(2, 3, 6, 6, dtype=torch.bfloat16)
+    with torch.no_grad():
+        program = folded_program(Call(ens._template, 3, (x,), {}, (None,)), FoldedPlan())
+        assert program is None  # nothing folds: the pair is left as two layers
+        expected = loop(x)
+        for backend in ("auto", "fused"):
+            ens.backend = backend
+            got = ens(x)
+            assert got.dtype == expected.dtype == torch.bfloat16, backend
+            torch.testing.assert_close(got, expected, atol=2e-2, rtol=2e-2)
+
+
+def _forced_folded(monkeypatch) -> list[list[str]]:
+    measured: list[list[str]] = []
+
+    def timings(paths, **kwargs):
+        measured.append(list(paths))
+        return {k: (0.1 if k == "folded" else 1.0) for k in paths}
+
+    monkeypatch.setattr(ensemble_module, "measure_paths", timings)
+    return measured
+
+
+def test_an_unbatched_conv1d_input_leaves_its_batchnorm_as_the_loop_has_it(monkeypatch):
+    _forced_folded(monkeypatch)
+
+    def net() -> nn.Module:
+        return nn.Sequential(nn.Conv1d(2, 4, 3), nn.BatchNorm1d(4))
+
+    ens = ve.Ensemble.from_factory(net, 3).double().eval()
+    with torch.no_grad():
+        for name, t in ens.named_buffers():
+            if name.endswith("running_mean"):
+                t.copy_(torch.randn_like(t))
+    loop = ve.Ensemble.from_factory(net, 3, backend="loop").double().eval()
+    loop.load_state_dict(ens.state_dict())
+    x = torch.randn(
+        2, 6, dtype=torch.float64
+    )  # (C, L): the conv's output (4, 4) is (batch, C) to BN
+    with torch.no_grad():
+        got = ens(x)
+        assert ens._last_choice[0] == "folded"
+        torch.testing.assert_close(got, loop(x), atol=1e-12, rtol=1e-10)
+
+
+def test_a_folded_forward_that_raises_falls_back_to_the_loop(monkeypatch):
+    from vensemble.backends import folded as folded_module
+
+    ens, x = _ensemble(), _inputs()
+    loop = _ensemble("loop")
+    loop.load_state_dict(ens.state_dict())
+    measure = ensemble_module.measure_paths
+    original = folded_module._ConvBN.forward
+
+    def broken(*args):
+        raise RuntimeError("a kernel the folded forward cannot run")
+
+    monkeypatch.setattr(folded_module._ConvBN, "forward", broken)
+    with torch.no_grad():  # in the measurement: the folded path is left out
+        torch.testing.assert_close(ens(*x), loop(*x), atol=1e-12, rtol=1e-10)
+        assert "folded" not in ens._last_choice[1] and ens._last_choice[1]
+    assert measure is ensemble_module.measure_paths
+    ens = _ensemble()
+    ens.load_state_dict(loop.state_dict())
+    measured = _forced_folded(monkeypatch)
+    monkeypatch.setattr(folded_module._ConvBN, "forward", original)
+    with torch.no_grad():
+        ens(*x)
+        assert ens._last_choice[0] == "folded" and len(ens._choices) == 1
+        monkeypatch.setattr(torch, "rsqrt", broken)  # after the choice: only the fold uses it
+        torch.testing.assert_close(ens(*x), loop(*x), atol=1e-12, rtol=1e-10)
+        assert ens._choices == {}  # measured again on the next call
+    assert measured == [["vectorized", "loop", "folded"]]

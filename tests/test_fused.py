@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Callable
 
 import pytest
@@ -501,3 +502,44 @@ def test_torch_stateless_layers_on_a_shared_input_skip_module_call_but_not_hooks
     ens.get_submodule("0").register_forward_hook(lambda m, args, out: seen.append(out.shape))
     torch.testing.assert_close(ens(x), expected)  # a hook after the program: it still runs
     assert seen == [torch.Size([4, 12])] * 3
+
+
+def test_a_stateless_module_called_twice_on_a_shared_input_stays_fused():
+    class Pyramid(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.pool = nn.AvgPool2d(2)
+            self.head = nn.Linear(16 + 4, 2)
+
+        def forward(self, x: Tensor) -> Tensor:
+            x2 = self.pool(x)
+            x4 = self.pool(x2)  # the same module again
+            return self.head(torch.cat([x2.flatten(1), x4.flatten(1)], 1))
+
+    ens = ve.Ensemble.from_factory(Pyramid, 3, backend="fused")
+    x = torch.randn(5, 1, 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no FallbackWarning: the program builds
+        out = ens(x)
+    torch.testing.assert_close(out, torch.stack([m(x) for m in ens.unstack()]))
+    assert ens._fused.last.module.code.count("avgpool2d_forward(") == 2
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_float32_batchnorm_on_bfloat16_activations_keeps_the_activations_dtype(momentum):
+    def net() -> nn.Module:
+        return nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6, momentum=momentum))
+
+    ens = ve.Ensemble.from_factory(net, 3, backend="fused").to(torch.bfloat16)
+    ens.get_submodule("1").float()
+    loop = ve.Ensemble.from_factory(net, 3, backend="loop").to(torch.bfloat16)
+    loop.get_submodule("1").float()
+    loop.load_state_dict(ens.state_dict())
+    x = torch.randn(5, 4, dtype=torch.bfloat16)
+    for mode in (True, False):
+        ens.train(mode), loop.train(mode)
+        got, expected = ens(x), loop(x)
+        assert got.dtype == expected.dtype == torch.bfloat16
+        torch.testing.assert_close(got, expected, atol=3e-2, rtol=3e-2)
+        for key, b in ens.named_buffers():  # float32 running statistics, updated alike
+            torch.testing.assert_close(b, loop.get_buffer(key), atol=1e-3, rtol=1e-3, msg=key)

@@ -481,8 +481,7 @@ class Ensemble(nn.Module):
             if path == "loop":
                 return loop_forward(call)
             if path == "folded":
-                program = folded_program(call, self._folded)
-                return loop_forward(call, None if program is None else program.module)
+                return self._folded_loop(call)
         return self._vectorized(call, fast_key)
 
     # A call repeated with what decided its path unchanged (the inputs' shapes, dtypes and
@@ -559,6 +558,21 @@ class Ensemble(nn.Module):
                 return out
         return auto_forward(call, self._plan)
 
+    def _folded_loop(self, call: Call) -> Any:
+        """auto's ``"folded"`` choice; the plain loop where the folded forward does not apply
+        now, or raises (its state restored first: the loop then decides what the error means)."""
+        program = folded_program(call, self._folded)
+        if program is None:
+            return loop_forward(call)
+        snapshot = snapshot_buffers(call) if self._has_buffers else None
+        try:
+            return loop_forward(call, program.module)
+        except Exception:
+            if snapshot is not None:
+                call.restore_buffers(snapshot)
+            self._choices.pop(_shape_key(call, self.training), None)  # measured again next time
+            return loop_forward(call)
+
     def _choose(self, call: Call) -> str:
         """``auto``: the vectorized path or the loop, whichever ran this call shape faster.
 
@@ -597,6 +611,7 @@ class Ensemble(nn.Module):
                 backward_to=trainable if torch.is_grad_enabled() else None,
                 # compiled: an eager call, the compile with its first call, then a warm one
                 warmups={"vectorized": 3} if self.compile_options is not None else None,
+                optional=frozenset({"folded"}),  # a rewrite that fails is simply not taken
             )
             device = state_device(call.state) or torch.device("cpu")
             loop = "folded" if timings.get("folded", math.inf) < timings["loop"] else "loop"

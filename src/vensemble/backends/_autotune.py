@@ -70,6 +70,7 @@ def measure_paths(
     repeats: int = 5,
     backward_to: list[Tensor] | None = None,
     warmups: dict[str, int] | None = None,
+    optional: frozenset[str] = frozenset(),
 ) -> dict[str, float]:
     """Seconds per run of each path (best of ``repeats`` interleaved rounds after a warm-up).
 
@@ -80,18 +81,28 @@ def measure_paths(
     ``restore`` undoes each run's side effects on the model (BatchNorm running stats); the
     global RNG state is restored too, so measuring changes nothing a later call sees.
     ``warmups``: untimed runs per path before timing (default 1; a compiled path needs its
-    compile and its first compiled call behind it).
+    compile and its first compiled call behind it). A path in ``optional`` that raises in its
+    warm-up is left out of the result; any other path's error propagates.
     """
     dev = device or torch.device("cpu")
     cuda = [dev.index or 0] if dev.type == "cuda" else []
     if backward_to:
         paths = {name: _with_backward(fn, backward_to) for name, fn in paths.items()}
     with torch.enable_grad() if backward_to else torch.no_grad():
+        failed = set()
         for name, fn in paths.items():
             for _ in range((warmups or {}).get(name, 1)):
-                with torch.random.fork_rng(devices=cuda):
-                    fn()  # warm-up: builds programs, settles kernel choices, compiles
-                restore()
+                try:
+                    with torch.random.fork_rng(devices=cuda):
+                        fn()  # warm-up: builds programs, settles kernel choices, compiles
+                except Exception:
+                    if name not in optional:
+                        raise
+                    failed.add(name)
+                    break
+                finally:
+                    restore()
+        paths = {name: fn for name, fn in paths.items() if name not in failed}
         # the second run is the first honest one; a path already far behind is not re-run
         second = {}
         for name, fn in paths.items():

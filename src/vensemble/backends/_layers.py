@@ -234,7 +234,7 @@ class _BatchNorm(Fused):
         if m.training and m.track_running_stats and m.num_batches_tracked is not None:
             m.num_batches_tracked.add_(1)
             if m.momentum is None:
-                factor = (1.0 / m.num_batches_tracked.double()).to(x.dtype).view(-1, 1)
+                factor = (1.0 / m.num_batches_tracked.double()).to(m.running_mean.dtype).view(-1, 1)
         use_batch_stats = m.training or (m.running_mean is None and m.running_var is None)
         if use_batch_stats:
             count = x.numel() // (x.shape[0] * x.shape[2])
@@ -242,7 +242,11 @@ class _BatchNorm(Fused):
                 raise ValueError(
                     f"Expected more than 1 value per channel when training, got input size {x.shape[1:]}"
                 )
-            var, mean = torch.var_mean(x, dim=reduce, correction=0)  # (N, C)
+            # statistics in the BatchNorm's own dtype, as the loop's batch_norm computes them
+            # (float32 statistics of a bfloat16 activation under mixed precision)
+            stats = m.running_mean if m.running_mean is not None else m.weight
+            xs = x if stats is None or stats.dtype == x.dtype else x.to(stats.dtype)
+            var, mean = torch.var_mean(xs, dim=reduce, correction=0)  # (N, C)
             if m.training and m.running_mean is not None:
                 with torch.no_grad():
                     m.running_mean.lerp_(mean, factor)
@@ -254,7 +258,10 @@ class _BatchNorm(Fused):
         if m.affine:
             scale = scale * m.weight
             shift = torch.addcmul(m.bias, shift, m.weight)
-        return torch.addcmul(shift.view(shape_c), x, scale.view(shape_c))
+        y = torch.addcmul(shift.view(shape_c), x, scale.view(shape_c))
+        # float32 statistics on a lower-precision activation (mixed precision): the loop's
+        # batch_norm returns the activation's dtype
+        return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
 class _LayerNorm(Fused):

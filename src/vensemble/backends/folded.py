@@ -15,6 +15,7 @@ running statistics, the pair runs as the two layers: the result is the loop's.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +28,7 @@ from .fused import Untraceable, _trace
 
 __all__ = ["FoldedPlan", "folded_program"]
 
+_POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
 _PAIRS: dict[type[nn.Module], type[nn.Module]] = {
     nn.Conv1d: nn.BatchNorm1d,
     nn.Conv2d: nn.BatchNorm2d,
@@ -43,18 +45,25 @@ class _ConvBN:
         self.name = name  # "conv path -> bn path", for explain()
 
     def foldable(self) -> bool:
-        """Whether a call now would fold (else it runs the two layers)."""
+        """Whether a call now would fold (else it runs the two layers): eval mode, running
+        statistics, no autograd, and the conv and the BatchNorm in one float32/float64 dtype
+        (folding in a lower precision, or across two, would round differently from the loop)."""
         bn = self.bn
-        return not (
-            bn.training
-            or bn.running_mean is None
-            or bn.running_var is None
-            or torch.is_grad_enabled()
+        if bn.training or bn.running_mean is None or bn.running_var is None:
+            return False
+        dtype = self.conv.weight.dtype
+        return (
+            dtype in (torch.float32, torch.float64)
+            and bn.running_var.dtype == dtype
+            and (bn.weight is None or bn.weight.dtype == dtype)
+            and not torch.is_grad_enabled()
         )
 
     def forward(self, x: Tensor) -> Tensor:
         conv, bn = self.conv, self.bn
-        if not self.foldable():
+        # an unbatched input makes the conv's output (C, *s): a BatchNorm reads its first dim
+        # as the batch, not the channels, so it runs as is
+        if x.ndim != conv.weight.ndim or not self.foldable():
             return bn(conv(x))
         scale = torch.rsqrt(bn.running_var + bn.eps)  # (C_out,)
         if bn.weight is not None:
@@ -134,6 +143,11 @@ class FoldedProgram:
 
 def _build(template: nn.Module) -> FoldedProgram | str:
     constants: dict[str, Any] = {}
+    params = inspect.signature(template.forward).parameters.values()
+    if any(p.default is not p.empty or p.kind not in _POSITIONAL for p in params):
+        # a traced default (``bias=None``) would bake its branch in; the fused path keys
+        # programs on such values, this one keeps to forwards that take their tensors only
+        return "the forward has optional or keyword-only arguments"
     try:
         graph = _trace(template, {}, constants)
     except Untraceable as err:

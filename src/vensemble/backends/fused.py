@@ -461,21 +461,25 @@ def _call_forward_directly(graph: fx.Graph, root: dict[str, Any]) -> None:
     (hooks are refused before tracing and checked on every ensemble call, so there are none
     to run). On the tutorial's MLP, a ``Flatten`` called as a module cost 4% of the call."""
     ours = (Fused, Op, _Submodule, _Attr, Expand)
+    called: dict[str, Any] = {}  # a module the forward calls more than once: one function
     for node in list(graph.nodes):
         if node.op != "call_module":
             continue
-        module = root.get(node.target)
-        if isinstance(module, ours):
-            fn = getattr(module, "direct", None) or module.forward
-        elif isinstance(module, nn.Module):  # torch's own stateless layers, on shared values
-            fn = _named_forward(module)
-        else:
-            continue
+        target = str(node.target)
+        module = root.get(target)
+        if target not in called:
+            if isinstance(module, ours):
+                called[target] = getattr(module, "direct", None) or module.forward
+            elif isinstance(module, nn.Module):  # torch's own stateless layers, on shared values
+                called[target] = _named_forward(module)
+            else:
+                continue
         with graph.inserting_before(node):
-            direct = graph.call_function(fn, node.args, node.kwargs)
+            direct = graph.call_function(called[target], node.args, node.kwargs)
         node.replace_all_uses_with(direct)
         graph.erase_node(node)
-        del root[node.target]
+    for target in called:
+        del root[target]
 
 
 def _named_forward(module: nn.Module) -> Any:
