@@ -293,3 +293,27 @@ def test_a_folded_forward_that_raises_falls_back_to_the_loop(monkeypatch):
         torch.testing.assert_close(ens(*x), loop(*x), atol=1e-12, rtol=1e-10)
         assert ens._choices == {}  # measured again on the next call
     assert measured == [["vectorized", "loop", "folded"]]
+
+
+@pytest.mark.parametrize("per_member", [False, True], ids=["shared", "per-member"])
+def test_the_fused_program_folds_eval_batchnorm_without_autograd(per_member):
+    ens, x = _ensemble("fused"), _inputs()
+    loop = _ensemble("loop")
+    loop.load_state_dict(ens.state_dict())
+    if per_member:  # a different input per member
+        x = tuple(torch.stack([t * (i + 1) for i in range(N)]) for t in x)
+    kw = {"in_dims": 0} if per_member else {}
+    with torch.no_grad():
+        torch.testing.assert_close(ens(*x, **kw), loop(*x, **kw), atol=1e-12, rtol=1e-10)
+    routes = ens.explain()
+    assert all(
+        routes[b].startswith("fused: folded into the convolution") for b in ("b1", "b2", "b3")
+    )
+    code = ens._fused.last.module.code
+    assert code.count("torch.relu_(") == 2, code
+    # with autograd the pairs run as two layers: the loop's outputs and gradients
+    out, expected = ens(*x, **kw), loop(*x, **kw)
+    torch.testing.assert_close(out, expected, atol=1e-12, rtol=1e-10)
+    out.sum().backward(), expected.sum().backward()
+    for name, p in ens.named_parameters():
+        torch.testing.assert_close(p.grad, loop.get_parameter(name).grad, msg=name)

@@ -49,6 +49,7 @@ def _layer_cases() -> list:
         c(lambda: nn.Sequential(nn.Linear(6, 6), nn.Unflatten(1, (2, 3))), lambda: torch.randn(4, 6), id="unflatten"),
         c(lambda: nn.Sequential(nn.Flatten(), nn.Linear(12, 3)), lambda: torch.randn(4, 3, 4), id="flatten-first"),
         c(lambda: nn.Sequential(nn.Conv2d(2, 3, 3), nn.MaxPool2d(2)), lambda: torch.randn(2, 2, 6, 6), id="maxpool2d"),
+        c(lambda: nn.Sequential(nn.Conv2d(2, 3, 3, bias=False), nn.BatchNorm2d(3), nn.ReLU()), lambda: torch.randn(4, 2, 5, 5), id="conv-bn-relu"),
         c(lambda: nn.Sequential(nn.Conv1d(2, 3, 3), nn.AvgPool1d(2)), lambda: torch.randn(2, 2, 8), id="avgpool1d"),
         c(lambda: nn.Sequential(nn.Conv2d(2, 3, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 2)), lambda: torch.randn(2, 2, 6, 6), id="adaptive-pool"),
     ]  # fmt: skip
