@@ -7,7 +7,8 @@ training mode, LayerNorm + GELU, Dropout in eval mode, a TransformerEncoderLayer
 and each of the backends fused, vmap and auto, with one input for all members and with one
 per member: the outputs, the parameter gradients of the sum of the members' mean losses and
 the buffers after the call, against the ``loop`` backend on the same device (atol 1e-4).
-Then the MLP with ``backend="fused", compile=True`` against the loop; Adam steps through
+Then the CNN in eval mode without autograd, with its BatchNorms folded into their convs (the
+fused program's ``ConvBatchNorm`` and auto's folded member loop). Then the MLP with ``backend="fused", compile=True`` against the loop; Adam steps through
 ``MemberOptimizer`` (a learning rate per member) against each member trained alone; ``fit``
 on the device against ``fit`` on the CPU; and a ``save``/``load`` round trip.
 
@@ -36,6 +37,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import vensemble as ve
+from vensemble.backends._call import Call
+from vensemble.backends.folded import FoldedPlan, folded_program
+from vensemble.backends.loop import loop_forward
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
@@ -119,6 +123,35 @@ def check_forward_backward(name: str, backend: str, per_member: bool, dev: torch
     diffs.append(max_diff(standalone, want[N - 1], "member(N-1) output"))
     what = f"{len(grads)} grads" + (f", {len(buffers)} buffers" if buffers else "")
     return f"max |diff| {max(diffs):.1e} ({what})"
+
+
+def check_folded_inference(per_member: bool, dev: torch.device) -> str:
+    """Eval-mode BatchNorm folded into its conv (inference), on the device, against the loop:
+    the fused program's ``ConvBatchNorm`` and auto's folded member loop, run directly."""
+    models = [m.eval() for m in members("cnn_bn", dev)]
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(7)
+        for m in models:  # running statistics far from (0, 1), so a wrong fold shows
+            for name, b in m.named_buffers():
+                if name.endswith("running_mean"):
+                    b.copy_(torch.randn_like(b))
+                elif name.endswith("running_var"):
+                    b.copy_(torch.rand_like(b) + 0.5)
+    ref = ve.Ensemble(copy.deepcopy(models), backend="loop").eval()
+    fused = ve.Ensemble(copy.deepcopy(models), backend="fused").eval()
+    x = inputs("cnn_bn", dev, per_member)
+    in_dims = 0 if per_member else None
+    with torch.no_grad():
+        want = ref(x, in_dims=in_dims)
+        diffs = [max_diff(fused(x, in_dims=in_dims), want, "fused output")]
+        if not fused.explain()["bn1"].startswith("fused: folded"):
+            raise CheckFailed(f"the fused program did not fold bn1: {fused.explain()['bn1']}")
+        call = Call(ref._template, N, (x,), {}, (in_dims,))
+        program = folded_program(call, FoldedPlan())
+        if program is None:
+            raise CheckFailed("no folded member forward was built")
+        diffs.append(max_diff(loop_forward(call, program.module), want, "folded loop output"))
+    return f"max |diff| {max(diffs):.1e} (fused program and folded loop)"
 
 
 class _Timeout(Exception):
@@ -285,6 +318,10 @@ def main(argv: list[str] | None = None) -> int:
                 feed = "per-member input" if per_member else "shared input"
                 check = functools.partial(check_forward_backward, model, backend, per_member, dev)
                 run(f"{model} ({MODELS[model]}) {backend}, {feed}", check, results)
+    for per_member in (False, True):
+        feed = "per-member input" if per_member else "shared input"
+        check = functools.partial(check_folded_inference, per_member, dev)
+        run(f"cnn_bn (eval, no_grad) BatchNorm folded, {feed}", check, results)
     run("MemberOptimizer(Adam, lr per member)", lambda: check_member_optimizer(dev), results)
     run("fit on the device vs the CPU", lambda: check_fit(dev), results)
     run("save/load round trip", lambda: check_save_load(dev), results)
