@@ -317,3 +317,26 @@ def test_the_fused_program_folds_eval_batchnorm_without_autograd(per_member):
     out.sum().backward(), expected.sum().backward()
     for name, p in ens.named_parameters():
         torch.testing.assert_close(p.grad, loop.get_parameter(name).grad, msg=name)
+
+
+def test_a_batchnorm_of_the_wrong_size_raises_as_in_the_loop_instead_of_broadcasting():
+    def net() -> nn.Module:
+        return nn.Sequential(nn.Conv2d(4, 1, 3, padding=1), nn.BatchNorm2d(4))  # 1 channel, 4 stats
+
+    x = torch.randn(5, 4, 6, 6)
+    with torch.no_grad():
+        with pytest.raises(RuntimeError, match="running_mean should contain 1 elements not 4"):
+            ve.Ensemble.from_factory(net, 3, backend="loop").eval()(x)
+        fused = ve.Ensemble.from_factory(net, 3, backend="fused").eval()
+        with pytest.raises(RuntimeError, match="running_mean should contain 1 elements not 4"):
+            fused(x)
+        assert folded_program(Call(fused._template, 3, (x,), {}, (None,)), FoldedPlan()) is None
+
+
+def test_nothing_folds_under_autocast():
+    ens, x = _ensemble(), _inputs()
+    ens.float()
+    with torch.no_grad():
+        assert folded_program(_call(ens, tuple(t.float() for t in x)), FoldedPlan()) is not None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert folded_program(_call(ens, tuple(t.float() for t in x)), FoldedPlan()) is None

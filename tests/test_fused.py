@@ -544,3 +544,33 @@ def test_float32_batchnorm_on_bfloat16_activations_keeps_the_activations_dtype(m
         torch.testing.assert_close(got, expected, atol=3e-2, rtol=3e-2)
         for key, b in ens.named_buffers():  # float32 running statistics, updated alike
             torch.testing.assert_close(b, loop.get_buffer(key), atol=1e-3, rtol=1e-3, msg=key)
+
+
+def test_batchnorm_that_stopped_tracking_leaves_its_buffers_alone_in_training():
+    def net() -> nn.Module:
+        return nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6))
+
+    ens = ve.Ensemble.from_factory(net, 3, backend="fused")
+    loop = ve.Ensemble.from_factory(net, 3, backend="loop")
+    for e in (ens, loop):
+        e.get_submodule("1").track_running_stats = False  # after construction: buffers remain
+    x = torch.randn(5, 4)
+    torch.testing.assert_close(ens(x), loop(x))
+    for key, b in ens.named_buffers():
+        torch.testing.assert_close(b, loop.get_buffer(key), msg=key)
+    assert torch.equal(ens.get_buffer("1.running_mean"), torch.zeros(3, 6))
+
+
+def test_a_batchnorm_given_the_wrong_number_of_dims_raises_as_the_layer_does():
+    def net() -> nn.Module:
+        return nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm1d(3))  # 4-D into BatchNorm1d
+
+    x = torch.randn(5, 2, 6, 6)
+    with pytest.raises(ValueError, match=r"expected 2D or 3D input \(got 4D input\)"):
+        ve.Ensemble.from_factory(net, 3, backend="loop")(x)
+    ens = ve.Ensemble.from_factory(net, 3, backend="fused")
+    before = {k: b.clone() for k, b in ens.named_buffers()}
+    with pytest.raises(ValueError, match=r"expected 2D or 3D input \(got 4D input\)"):
+        ens(x)
+    for key, b in ens.named_buffers():  # nothing updated on the way
+        torch.testing.assert_close(b, before[key], msg=key)

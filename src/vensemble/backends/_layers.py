@@ -25,6 +25,7 @@ __all__ = [
     "PARAM_FREE_ELEMENTWISE",
     "ConvBatchNorm",
     "Fused",
+    "foldable_batchnorm",
     "fused_layer_for",
 ]
 
@@ -229,6 +230,29 @@ class _Conv(Fused):
         return cands[autotune(key, cands, x.device)]()
 
 
+_BATCHNORM_DIMS = {nn.BatchNorm1d: (2, 3), nn.BatchNorm2d: (4,), nn.BatchNorm3d: (5,)}
+
+
+def foldable_batchnorm(w: Tensor, bn: Any) -> bool:
+    """Whether BatchNorm ``bn`` may be folded into the conv weight ``w`` now: eval mode with
+    running statistics, no autograd or autocast, one float32/float64 dtype (folding in a lower
+    precision, or across two, rounds differently from the loop), and as many statistics as
+    the conv has output channels (a mismatch must raise as the loop does, not broadcast).
+    ``w`` and the statistics both carry a leading member dim, or neither does."""
+    var = bn.running_var
+    if bn.training or bn.running_mean is None or var is None:
+        return False
+    dtype = w.dtype
+    return (
+        dtype in (torch.float32, torch.float64)
+        and var.dtype == dtype
+        and (bn.weight is None or bn.weight.dtype == dtype)
+        and var.shape[-1] == w.shape[var.ndim - 1]  # output channels
+        and not torch.is_grad_enabled()
+        and not torch.is_autocast_enabled(w.device.type)
+    )
+
+
 class _BatchNorm(Fused):
     how = "fused: per-member statistics on the stacked activations"
 
@@ -239,6 +263,10 @@ class _BatchNorm(Fused):
             raise ValueError(
                 f"expected a batch and a channel dim per member, got shape {tuple(x.shape[1:])}"
             )
+        dims = _BATCHNORM_DIMS.get(type(m))
+        if dims is not None and x.ndim - 1 not in dims:  # as the layer's own _check_input_dim
+            want = " or ".join(f"{d}D" for d in dims)
+            raise ValueError(f"expected {want} input (got {x.ndim - 1}D input)")
         shape_c = (self.n, 1, x.shape[2]) + (1,) * (x.ndim - 3)
         reduce = (1, *range(3, x.ndim))
         factor: float | Tensor = 0.0 if m.momentum is None else m.momentum
@@ -258,7 +286,7 @@ class _BatchNorm(Fused):
             stats = m.running_mean if m.running_mean is not None else m.weight
             xs = x if stats is None or stats.dtype == x.dtype else x.to(stats.dtype)
             var, mean = torch.var_mean(xs, dim=reduce, correction=0)  # (N, C)
-            if m.training and m.running_mean is not None:
+            if m.training and m.track_running_stats and m.running_mean is not None:
                 with torch.no_grad():
                     m.running_mean.lerp_(mean, factor)
                     m.running_var.lerp_(var * (count / max(count - 1, 1)), factor)
@@ -297,17 +325,7 @@ class ConvBatchNorm:
         conv, bn, m = self.conv, self.bn, self.bn.orig
         w = conv.orig.weight  # (N, O, C/g, *k)
         full = x.ndim - conv.batched[0] == w.ndim - 1  # a batch dim: BN's channels are O
-        dtype = w.dtype
-        if (
-            not full
-            or m.training
-            or m.running_mean is None
-            or m.running_var is None
-            or dtype not in (torch.float32, torch.float64)
-            or m.running_var.dtype != dtype
-            or (m.weight is not None and m.weight.dtype != dtype)
-            or torch.is_grad_enabled()
-        ):
+        if not full or not foldable_batchnorm(w, m):
             return bn.forward(conv.forward(x))
         scale = torch.rsqrt(m.running_var + m.eps)  # (N, O)
         if m.weight is not None:

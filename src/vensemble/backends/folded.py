@@ -24,6 +24,7 @@ import torch.fx as fx
 from torch import Tensor, nn
 
 from ._call import Call
+from ._layers import foldable_batchnorm
 from .fused import Untraceable, _trace
 
 __all__ = ["FoldedPlan", "folded_program"]
@@ -45,19 +46,8 @@ class _ConvBN:
         self.name = name  # "conv path -> bn path", for explain()
 
     def foldable(self) -> bool:
-        """Whether a call now would fold (else it runs the two layers): eval mode, running
-        statistics, no autograd, and the conv and the BatchNorm in one float32/float64 dtype
-        (folding in a lower precision, or across two, would round differently from the loop)."""
-        bn = self.bn
-        if bn.training or bn.running_mean is None or bn.running_var is None:
-            return False
-        dtype = self.conv.weight.dtype
-        return (
-            dtype in (torch.float32, torch.float64)
-            and bn.running_var.dtype == dtype
-            and (bn.weight is None or bn.weight.dtype == dtype)
-            and not torch.is_grad_enabled()
-        )
+        """Whether a call now would fold (else it runs the two layers)."""
+        return foldable_batchnorm(self.conv.weight, self.bn)
 
     def forward(self, x: Tensor) -> Tensor:
         conv, bn = self.conv, self.bn
