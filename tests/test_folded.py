@@ -340,3 +340,58 @@ def test_nothing_folds_under_autocast():
         assert folded_program(_call(ens, tuple(t.float() for t in x)), FoldedPlan()) is not None
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert folded_program(_call(ens, tuple(t.float() for t in x)), FoldedPlan()) is None
+
+
+class _Block(nn.Module):
+    """A residual block as torchvision writes it: in-place ReLU, a conv + BN shortcut."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        return self.relu(self.bn2(self.conv2(out)) + self.down(x))
+
+
+class _ResNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, 4, 3, 1, 1, bias=False), nn.BatchNorm2d(4), nn.ReLU()
+        )
+        self.block = _Block(4, 6, 2)
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.block(self.stem(x)).mean((-2, -1)))
+
+
+@pytest.mark.parametrize("backend", ["auto", "fused"])
+def test_a_residual_network_folds_every_pair_and_equals_the_loop(backend, monkeypatch):
+    _forced_folded(monkeypatch)
+    ens = ve.Ensemble.from_factory(_ResNet, 3, backend=backend).double().eval()
+    with torch.no_grad():
+        for name, b in ens.named_buffers():
+            if name.endswith("running_mean"):
+                b.copy_(torch.randn_like(b) * 0.3)
+            elif name.endswith("running_var"):
+                b.copy_(torch.rand_like(b) + 0.5)
+    loop = ve.Ensemble.from_factory(_ResNet, 3, backend="loop").double().eval()
+    loop.load_state_dict(ens.state_dict())
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    xs = torch.randn(3, 2, 3, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(ens(x), loop(x), atol=1e-12, rtol=1e-10)
+        torch.testing.assert_close(ens(xs, in_dims=0), loop(xs, in_dims=0), atol=1e-12, rtol=1e-10)
+    pairs = ["stem.1", "block.bn1", "block.bn2", "block.down.1"]
+    if backend == "auto":
+        assert ens._last_choice[0] == "folded"
+        assert len(ens._folded.last.pairs) == len(pairs)
+    else:
+        assert all(ens.explain()[p].startswith("fused: folded") for p in pairs)
