@@ -8,9 +8,11 @@ in-place edits show through):
     s = gamma / sqrt(running_var + eps)        w' = w * s        b' = (b - running_mean) * s + beta
 
 One pass over the activations fewer per pair, and a ReLU after it runs in place. On a CPU,
-where ``auto`` runs a convolutional ensemble member by member, an 8-member CNN took 0.66x the
-loop's time (see BENCHMARKS.md). With autograd on, a BatchNorm in training mode, or one without
-running statistics, the pair runs as the two layers: the result is the loop's.
+where ``auto`` runs a convolutional ensemble member by member, the benchmark's 8-member CNN
+took 0.73x the plain loop's time (see BENCHMARKS.md). Where folding would not compute what the
+loop computes to float rounding (autograd or autocast on, a BatchNorm in training mode or
+without running statistics, a lower or mixed precision, a channel-count mismatch, an unbatched
+input), the pair runs as the two layers.
 """
 
 from __future__ import annotations
