@@ -25,7 +25,7 @@ from .backends import (
     strict_vmap_forward,
 )
 from .backends._autotune import measure_paths, measuring_allowed
-from .backends._call import state_device
+from .backends._call import copy_buffers, restore_buffers, state_device
 from .backends.folded import FoldedPlan, folded_program
 from .backends.fused import (
     FusedPlan,
@@ -375,10 +375,9 @@ class Ensemble(nn.Module):
                 if timings
                 else "deterministic algorithms: not measured"
             )
-            out["(auto)"] = f"{path} ({why}); the vectorized path:"
-            program = self._folded.last if path == "folded" else None
-            if program is not None:
-                out["(auto)"] = f"{path} ({why}): {program.describe()}; the vectorized path:"
+            folded = self._folded.last if path == "folded" else None
+            what = "" if folded is None else f": {folded.describe()}"
+            out["(auto)"] = f"{path} ({why}){what}; the vectorized path:"
         last = self._fused.last
         if self.backend in ("auto", "fused") and last is not None:
             if isinstance(last, str):
@@ -516,15 +515,13 @@ class Ensemble(nn.Module):
         """Run a remembered fused program; ``_MISS`` when it raised (the buffers are restored,
         and the full path then decides what the failure means)."""
         program, choice, save_buffers = entry
-        saved = [b.detach().clone() for b in self._template.buffers()] if save_buffers else None
+        saved = copy_buffers(self._template) if save_buffers else None
         dynamic = args if not in_dims else tuple([a.movedim(in_dims, 0) for a in args])
         try:
             out = program(*dynamic, compile_options=self._fused.compile_options)
         except Exception:
             if saved is not None:
-                with torch.no_grad():
-                    for b, old in zip(self._template.buffers(), saved):
-                        b.copy_(old)
+                restore_buffers(self._template, saved)
             self._fast.clear()
             return _MISS
         self._fused.last = program

@@ -12,7 +12,14 @@ import torch
 import torch.utils._pytree as pytree
 from torch import Tensor, nn
 
-__all__ = ["Call", "stack_outputs", "state_device", "vmap_friendly_kernels"]
+__all__ = [
+    "Call",
+    "copy_buffers",
+    "restore_buffers",
+    "stack_outputs",
+    "state_device",
+    "vmap_friendly_kernels",
+]
 
 
 @dataclass
@@ -61,12 +68,22 @@ class Call:
 
     def snapshot_buffers(self) -> dict[str, Tensor]:
         """Copies of the buffers, to undo in-place updates of a failed attempt."""
-        return {k: b.detach().clone() for k, b in self.template.named_buffers()}
+        return copy_buffers(self.template)
 
     def restore_buffers(self, snapshot: dict[str, Tensor]) -> None:
-        with torch.no_grad():
-            for k, b in self.template.named_buffers():
-                b.copy_(snapshot[k])
+        restore_buffers(self.template, snapshot)
+
+
+def copy_buffers(module: nn.Module) -> dict[str, Tensor]:
+    """Copies of ``module``'s buffers by name (see :func:`restore_buffers`)."""
+    return {k: b.detach().clone() for k, b in module.named_buffers()}
+
+
+def restore_buffers(module: nn.Module, snapshot: dict[str, Tensor]) -> None:
+    """Write a :func:`copy_buffers` snapshot back into ``module``'s buffers, in place."""
+    with torch.no_grad():
+        for k, b in module.named_buffers():
+            b.copy_(snapshot[k])
 
 
 def stack_outputs(outputs: list[Any]) -> Any:

@@ -25,6 +25,8 @@ __all__ = [
     "PARAM_FREE_ELEMENTWISE",
     "ConvBatchNorm",
     "Fused",
+    "batchnorm_affine",
+    "fold_batchnorm",
     "foldable_batchnorm",
     "fused_layer_for",
 ]
@@ -253,6 +255,27 @@ def foldable_batchnorm(w: Tensor, bn: Any) -> bool:
     )
 
 
+def batchnorm_affine(bn: Any, mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor]:
+    """``(scale, shift)`` per channel with ``bn(x) = x * scale + shift`` for statistics
+    ``mean``/``var`` (each ``(N, C)`` for a stacked BatchNorm, ``(C,)`` for a member's)."""
+    scale = torch.rsqrt(var + bn.eps)
+    shift = -mean * scale
+    if bn.affine:
+        scale = scale * bn.weight
+        shift = torch.addcmul(bn.bias, shift, bn.weight)
+    return scale, shift
+
+
+def fold_batchnorm(w: Tensor, b: Tensor | None, bn: Any) -> tuple[Tensor, Tensor]:
+    """The conv weight and bias with eval-mode BatchNorm ``bn`` folded in (see
+    :func:`foldable_batchnorm`): ``w * scale`` and ``b * scale + shift`` per output channel.
+    ``w`` and ``bn``'s tensors both carry a leading member dim, or neither does; the product
+    keeps ``w``'s memory format (channels-last stays channels-last)."""
+    scale, shift = batchnorm_affine(bn, bn.running_mean, bn.running_var)
+    w = w * scale.view(*scale.shape, *([1] * (w.ndim - scale.ndim)))
+    return w, shift if b is None else torch.addcmul(shift, b, scale)
+
+
 class _BatchNorm(Fused):
     how = "fused: per-member statistics on the stacked activations"
 
@@ -292,11 +315,7 @@ class _BatchNorm(Fused):
                     m.running_var.lerp_(var * (count / max(count - 1, 1)), factor)
         else:
             mean, var = m.running_mean, m.running_var
-        scale = torch.rsqrt(var + m.eps)  # (N, C): y = x * scale + shift, one pass over x
-        shift = -mean * scale
-        if m.affine:
-            scale = scale * m.weight
-            shift = torch.addcmul(m.bias, shift, m.weight)
+        scale, shift = batchnorm_affine(m, mean, var)  # (N, C) each: one pass over x
         y = torch.addcmul(shift.view(shape_c), x, scale.view(shape_c))
         # float32 statistics on a lower-precision activation (mixed precision): the loop's
         # batch_norm returns the activation's dtype
@@ -327,13 +346,7 @@ class ConvBatchNorm:
         full = x.ndim - conv.batched[0] == w.ndim - 1  # a batch dim: BN's channels are O
         if not full or not foldable_batchnorm(w, m):
             return bn.forward(conv.forward(x))
-        scale = torch.rsqrt(m.running_var + m.eps)  # (N, O)
-        if m.weight is not None:
-            scale = scale * m.weight
-        b = conv.orig.bias
-        mean = m.running_mean if b is None else m.running_mean - b
-        shift = -mean * scale if m.bias is None else torch.addcmul(m.bias, mean, scale, value=-1)
-        return conv.run(x, w * scale.view(*scale.shape, *([1] * (w.ndim - 2))), shift)
+        return conv.run(x, *fold_batchnorm(w, conv.orig.bias, m))
 
 
 class _LayerNorm(Fused):

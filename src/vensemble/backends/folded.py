@@ -7,9 +7,9 @@ in-place edits show through):
 
     s = gamma / sqrt(running_var + eps)        w' = w * s        b' = (b - running_mean) * s + beta
 
-One pass over the activations fewer per pair, and a ReLU after it runs in place. On a CPU,
-where ``auto`` runs a convolutional ensemble member by member, the benchmark's 8-member CNN
-took 0.73x the plain loop's time (see BENCHMARKS.md). Where folding would not compute what the
+One pass over the activations fewer per pair, and a ReLU (Tanh, Sigmoid) after it runs in
+place. On a CPU, where ``auto`` runs a convolutional ensemble member by member, the benchmark's
+8-member CNN took 0.73x the plain loop's time (see BENCHMARKS.md). Where folding would not compute what the
 loop computes to float rounding (autograd or autocast on, a BatchNorm in training mode or
 without running statistics, a lower or mixed precision, a channel-count mismatch, an unbatched
 input), the pair runs as the two layers.
@@ -26,8 +26,8 @@ import torch.fx as fx
 from torch import Tensor, nn
 
 from ._call import Call
-from ._layers import foldable_batchnorm
-from .fused import Untraceable, _trace
+from ._layers import fold_batchnorm, foldable_batchnorm
+from .fused import Untraceable, _trace, activations_in_place, sole_input
 
 __all__ = ["FoldedPlan", "folded_program"]
 
@@ -57,20 +57,7 @@ class _ConvBN:
         # as the batch, not the channels, so it runs as is
         if x.ndim != conv.weight.ndim or not self.foldable():
             return bn(conv(x))
-        scale = torch.rsqrt(bn.running_var + bn.eps)  # (C_out,)
-        if bn.weight is not None:
-            scale = scale * bn.weight
-        mean = bn.running_mean if conv.bias is None else bn.running_mean - conv.bias
-        shift = -mean * scale if bn.bias is None else torch.addcmul(bn.bias, mean, scale, value=-1)
-        w = conv.weight
-        # (the product keeps the weight's memory format: channels-last stays channels-last)
-        return conv._conv_forward(x, w * scale.view(-1, *([1] * (w.ndim - 1))), shift)
-
-
-def _single_input_of(node: fx.Node) -> fx.Node | None:
-    if len(node.args) == 1 and not node.kwargs and isinstance(node.args[0], fx.Node):
-        return node.args[0]
-    return None
+        return conv._conv_forward(x, *fold_batchnorm(conv.weight, conv.bias, bn))
 
 
 def _fold(graph: fx.Graph, template: nn.Module) -> list[_ConvBN]:
@@ -79,12 +66,12 @@ def _fold(graph: fx.Graph, template: nn.Module) -> list[_ConvBN]:
     for bn_node in list(graph.nodes):
         if bn_node.op != "call_module":
             continue
-        conv_node = _single_input_of(bn_node)
+        conv_node = sole_input(bn_node)
         if conv_node is None or conv_node.op != "call_module" or len(conv_node.users) != 1:
             continue
         conv = template.get_submodule(str(conv_node.target))
         bn = template.get_submodule(str(bn_node.target))
-        if _PAIRS.get(type(conv)) is not type(bn) or _single_input_of(conv_node) is None:
+        if _PAIRS.get(type(conv)) is not type(bn) or sole_input(conv_node) is None:
             continue
         pair = _ConvBN(conv, bn, f"{conv_node.target} -> {bn_node.target}")
         with graph.inserting_before(bn_node):
@@ -94,26 +81,6 @@ def _fold(graph: fx.Graph, template: nn.Module) -> list[_ConvBN]:
         graph.erase_node(conv_node)
         pairs.append(pair)
     return pairs
-
-
-def _relu_in_place(graph: fx.Graph, template: nn.Module) -> None:
-    """A ReLU whose input is a folded pair's output, read by nothing else, overwrites it."""
-    for node in list(graph.nodes):
-        plain = not node.kwargs or dict(node.kwargs) == {"inplace": False}  # F.relu's traced form
-        source = node.args[0] if len(node.args) == 1 and plain else None
-        if not isinstance(source, fx.Node) or len(source.users) != 1:
-            continue
-        if not isinstance(getattr(source.target, "__self__", None), _ConvBN):
-            continue
-        if node.op == "call_module":
-            relu = type(template.get_submodule(str(node.target))) is nn.ReLU
-        else:
-            relu = node.op == "call_function" and node.target in (torch.relu, nn.functional.relu)
-        if relu:
-            with graph.inserting_before(node):
-                in_place = graph.call_function(torch.relu_, (source,))
-            node.replace_all_uses_with(in_place)
-            graph.erase_node(node)
 
 
 @dataclass
@@ -151,7 +118,7 @@ def _build(template: nn.Module) -> FoldedProgram | str:
     pairs = _fold(graph, template)
     if not pairs:
         return "no convolution followed by its BatchNorm"
-    _relu_in_place(graph, template)
+    activations_in_place(graph, fresh=(_ConvBN,), root=template)
     return FoldedProgram(fx.GraphModule(template, graph, class_name="FoldedMember"), pairs)
 
 
@@ -161,6 +128,7 @@ class FoldedPlan:
 
     programs: dict[Any, FoldedProgram | str] = field(default_factory=dict)
     last: FoldedProgram | None = None  # what the latest call got
+    modules: list[nn.Module] = field(default_factory=list)  # the template's, listed once
 
     def __deepcopy__(self, memo: dict[int, Any]) -> FoldedPlan:
         """Programs refer to the template they were traced from: a copy starts afresh."""
@@ -182,8 +150,9 @@ def folded_program(call: Call, plan: FoldedPlan) -> FoldedProgram | None:
     plan.last = None
     if torch.is_grad_enabled() or not call.tensor_args:
         return None
-    modules = list(call.template.modules())
-    key = (len(call.args), tuple([m.training for m in modules]))  # traced code may read .training
+    if not plan.modules:
+        plan.modules = list(call.template.modules())
+    key = (len(call.args), tuple([m.training for m in plan.modules]))  # code may read .training
     program = plan.programs.get(key)
     if program is None:
         program = _build(call.template)

@@ -35,9 +35,12 @@ __all__ = [
     "FusedPlan",
     "FusedProgram",
     "Untraceable",
+    "activations_in_place",
     "build_program",
     "fused_forward",
+    "hooks_registered",
     "signature_key",
+    "sole_input",
 ]
 
 _RANDOM_MODULES = (
@@ -452,7 +455,7 @@ def build_program(call: Call, key: Hashable) -> FusedProgram:
             new.output(out(node.args[0]))
     _call_forward_directly(new, root)
     _fold_batchnorms(new)
-    _activations_in_place(new)
+    activations_in_place(new)
     module = fx.GraphModule(root, new, class_name="FusedMembers")
     return FusedProgram(module, parts)
 
@@ -492,18 +495,23 @@ def _named_forward(module: nn.Module) -> Any:
     return fn
 
 
+def sole_input(node: fx.Node) -> fx.Node | None:
+    """The node whose output is ``node``'s one argument (no other arguments), or ``None``."""
+    if len(node.args) == 1 and not node.kwargs and isinstance(node.args[0], fx.Node):
+        return node.args[0]
+    return None
+
+
 def _fold_batchnorms(graph: fx.Graph) -> None:
     """A batched conv whose output only a BatchNorm reads becomes one ``ConvBatchNorm``
     (folded in eval mode without autograd)."""
     for node in list(graph.nodes):
         bn = getattr(node.target, "__self__", None)
-        if node.op != "call_function" or not isinstance(bn, _BatchNorm) or node.kwargs:
+        source = sole_input(node) if node.op == "call_function" else None
+        if not isinstance(bn, _BatchNorm) or source is None or len(source.users) != 1:
             continue
-        source = node.args[0] if len(node.args) == 1 else None
-        conv = getattr(getattr(source, "target", None), "__self__", None)
-        if not isinstance(source, fx.Node) or not isinstance(conv, _Conv) or len(source.users) != 1:
-            continue
-        if source.kwargs or len(source.args) != 1:
+        conv = getattr(source.target, "__self__", None)
+        if not isinstance(conv, _Conv) or sole_input(source) is None:
             continue
         pair = ConvBatchNorm(conv, bn)
         with graph.inserting_before(node):
@@ -524,21 +532,38 @@ _IN_PLACE = {
     torch.tanh: torch.tanh_,
     torch.sigmoid: torch.sigmoid_,
 }
+_IN_PLACE_MODULES = {nn.ReLU: torch.relu_, nn.Tanh: torch.tanh_, nn.Sigmoid: torch.sigmoid_}
 
 
-def _activations_in_place(graph: fx.Graph) -> None:
-    for node in graph.nodes:
-        if node.op != "call_function" or node.target not in _IN_PLACE:
+def activations_in_place(
+    graph: fx.Graph, fresh: tuple[type, ...] = FRESH_OUTPUT, root: nn.Module | None = None
+) -> None:
+    """Make each activation whose input only it reads, and which a ``fresh`` producer's bound
+    ``forward`` made (new memory, never a view), overwrite that input.
+
+    ``root``: the module the graph's ``call_module`` targets live in; its ``nn.ReLU``,
+    ``nn.Tanh`` and ``nn.Sigmoid`` modules count too (a member's traced forward keeps them).
+    """
+    for node in list(graph.nodes):
+        if node.op == "call_function":
+            in_place = _IN_PLACE.get(node.target)
+        elif node.op == "call_module" and root is not None:
+            module = root.get_submodule(str(node.target))
+            in_place = (
+                None if getattr(module, "inplace", False) else _IN_PLACE_MODULES.get(type(module))
+            )
+        else:
             continue
         plain = not node.kwargs or dict(node.kwargs) == {"inplace": False}
-        if not plain or len(node.args) != 1 or not isinstance(node.args[0], fx.Node):
+        source = node.args[0] if len(node.args) == 1 and plain else None
+        if in_place is None or not isinstance(source, fx.Node) or len(source.users) != 1:
             continue
-        source = node.args[0]
         producer = getattr(source.target, "__self__", None)  # a wrapper's bound forward
-        fresh = source.op == "call_function" and isinstance(producer, FRESH_OUTPUT)
-        if fresh and len(source.users) == 1:
-            node.target = _IN_PLACE[node.target]
-            node.kwargs = {}
+        if source.op == "call_function" and isinstance(producer, fresh):
+            with graph.inserting_before(node):
+                replacement = graph.call_function(in_place, (source,))
+            node.replace_all_uses_with(replacement)
+            graph.erase_node(node)
 
 
 class _Attr(nn.Module):

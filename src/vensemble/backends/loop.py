@@ -41,16 +41,17 @@ def loop_forward(call: Call, forward: Callable[..., Any] | None = None) -> Any:
     # every member's view of each stacked tensor in one call (a tensor tied in two slots is
     # split once): cheaper than a select per member and tensor, and its backward stacks the
     # members' gradients once instead of adding N zero-padded ones
-    members = {id(t): t.unbind(0) for _, _, t in slots}
-    plan = [(d, k, members[id(t)]) for d, k, t in slots]
+    unique = {id(t): t for _, _, t in slots}
+    views = {key: t.unbind(0) for key, t in unique.items()}
+    plan = [(d, k, views[id(t)]) for d, k, t in slots]
     run = call.template if forward is None else forward
     outputs = []
     try:
         for i in range(call.n):
             if start is not None:
                 torch.set_rng_state(start)
-            for d, k, views in plan:
-                d[k] = views[i]
+            for d, k, member_views in plan:
+                d[k] = member_views[i]
             outputs.append(run(*call.member_args(i), **call.kwargs))
     finally:
         for d, k, t in slots:
