@@ -101,22 +101,22 @@ def _fast_plan(loss_fn: LossFn) -> tuple[Callable[..., Tensor], str, str, int] |
     if isinstance(loss_fn, nn.Module):
         return _module_call(loss_fn)
     try:
-        plan = _FUNCTION_PLANS.get(loss_fn)
-        kind = _FAST_FUNCTIONS.get(loss_fn) if plan is None else None
+        return _FUNCTION_PLANS.get(loss_fn)
     except TypeError:  # an unhashable callable object
         return None
-    if plan is not None or kind is None:
-        return plan
 
+
+def _unreduced(fn: Callable[..., Tensor]) -> Callable[[Tensor, Tensor], Tensor]:
     def call(o: Tensor, y: Tensor) -> Tensor:
-        return loss_fn(o, y, reduction="none")
+        return fn(o, y, reduction="none")
 
-    plan = _FUNCTION_PLANS[loss_fn] = (call, kind, "mean", -100)
-    return plan
+    return call
 
 
-# plans of plain loss functions (F.cross_entropy, ...), built once: a loss runs every step
-_FUNCTION_PLANS: dict[Any, tuple[Callable[..., Tensor], str, str, int]] = {}
+# the plans of the plain loss functions above, built once at import: a loss runs every step
+_FUNCTION_PLANS: dict[Any, tuple[Callable[..., Tensor], str, str, int]] = {
+    fn: (_unreduced(fn), kind, "mean", -100) for fn, kind in _FAST_FUNCTIONS.items()
+}
 
 
 def _fast_member_loss(
