@@ -178,3 +178,85 @@ def test_the_fast_path_remembers_a_bounded_number_of_call_shapes():
         x = torch.randn(batch, 6)
         torch.testing.assert_close(ens(x), loop(x), atol=1e-6, rtol=1e-5)
         assert len(ens._fast) <= limit
+
+
+def test_a_hook_elsewhere_costs_one_recheck_and_keeps_the_fast_path(full_path_calls):
+    ens = ve.Ensemble.from_factory(_mlp, 3, backend="fused").eval()
+    loop = ve.Ensemble.from_factory(_mlp, 3, backend="loop").eval()
+    x = torch.randn(5, 6)
+    ens(x), ens(x)
+    assert len(full_path_calls) == 1
+    seen: list[int] = []
+    other = nn.Linear(2, 2)  # not a module of ens: a new hook handle anywhere forces a recheck
+    handle = other.register_forward_hook(lambda m, i, o: seen.append(1))
+    try:
+        torch.testing.assert_close(ens(x), loop(x), atol=1e-6, rtol=1e-5)
+        assert len(full_path_calls) == 1  # rechecked, found nothing of its own: still fast
+        layer = ens.get_submodule("3")  # now one of its own, after that recheck
+        inner = layer.register_forward_hook(lambda m, i, o: seen.append(2))
+        try:
+            torch.testing.assert_close(ens(x), loop(x), atol=1e-6, rtol=1e-5)
+            assert seen == [2, 2, 2]  # once per member, as the loop runs it
+        finally:
+            inner.remove()
+    finally:
+        handle.remove()
+    seen.clear()
+    ens(x)
+    assert not seen and ens.explain()["3"].startswith("fused")
+
+
+class _TrainingLinear(nn.Linear):
+    """A Linear subclass whose forward reads ``self.training``: its flag must be watched."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x) + (1.0 if self.training else -1.0)
+
+
+class _ModeMLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Linear(6, 8)
+        self.head = _TrainingLinear(8, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(torch.relu(self.inner(x)))
+
+
+def test_only_training_flags_a_program_can_read_leave_the_fast_path(full_path_calls):
+    torch.manual_seed(0)
+    ens = ve.Ensemble.from_factory(_ModeMLP, 3, backend="fused")
+    x = torch.randn(5, 6)
+
+    def loop_out() -> Tensor:
+        return torch.stack([m(x) for m in ens.unstack()])  # members carry the flags too
+
+    ens(x), ens(x)
+    assert len(full_path_calls) == 1
+    ens.get_submodule("inner").eval()  # nn.Linear's forward never reads it: still fast
+    torch.testing.assert_close(ens(x), loop_out(), atol=1e-6, rtol=1e-5)
+    assert len(full_path_calls) == 1
+    ens.get_submodule("head").eval()  # a subclass may read it (this one does)
+    torch.testing.assert_close(ens(x), loop_out(), atol=1e-6, rtol=1e-5)
+    assert len(full_path_calls) == 2
+    assert ens(x)[0, 0, 0] < loop_out()[0, 0, 0] + 1.5  # the eval branch's -1, not the +1
+
+
+def test_inference_runs_the_programs_no_autograd_entries_and_equals_the_loop():
+    ens = ve.Ensemble.from_factory(_mlp, 4, backend="fused").eval()
+    loop = ve.Ensemble.from_factory(_mlp, 4, backend="loop").eval()
+    loop.load_state_dict(ens.state_dict())
+    x = torch.randn(5, 6)
+    with torch.no_grad():
+        for _ in range(2):
+            torch.testing.assert_close(ens(x), loop(x), atol=1e-6, rtol=1e-5)
+        program = ens._fused.last
+        assert program.no_grad is not None
+        assert "forward_no_grad" in program.no_grad.code
+        flat = torch.cat([p.reshape(-1) for p in ens.parameters()])  # (in-major: not views)
+        torch.nn.utils.vector_to_parameters(flat * 0.5, ens.parameters())  # swaps .data
+        torch.nn.utils.vector_to_parameters(flat * 0.5, loop.parameters())
+        torch.testing.assert_close(ens(x), loop(x), atol=1e-6, rtol=1e-5)
+    out = ens(x)  # with autograd: the general program, gradients flow
+    out.sum().backward()
+    assert all(p.grad is not None for p in ens.parameters())

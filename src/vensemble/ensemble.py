@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import operator
 import textwrap
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -11,6 +12,7 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 from ._errors import EnsembleError
 from ._layout import use_kernel_layout
@@ -26,12 +28,16 @@ from .backends import (
 )
 from .backends._autotune import measure_paths, measuring_allowed
 from .backends._call import copy_buffers, restore_buffers, state_device
+from .backends._layers import TRAINING_AGNOSTIC
 from .backends.folded import FoldedPlan, folded_program
 from .backends.fused import (
+    GLOBAL_HOOK_DICTS,
     FusedPlan,
     FusedProgram,
     Untraceable,
+    contiguous_outputs,
     fused_forward,
+    hook_dicts,
     hooks_registered,
 )
 from .backends.select import check_loop_runs, raise_if_randomness_error, snapshot_buffers
@@ -51,8 +57,11 @@ _MARGIN = 0.85
 
 # A fast-path entry: the program, auto's choice (for explain) and whether buffers are saved
 # first (training mode with buffers: a failed call must not leave running stats half updated)
-_FastEntry = tuple[FusedProgram, "tuple[str, dict[str, float]] | None", bool]
+# (the program, auto's choice, whether to snapshot buffers, what runs the program)
+_FastEntry = tuple[FusedProgram, "tuple[str, dict[str, float]] | None", bool, Callable[..., Any]]
 _MISS = object()
+_is_compiling = torch.compiler.is_compiling  # one lookup fewer per call (dynamo knows it)
+_TRAINING = operator.attrgetter("training")  # map() over modules: no bytecode per module
 _FAST_MAX_ENTRIES = 64  # call keys remembered at most (a key per input shape, mode, ...)
 _HOOKED: tuple[str, dict[str, float]] = ("loop", {})  # _last_choice when hooks made it the loop
 
@@ -210,6 +219,10 @@ class Ensemble(nn.Module):
         self._last_choice: tuple[str, dict[str, float]] | None = None
         self._fast = _FastPaths()
         self._module_list = list(template.modules())
+        self._hook_dicts = hook_dicts(self._module_list)
+        self._hooks_checked_at = -1  # RemovableHandle.next_id when no hook was found
+        # the modules whose training flag a program may depend on
+        self._mode_modules = [m for m in self._module_list if type(m) not in TRAINING_AGNOSTIC]
         self.training = template.training
 
     @classmethod
@@ -450,8 +463,9 @@ class Ensemble(nn.Module):
             The members' outputs stacked: a tensor ``(N, ...)``, or the member's tuple/dict
             structure with each tensor stacked.
         """
-        hooked = hooks_registered(self._module_list)  # fused programs would skip them
-        fast_key = None if kwargs or hooked else self._fast_key(args, in_dims)
+        fast_key = None if kwargs else self._fast_key(args, in_dims)
+        # fused programs would skip hooks (the fast key is None where one is registered)
+        hooked = fast_key is None and hooks_registered(self._module_list)
         if fast_key is not None:
             entry = self._fast.get(fast_key)
             if entry is not None:
@@ -490,10 +504,18 @@ class Ensemble(nn.Module):
     # interpreter's own data out of cache: on 100 small members they added 10-15% to a call.
 
     def _fast_key(self, args: tuple[Any, ...], in_dims: Any) -> tuple[Any, ...] | None:
-        """What the fast path is keyed on; ``None`` where it does not apply (the caller has
-        checked that no module hook is registered)."""
-        if not (in_dims is None or type(in_dims) is int) or torch.compiler.is_compiling():
+        """What the fast path is keyed on; ``None`` where it does not apply (a module hook is
+        registered, ``in_dims`` is a tuple, an input is not a tensor, or under torch.compile)."""
+        if not (in_dims is None or type(in_dims) is int) or _is_compiling():
             return None
+        # Registering any hook anywhere numbers a new RemovableHandle: while that count stands
+        # still, the modules are still hook-free, with no walk over them (9 us once a batched
+        # layer has pushed them out of the CPU's cache).
+        stamp = RemovableHandle.next_id
+        if stamp != self._hooks_checked_at:
+            if any(GLOBAL_HOOK_DICTS) or any(self._hook_dicts):
+                return None
+            self.__dict__["_hooks_checked_at"] = stamp
         described = []
         for a in args:
             if type(a) is not Tensor and type(a) is not nn.Parameter:
@@ -507,18 +529,19 @@ class Ensemble(nn.Module):
             self.backend,
             self.randomness,
             self.chunk_size,
-            tuple([m.training for m in self._module_list]),
+            tuple(map(_TRAINING, self._mode_modules)),
             *described,
         )
 
     def _run_fast(self, entry: _FastEntry, args: tuple[Any, ...], in_dims: int | None) -> Any:
         """Run a remembered fused program; ``_MISS`` when it raised (the buffers are restored,
         and the full path then decides what the failure means)."""
-        program, choice, save_buffers = entry
+        program, choice, save_buffers, run = entry
         saved = copy_buffers(self._template) if save_buffers else None
         dynamic = args if not in_dims else tuple([a.movedim(in_dims, 0) for a in args])
         try:
-            out = program(*dynamic, compile_options=self._fused.compile_options)
+            out = run(*dynamic)
+            out = out.contiguous() if type(out) is Tensor else contiguous_outputs(out)
         except Exception:
             if saved is not None:
                 restore_buffers(self._template, saved)
@@ -551,7 +574,8 @@ class Ensemble(nn.Module):
                     if len(self._fast) >= _FAST_MAX_ENTRIES:  # shapes that keep changing
                         self._fast.clear()
                     choice = self._last_choice if self.backend == "auto" else None
-                    self._fast[fast_key] = (program, choice, snapshot is not None)
+                    run = program.runner(self._fused.compile_options, torch.is_grad_enabled())
+                    self._fast[fast_key] = (program, choice, snapshot is not None, run)
                 return out
         return auto_forward(call, self._plan)
 

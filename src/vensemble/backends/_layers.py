@@ -19,10 +19,13 @@ from torch.nn.utils import parametrize
 from .._layout import in_major
 from ._autotune import autotune
 
+_is_compiling = torch.compiler.is_compiling  # one lookup fewer per call (dynamo knows it)
+
 __all__ = [
     "FRESH_OUTPUT",
     "FUSED_LAYERS",
     "PARAM_FREE_ELEMENTWISE",
+    "TRAINING_AGNOSTIC",
     "ConvBatchNorm",
     "Fused",
     "batchnorm_affine",
@@ -107,11 +110,31 @@ class _Linear(Fused):
     def forward(self, x: Tensor) -> Tensor:
         params = self.orig._parameters
         w, b = params["weight"], params["bias"]  # (N, out, in), (N, out)
-        compiling = torch.compiler.is_compiling()
+        compiling = _is_compiling()
         operands = self._operands(w, b, cache=not (compiling or torch.is_grad_enabled()))
         if operands is None:
             return self._out_major(x, w, b)
-        wt, bu = operands  # y = x @ W^T with W^T contiguous: hand-batched code's layout
+        return self._batched_linear(x, *operands, compiling)
+
+    def forward_no_grad(self, x: Tensor) -> Tensor:
+        """``forward`` in eager mode without autograd (the caller knows): the cached operand
+        views straight away while the parameters are the same tensors on the same storage."""
+        c = self._views
+        params = self.orig._parameters
+        w, b = params["weight"], params["bias"]
+        if (
+            c is None
+            or c[0] is not w
+            or c[2] is not b
+            or c[1] != w.data_ptr()
+            or (b is not None and c[3] != b.data_ptr())
+        ):
+            return self.forward(x)
+        return self._batched_linear(x, c[4], c[5], False)
+
+    def _batched_linear(self, x: Tensor, wt: Tensor, bu: Tensor | None, compiling: bool) -> Tensor:
+        """``y = x @ W^T + b`` with ``wt`` = W^T ``(N, in, out)`` contiguous (hand-batched
+        code's layout) and ``bu`` the bias ``(N, 1, out)``."""
         # (N, B, in) for the GEMM; the common shapes first: the per-call Python of a layer is
         # much of what a small ensemble costs (one reshape fewer: ~1 us of ~5 per layer)
         ndim = x.ndim
@@ -517,6 +540,36 @@ PARAM_FREE_ELEMENTWISE: tuple[type[nn.Module], ...] = (
     nn.Tanhshrink,
     nn.LogSigmoid,
     nn.Threshold,
+)
+
+# Layers whose forward never reads ``self.training`` (exact types: a subclass may): their flag
+# cannot change what a program computes, so the ensemble's fast path need not watch it.
+TRAINING_AGNOSTIC: frozenset[type[nn.Module]] = frozenset(
+    {
+        nn.Linear,
+        nn.Bilinear,
+        nn.Conv1d,
+        nn.Conv2d,
+        nn.Conv3d,
+        nn.ConvTranspose1d,
+        nn.ConvTranspose2d,
+        nn.ConvTranspose3d,
+        nn.LayerNorm,
+        nn.GroupNorm,
+        nn.RMSNorm,
+        nn.Embedding,
+        nn.PReLU,
+        nn.Softmax,
+        nn.LogSoftmax,
+        nn.Softmin,
+        nn.Flatten,
+        nn.Unflatten,
+        nn.Sequential,
+        nn.ModuleList,
+        nn.ModuleDict,
+        *_POOLS,
+        *PARAM_FREE_ELEMENTWISE,
+    }
 )
 
 FUSED_LAYERS: dict[type[nn.Module], type[Fused]] = {
