@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import pickle
+from typing import Any
 
 import pytest
 import torch
@@ -260,3 +261,54 @@ def test_inference_runs_the_programs_no_autograd_entries_and_equals_the_loop():
     out = ens(x)  # with autograd: the general program, gradients flow
     out.sum().backward()
     assert all(p.grad is not None for p in ens.parameters())
+
+
+def _double_output(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor:
+    return output * 2  # a module-level function: picklable with the ensemble
+
+
+@pytest.mark.parametrize("copy_kind", ["none", "deepcopy", "pickle"])
+def test_hooks_on_the_ensemble_itself_run_whenever_they_are_registered(copy_kind, monkeypatch):
+    handles = torch.utils.hooks.RemovableHandle
+    ens = ve.Ensemble.from_factory(_mlp, 3, backend="fused").eval()
+    x = torch.randn(5, 6)
+    plain = ens(x)
+    ens(x)  # __call__ has checked: no hooks, so it goes straight to forward
+    checked = ens._call_checked_at
+    assert checked == handles.next_id
+    handle = ens.register_forward_hook(_double_output)
+    if copy_kind == "deepcopy":
+        ens = copy.deepcopy(ens)
+    elif copy_kind == "pickle":
+        ens = pickle.loads(pickle.dumps(ens))
+        # as in another process, whose hook count may happen to equal the pickled check's
+        monkeypatch.setattr(handles, "next_id", checked)
+    torch.testing.assert_close(ens(x), plain * 2, atol=0, rtol=0)  # once, on the stacked output
+    torch.testing.assert_close(ens(x), plain * 2, atol=0, rtol=0)
+    if copy_kind == "none":
+        handle.remove()
+        torch.testing.assert_close(ens(x), plain, atol=0, rtol=0)
+    pre = nn.modules.module.register_module_forward_pre_hook(
+        lambda m, args: (args[0] * 0,) if m is ens else None
+    )
+    try:
+        zero = ens(torch.zeros(5, 6))
+        torch.testing.assert_close(ens(x), zero, atol=0, rtol=0)  # the global hook ran
+    finally:
+        pre.remove()
+
+
+def test_a_compiled_ensemble_module_goes_through_module_call():
+    ens = ve.Ensemble.from_factory(_mlp, 2, backend="fused").eval()
+    x = torch.randn(5, 6)
+    expected = ens(x)
+    ens(x)
+    graphs: list[torch.fx.GraphModule] = []
+
+    def record(gm: torch.fx.GraphModule, inputs: list[Tensor]) -> Any:
+        graphs.append(gm)
+        return gm.forward  # run what dynamo captured, as is
+
+    ens.compile(backend=record)  # nn.Module.compile: __call__ must hand over to dynamo
+    torch.testing.assert_close(ens(x), expected, atol=1e-6, rtol=1e-5)
+    assert graphs  # dynamo traced the call

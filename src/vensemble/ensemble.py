@@ -220,10 +220,16 @@ class Ensemble(nn.Module):
         self._fast = _FastPaths()
         self._module_list = list(template.modules())
         self._hook_dicts = hook_dicts(self._module_list)
-        self._hooks_checked_at = -1  # RemovableHandle.next_id when no hook was found
+        self._hooks_checked_at = -1  # RemovableHandle.next_id when no member hook was found
+        self._call_checked_at = -1  # ... when the ensemble itself had no hook
         # the modules whose training flag a program may depend on
         self._mode_modules = [m for m in self._module_list if type(m) not in TRAINING_AGNOSTIC]
         self.training = template.training
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        # a copy's hooks came with it, and another process numbers hook handles anew
+        self._hooks_checked_at = self._call_checked_at = -1
 
     @classmethod
     def _from_template(
@@ -448,6 +454,21 @@ class Ensemble(nn.Module):
                         f"ensemble has {self._num_members} members: give one slice per member"
                     )
         return dims
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """``nn.Module.__call__``, which runs hooks around ``forward``, straight to ``forward``
+        while no hook can be on the ensemble: no hook registered anywhere since the last check
+        found none (torch numbers every hook handle), not compiled, not under torch.compile.
+        On a small ensemble that is 10% of a call (10 x MLP 23-256-256-1 at batch 1)."""
+        if (
+            _is_compiling()
+            or RemovableHandle.next_id != self._call_checked_at
+            or self._compiled_call_impl is not None
+        ):
+            if not (any(GLOBAL_HOOK_DICTS) or any(hook_dicts([self]))):
+                self.__dict__["_call_checked_at"] = RemovableHandle.next_id
+            return nn.Module.__call__(self, *args, **kwargs)
+        return self.forward(*args, **kwargs)
 
     def forward(self, *args: Any, in_dims: Any = None, **kwargs: Any) -> Any:
         """Run every member; outputs are stacked along a new leading dim of size ``N``.
