@@ -243,22 +243,30 @@ def test_only_training_flags_a_program_can_read_leave_the_fast_path(full_path_ca
     assert ens(x)[0, 0, 0] < loop_out()[0, 0, 0] + 1.5  # the eval branch's -1, not the +1
 
 
-def test_inference_runs_the_programs_no_autograd_entries_and_equals_the_loop():
+@pytest.mark.parametrize(
+    ("shape", "in_dims"),
+    [((5, 6), None), ((4, 5, 6), 0), ((5, 3, 6), None), ((4, 5, 3, 6), 0), ((5, 4, 6), 1)],
+)
+def test_inference_runs_the_programs_no_autograd_entries_and_equals_the_loop(shape, in_dims):
     ens = ve.Ensemble.from_factory(_mlp, 4, backend="fused").eval()
     loop = ve.Ensemble.from_factory(_mlp, 4, backend="loop").eval()
     loop.load_state_dict(ens.state_dict())
-    x = torch.randn(5, 6)
+    x = torch.randn(shape)
     with torch.no_grad():
         for _ in range(2):
-            torch.testing.assert_close(ens(x), loop(x), atol=1e-6, rtol=1e-5)
+            torch.testing.assert_close(
+                ens(x, in_dims=in_dims), loop(x, in_dims=in_dims), atol=1e-6, rtol=1e-5
+            )
         program = ens._fused.last
         assert program.no_grad is not None
         assert "forward_no_grad" in program.no_grad.code
         flat = torch.cat([p.reshape(-1) for p in ens.parameters()])  # (in-major: not views)
         torch.nn.utils.vector_to_parameters(flat * 0.5, ens.parameters())  # swaps .data
         torch.nn.utils.vector_to_parameters(flat * 0.5, loop.parameters())
-        torch.testing.assert_close(ens(x), loop(x), atol=1e-6, rtol=1e-5)
-    out = ens(x)  # with autograd: the general program, gradients flow
+        torch.testing.assert_close(
+            ens(x, in_dims=in_dims), loop(x, in_dims=in_dims), atol=1e-6, rtol=1e-5
+        )
+    out = ens(x, in_dims=in_dims)  # with autograd: the general program, gradients flow
     out.sum().backward()
     assert all(p.grad is not None for p in ens.parameters())
 

@@ -550,7 +550,7 @@ class Ensemble(nn.Module):
             self.backend,
             self.randomness,
             self.chunk_size,
-            tuple(map(_TRAINING, self._mode_modules)),
+            tuple(map(_TRAINING, self._mode_modules)) if self._mode_modules else (),
             *described,
         )
 

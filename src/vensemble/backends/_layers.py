@@ -81,7 +81,8 @@ class _Linear(Fused):
     # Without autograd, the operand views of the last call, reused while the parameters are the
     # same objects on the same storage (views share it, so in-place updates show through): two
     # dispatcher calls fewer per layer, which is most of what a small layer costs on a GPU.
-    _views: tuple[Tensor, int, Tensor | None, int, Tensor, Tensor | None] | None = None
+    # (weight, its data_ptr, bias, its data_ptr, W^T, bias (N, 1, out), whether baddbmm runs it)
+    _views: tuple[Tensor, int, Tensor | None, int, Tensor, Tensor | None, bool] | None = None
 
     def _operands(
         self, w: Tensor, b: Tensor | None, cache: bool
@@ -104,7 +105,8 @@ class _Linear(Fused):
         wt = w.mT if out_f != 1 else w.view(n, in_f, 1)
         bu = None if b is None else b.unsqueeze(1)
         if cache:
-            self._views = (w, w.data_ptr(), b, 0 if b is None else b.data_ptr(), wt, bu)
+            b_ptr = 0 if b is None else b.data_ptr()
+            self._views = (w, w.data_ptr(), b, b_ptr, wt, bu, bu is not None and out_f != 1)
         return wt, bu
 
     def forward(self, x: Tensor) -> Tensor:
@@ -130,7 +132,14 @@ class _Linear(Fused):
             or (b is not None and c[3] != b.data_ptr())
         ):
             return self.forward(x)
-        return self._batched_linear(x, c[4], c[5], False)
+        bu = c[5]
+        if c[6] and bu is not None:  # the common shapes inline: one Python frame fewer
+            ndim, batched = x.ndim, self.batched[0]
+            if ndim == 3 and batched:
+                return torch.baddbmm(bu, x, c[4])
+            if ndim == 2 and not batched:
+                return torch.baddbmm(bu, x.expand(self.n, -1, -1), c[4])
+        return self._batched_linear(x, c[4], bu, False)
 
     def _batched_linear(self, x: Tensor, wt: Tensor, bu: Tensor | None, compiling: bool) -> Tensor:
         """``y = x @ W^T + b`` with ``wt`` = W^T ``(N, in, out)`` contiguous (hand-batched
