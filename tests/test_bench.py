@@ -270,3 +270,14 @@ def test_memory_cases_are_written_one_by_one(tmp_path, monkeypatch):
         (c.runner, c.n, c.chunk_size) for c in measured
     ]
     assert [m["peak_growth_mb"] for m in report["memory"]] == [2.0, 3.0]
+
+
+def test_interleaved_rounds_rotate_the_order_of_the_candidates():
+    from vensemble._timing import interleaved_samples
+
+    calls: list[str] = []
+    fns = {name: (lambda n=name: calls.append(n)) for name in "abc"}
+    samples = interleaved_samples(fns, rounds=3, round_time=1e-4)
+    assert [len(v) for v in samples.values()] == [3, 3, 3]
+    runs = [n for k, n in enumerate(calls) if k == 0 or calls[k - 1] != n]  # one per timing
+    assert runs[-9:] == list("abcbcacab")  # each round starts one candidate later

@@ -24,6 +24,7 @@ def interleaved_samples(
     Each round times every candidate once (``torch.utils.benchmark.Timer`` at
     ``torch.get_num_threads()`` threads, the candidate repeated to fill about ``round_time``
     seconds), so machine noise hits all candidates alike and ratios can be taken per round.
+    The order rotates from round to round, so no candidate always follows the same one.
 
     Example:
         >>> [len(v) for v in interleaved_samples({"a": lambda: None}, 3, 1e-4).values()]
@@ -38,9 +39,12 @@ def interleaved_samples(
         estimate = timer.blocked_autorange(min_run_time=round_time / 2).median
         numbers[name] = max(1, int(round_time / max(estimate, 1e-9)))
     samples: dict[str, list[float]] = {name: [] for name in candidates}
-    for _ in range(rounds):
-        for name, fn in candidates.items():
-            timer = Timer("fn()", globals={"fn": fn}, num_threads=threads)
+    names = list(candidates)
+    for r in range(rounds):
+        # each round starts one candidate later: what a candidate leaves behind (caches, the
+        # allocator's state) falls on every other candidate in turn, not always on the next
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            timer = Timer("fn()", globals={"fn": candidates[name]}, num_threads=threads)
             samples[name].append(timer.timeit(numbers[name]).median)
     return samples
 
