@@ -465,7 +465,7 @@ class Ensemble(nn.Module):
             or RemovableHandle.next_id != self._call_checked_at
             or self._compiled_call_impl is not None
         ):
-            if not (any(GLOBAL_HOOK_DICTS) or any(hook_dicts([self]))):
+            if not hooks_registered([self]):
                 self.__dict__["_call_checked_at"] = RemovableHandle.next_id
             return nn.Module.__call__(self, *args, **kwargs)
         return self.forward(*args, **kwargs)

@@ -267,29 +267,6 @@ def _traced_only(fn: Any, name: str) -> Any:
     return guarded
 
 
-def hooks_registered(modules: list[nn.Module]) -> bool:
-    """Whether a module hook (forward or backward, on one of ``modules`` or global) is set.
-
-    A fused program calls no ``nn.Module.__call__``, so it would skip them: ``Ensemble`` then
-    runs the members one by one. Checked on every call, since hooks may come after a program
-    was built.
-    """
-    g = module_globals
-    if (
-        g._global_forward_hooks
-        or g._global_forward_pre_hooks
-        or g._global_backward_hooks
-        or g._global_backward_pre_hooks
-    ):
-        return True
-    hooked = [
-        m
-        for m in modules
-        if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
-    ]
-    return bool(hooked)
-
-
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 # torch's global module hook dicts (registering a global hook adds to them in place)
 GLOBAL_HOOK_DICTS: tuple[dict[int, Any], ...] = tuple(
@@ -297,14 +274,24 @@ GLOBAL_HOOK_DICTS: tuple[dict[int, Any], ...] = tuple(
 )
 
 
+def hooks_registered(modules: list[nn.Module]) -> bool:
+    """Whether a module hook (forward or backward, on one of ``modules`` or global) is set.
+
+    A fused program calls no ``nn.Module.__call__``, so it would skip them: ``Ensemble`` then
+    runs the members one by one. Checked whenever a hook was registered anywhere since the
+    last check (``Ensemble._fast_key``), since hooks may come after a program was built.
+    """
+    return any(GLOBAL_HOOK_DICTS) or any(hook_dicts(modules))
+
+
 def hook_dicts(modules: list[nn.Module]) -> list[dict[int, Any]]:
     """The dicts that hold the forward/backward hooks of ``modules``.
 
-    ``any(GLOBAL_HOOK_DICTS) or any(hook_dicts(modules))`` is :func:`hooks_registered` in two
-    C-level passes: registering a hook adds it to one of these dicts in place (only unpickling
-    replaces them, and that makes new modules). Per call, that is about 1 us where the
-    attribute walk costs 9 us once a batched layer has pushed the modules out of the CPU's
-    cache.
+    Registering a hook adds it to one of these dicts in place (only unpickling replaces them,
+    and that makes new modules), so a list of them kept from the start, and
+    ``any(GLOBAL_HOOK_DICTS)``, answer :func:`hooks_registered` in two C-level passes: about
+    1 us per check, where a walk over the modules' attributes costs 9 us once a batched
+    layer has pushed them out of the CPU's cache.
     """
     return [getattr(m, name) for m in modules for name in _HOOK_DICTS]
 
@@ -507,7 +494,7 @@ def build_program(call: Call, key: Hashable) -> FusedProgram:
 
 def _call_forward_directly(graph: fx.Graph, root: dict[str, Any]) -> None:
     """Call each module's ``forward`` as a function: no ``nn.Module.__call__`` overhead
-    (hooks are refused before tracing and checked on every ensemble call, so there are none
+    (hooks are refused before tracing and checked by every ensemble call, so there are none
     to run). On the tutorial's MLP, a ``Flatten`` called as a module cost 4% of the call."""
     ours = (Fused, Op, _Submodule, _Attr, Expand)
     called: dict[str, Any] = {}  # a module the forward calls more than once: one function
@@ -663,8 +650,8 @@ def fused_forward(call: Call, plan: FusedPlan) -> Any:
     """Run ``call`` through the fused program for its signature, building it on first use.
 
     A program calls no ``nn.Module.__call__``: the caller runs calls with module hooks
-    registered some other way (``Ensemble.forward`` checks :func:`hooks_registered` once per
-    call; a program is never built while hooks are registered).
+    registered some other way (``Ensemble.forward`` finds them: see :func:`hook_dicts`; a
+    program is never built while hooks are registered).
 
     Raises:
         Untraceable: this signature cannot be fused (the reason is cached in ``plan``).
