@@ -281,3 +281,9 @@ def test_interleaved_rounds_rotate_the_order_of_the_candidates():
     assert [len(v) for v in samples.values()] == [3, 3, 3]
     runs = [n for k, n in enumerate(calls) if k == 0 or calls[k - 1] != n]  # one per timing
     assert runs[-9:] == list("abcbcacab")  # each round starts one candidate later
+
+
+def test_interleaved_rounds_of_no_candidates_are_empty():
+    from vensemble._timing import interleaved_samples
+
+    assert interleaved_samples({}, rounds=3, round_time=1e-4) == {}  # (nothing ran correctly)

@@ -181,19 +181,19 @@ def test_the_fast_path_remembers_a_bounded_number_of_call_shapes():
         assert len(ens._fast) <= limit
 
 
-def test_a_hook_elsewhere_costs_one_recheck_and_keeps_the_fast_path(full_path_calls):
+def test_a_hook_on_another_module_leaves_the_fast_path_alone(full_path_calls):
     ens = ve.Ensemble.from_factory(_mlp, 3, backend="fused").eval()
     loop = ve.Ensemble.from_factory(_mlp, 3, backend="loop").eval()
     x = torch.randn(5, 6)
     ens(x), ens(x)
     assert len(full_path_calls) == 1
     seen: list[int] = []
-    other = nn.Linear(2, 2)  # not a module of ens: a new hook handle anywhere forces a recheck
+    other = nn.Linear(2, 2)  # not a module of ens
     handle = other.register_forward_hook(lambda m, i, o: seen.append(1))
     try:
         torch.testing.assert_close(ens(x), loop(x), atol=1e-6, rtol=1e-5)
-        assert len(full_path_calls) == 1  # rechecked, found nothing of its own: still fast
-        layer = ens.get_submodule("3")  # now one of its own, after that recheck
+        assert len(full_path_calls) == 1 and not seen  # still the remembered program
+        layer = ens.get_submodule("3")  # now one of its own
         inner = layer.register_forward_hook(lambda m, i, o: seen.append(2))
         try:
             torch.testing.assert_close(ens(x), loop(x), atol=1e-6, rtol=1e-5)
@@ -207,40 +207,55 @@ def test_a_hook_elsewhere_costs_one_recheck_and_keeps_the_fast_path(full_path_ca
     assert not seen and ens.explain()["3"].startswith("fused")
 
 
-class _TrainingLinear(nn.Linear):
-    """A Linear subclass whose forward reads ``self.training``: its flag must be watched."""
+def test_a_hook_is_seen_on_the_first_call_after_it_lands_in_the_dict():
+    """Registration numbers the handle before it stores the hook (another thread may call in
+    between): a call must look at the dicts themselves, not only at the handle count."""
+    from torch.utils.hooks import RemovableHandle
 
-    def forward(self, x: Tensor) -> Tensor:
-        return super().forward(x) + (1.0 if self.training else -1.0)
+    ens = ve.Ensemble.from_factory(_mlp, 3, backend="fused").eval()
+    x = torch.randn(5, 6)
+    plain = ens(x)
+    for target in (ens.get_submodule("3"), ens):  # a member's module, the ensemble itself
+        handle = RemovableHandle(target._forward_hooks)  # numbered, not stored yet
+        torch.testing.assert_close(ens(x), plain, atol=0, rtol=0)  # no hook yet: fast
+        target._forward_hooks[handle.id] = _double_output  # ... now stored
+        try:
+            torch.testing.assert_close(ens(x), plain * 2, atol=1e-6, rtol=1e-6)
+        finally:
+            handle.remove()
+        torch.testing.assert_close(ens(x), plain, atol=0, rtol=0)
 
 
-class _ModeMLP(nn.Module):
+class _FrozenBackbone(nn.Module):
+    """Reads a child's training flag (a common way to freeze a backbone's mode)."""
+
     def __init__(self) -> None:
         super().__init__()
-        self.inner = nn.Linear(6, 8)
-        self.head = _TrainingLinear(8, 2)
+        self.backbone = nn.Sequential(nn.Linear(6, 8), nn.ReLU())
+        self.head = nn.Linear(8, 2)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.head(torch.relu(self.inner(x)))
+        h = self.backbone(x)
+        return self.head(h if self.backbone.training else h * 0.5)
 
 
-def test_only_training_flags_a_program_can_read_leave_the_fast_path(full_path_calls):
+def test_any_modules_training_flag_leaves_the_fast_path(full_path_calls):
     torch.manual_seed(0)
-    ens = ve.Ensemble.from_factory(_ModeMLP, 3, backend="fused")
+    ens = ve.Ensemble.from_factory(_FrozenBackbone, 3, backend="fused")
     x = torch.randn(5, 6)
 
     def loop_out() -> Tensor:
         return torch.stack([m(x) for m in ens.unstack()])  # members carry the flags too
 
-    ens(x), ens(x)
-    assert len(full_path_calls) == 1
-    ens.get_submodule("inner").eval()  # nn.Linear's forward never reads it: still fast
-    torch.testing.assert_close(ens(x), loop_out(), atol=1e-6, rtol=1e-5)
-    assert len(full_path_calls) == 1
-    ens.get_submodule("head").eval()  # a subclass may read it (this one does)
-    torch.testing.assert_close(ens(x), loop_out(), atol=1e-6, rtol=1e-5)
-    assert len(full_path_calls) == 2
-    assert ens(x)[0, 0, 0] < loop_out()[0, 0, 0] + 1.5  # the eval branch's -1, not the +1
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            ens.get_submodule("backbone").train()
+            ens(x), ens(x)
+            calls = len(full_path_calls)
+            torch.testing.assert_close(ens(x), loop_out(), atol=1e-6, rtol=1e-5)
+            ens.get_submodule("backbone").eval()  # a Sequential's flag, read by its parent
+            torch.testing.assert_close(ens(x), loop_out(), atol=1e-6, rtol=1e-5)
+            assert len(full_path_calls) == calls + 1
 
 
 @pytest.mark.parametrize(
@@ -276,21 +291,16 @@ def _double_output(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor
 
 
 @pytest.mark.parametrize("copy_kind", ["none", "deepcopy", "pickle"])
-def test_hooks_on_the_ensemble_itself_run_whenever_they_are_registered(copy_kind, monkeypatch):
-    handles = torch.utils.hooks.RemovableHandle
+def test_hooks_on_the_ensemble_itself_run_whenever_they_are_registered(copy_kind: str):
     ens = ve.Ensemble.from_factory(_mlp, 3, backend="fused").eval()
     x = torch.randn(5, 6)
     plain = ens(x)
-    ens(x)  # __call__ has checked: no hooks, so it goes straight to forward
-    checked = ens._call_checked_at
-    assert checked == handles.next_id
+    ens(x)  # __call__ goes straight to forward now
     handle = ens.register_forward_hook(_double_output)
     if copy_kind == "deepcopy":
         ens = copy.deepcopy(ens)
     elif copy_kind == "pickle":
         ens = pickle.loads(pickle.dumps(ens))
-        # as in another process, whose hook count may happen to equal the pickled check's
-        monkeypatch.setattr(handles, "next_id", checked)
     torch.testing.assert_close(ens(x), plain * 2, atol=0, rtol=0)  # once, on the stacked output
     torch.testing.assert_close(ens(x), plain * 2, atol=0, rtol=0)
     if copy_kind == "none":
@@ -304,6 +314,23 @@ def test_hooks_on_the_ensemble_itself_run_whenever_they_are_registered(copy_kind
         torch.testing.assert_close(ens(x), zero, atol=0, rtol=0)  # the global hook ran
     finally:
         pre.remove()
+
+
+def test_an_ensemble_pickled_without_the_hook_lists_still_runs():
+    ens = ve.Ensemble.from_factory(_mlp, 3, backend="fused").eval()
+    x = torch.randn(5, 6)
+    expected = ens(x)
+    state = ens.__getstate__()
+    for name in ("_hook_dicts", "_own_hook_dicts"):  # as pickled before these lists existed
+        del state[name]
+    old = ve.Ensemble.__new__(ve.Ensemble)
+    old.__setstate__(state)
+    torch.testing.assert_close(old(x), expected, atol=0, rtol=0)
+    handle = old.get_submodule("3").register_forward_hook(_double_output)
+    try:
+        torch.testing.assert_close(old(x), expected * 2, atol=1e-6, rtol=1e-6)
+    finally:
+        handle.remove()
 
 
 def test_a_compiled_ensemble_module_goes_through_module_call():
@@ -320,3 +347,25 @@ def test_a_compiled_ensemble_module_goes_through_module_call():
     ens.compile(backend=record)  # nn.Module.compile: __call__ must hand over to dynamo
     torch.testing.assert_close(ens(x), expected, atol=1e-6, rtol=1e-5)
     assert graphs  # dynamo traced the call
+
+
+def test_torch_compile_under_no_grad_traces_the_general_program(monkeypatch):
+    from vensemble.backends import _layers
+
+    traced_no_grad: list[int] = []
+    real = _layers._Linear.forward_no_grad
+
+    def watched(self, x):
+        if torch.compiler.is_compiling():  # the eager-only entry, seen by dynamo
+            traced_no_grad.append(1)
+        return real(self, x)
+
+    monkeypatch.setattr(_layers._Linear, "forward_no_grad", watched)
+    ens = ve.Ensemble.from_factory(_mlp, 3, backend="fused").eval()
+    x = torch.randn(5, 6)
+    with torch.no_grad():
+        expected = ens(x)
+        ens(x)  # the eager no-grad program exists now
+        compiled = torch.compile(lambda t: ens(t) * 1.0, backend="eager")
+        torch.testing.assert_close(compiled(x), expected, atol=1e-6, rtol=1e-5)
+    assert not traced_no_grad

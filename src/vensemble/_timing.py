@@ -40,7 +40,7 @@ def interleaved_samples(
         numbers[name] = max(1, int(round_time / max(estimate, 1e-9)))
     samples: dict[str, list[float]] = {name: [] for name in candidates}
     names = list(candidates)
-    for r in range(rounds):
+    for r in range(rounds if names else 0):
         # each round starts one candidate later: what a candidate leaves behind (caches, the
         # allocator's state) falls on every other candidate in turn, not always on the next
         for name in names[r % len(names) :] + names[: r % len(names)]:

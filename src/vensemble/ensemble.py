@@ -12,7 +12,6 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 from torch import Tensor, nn
-from torch.utils.hooks import RemovableHandle
 
 from ._errors import EnsembleError
 from ._layout import use_kernel_layout
@@ -28,7 +27,6 @@ from .backends import (
 )
 from .backends._autotune import measure_paths, measuring_allowed
 from .backends._call import copy_buffers, restore_buffers, state_device
-from .backends._layers import TRAINING_AGNOSTIC
 from .backends.folded import FoldedPlan, folded_program
 from .backends.fused import (
     GLOBAL_HOOK_DICTS,
@@ -219,17 +217,18 @@ class Ensemble(nn.Module):
         self._last_choice: tuple[str, dict[str, float]] | None = None
         self._fast = _FastPaths()
         self._module_list = list(template.modules())
-        self._hook_dicts = hook_dicts(self._module_list)
-        self._hooks_checked_at = -1  # RemovableHandle.next_id when no member hook was found
-        self._call_checked_at = -1  # ... when the ensemble itself had no hook
-        # the modules whose training flag a program may depend on
-        self._mode_modules = [m for m in self._module_list if type(m) not in TRAINING_AGNOSTIC]
+        self._collect_hook_dicts()
         self.training = template.training
+
+    def _collect_hook_dicts(self) -> None:
+        """The hook dicts of the members' modules and of the ensemble itself, kept so that a
+        call checks them in one C-level pass each (see ``hook_dicts``)."""
+        self._hook_dicts = hook_dicts(self._module_list)
+        self._own_hook_dicts = hook_dicts([self])
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        # a copy's hooks came with it, and another process numbers hook handles anew
-        self._hooks_checked_at = self._call_checked_at = -1
+        self._collect_hook_dicts()  # (also for pickles made before these lists existed)
 
     @classmethod
     def _from_template(
@@ -457,16 +456,15 @@ class Ensemble(nn.Module):
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """``nn.Module.__call__``, which runs hooks around ``forward``, straight to ``forward``
-        while no hook can be on the ensemble: no hook registered anywhere since the last check
-        found none (torch numbers every hook handle), not compiled, not under torch.compile.
-        On a small ensemble that is 10% of a call (10 x MLP 23-256-256-1 at batch 1)."""
+        when it has nothing to add: no hook on the ensemble and no global one, not compiled
+        (``Module.compile``), not under torch.compile. On a small ensemble that is 10% of a
+        call (10 x MLP 23-256-256-1 at batch 1)."""
         if (
             _is_compiling()
-            or RemovableHandle.next_id != self._call_checked_at
             or self._compiled_call_impl is not None
+            or any(GLOBAL_HOOK_DICTS)
+            or any(self._own_hook_dicts)
         ):
-            if not hooks_registered([self]):
-                self.__dict__["_call_checked_at"] = RemovableHandle.next_id
             return nn.Module.__call__(self, *args, **kwargs)
         return self.forward(*args, **kwargs)
 
@@ -527,16 +525,13 @@ class Ensemble(nn.Module):
     def _fast_key(self, args: tuple[Any, ...], in_dims: Any) -> tuple[Any, ...] | None:
         """What the fast path is keyed on; ``None`` where it does not apply (a module hook is
         registered, ``in_dims`` is a tuple, an input is not a tensor, or under torch.compile)."""
-        if not (in_dims is None or type(in_dims) is int) or _is_compiling():
+        if (
+            not (in_dims is None or type(in_dims) is int)
+            or _is_compiling()
+            or any(GLOBAL_HOOK_DICTS)
+            or any(self._hook_dicts)  # 1 us, where a walk over the modules costs 9 us cold
+        ):
             return None
-        # Registering any hook anywhere numbers a new RemovableHandle: while that count stands
-        # still, the modules are still hook-free, with no walk over them (9 us once a batched
-        # layer has pushed them out of the CPU's cache).
-        stamp = RemovableHandle.next_id
-        if stamp != self._hooks_checked_at:
-            if any(GLOBAL_HOOK_DICTS) or any(self._hook_dicts):
-                return None
-            self.__dict__["_hooks_checked_at"] = stamp
         described = []
         for a in args:
             if type(a) is not Tensor and type(a) is not nn.Parameter:
@@ -550,7 +545,8 @@ class Ensemble(nn.Module):
             self.backend,
             self.randomness,
             self.chunk_size,
-            tuple(map(_TRAINING, self._mode_modules)) if self._mode_modules else (),
+            # every module's: traced code may read any of them, a child's too
+            tuple(map(_TRAINING, self._module_list)),
             *described,
         )
 
@@ -595,7 +591,9 @@ class Ensemble(nn.Module):
                     if len(self._fast) >= _FAST_MAX_ENTRIES:  # shapes that keep changing
                         self._fast.clear()
                     choice = self._last_choice if self.backend == "auto" else None
-                    run = program.runner(self._fused.compile_options, torch.is_grad_enabled())
+                    # (a fast key exists only outside torch.compile: eager here)
+                    eager_no_grad = not torch.is_grad_enabled()
+                    run = program.runner(self._fused.compile_options, eager_no_grad)
                     self._fast[fast_key] = (program, choice, snapshot is not None, run)
                 return out
         return auto_forward(call, self._plan)

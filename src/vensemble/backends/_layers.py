@@ -25,7 +25,6 @@ __all__ = [
     "FRESH_OUTPUT",
     "FUSED_LAYERS",
     "PARAM_FREE_ELEMENTWISE",
-    "TRAINING_AGNOSTIC",
     "ConvBatchNorm",
     "Fused",
     "batchnorm_affine",
@@ -549,36 +548,6 @@ PARAM_FREE_ELEMENTWISE: tuple[type[nn.Module], ...] = (
     nn.Tanhshrink,
     nn.LogSigmoid,
     nn.Threshold,
-)
-
-# Layers whose forward never reads ``self.training`` (exact types: a subclass may): their flag
-# cannot change what a program computes, so the ensemble's fast path need not watch it.
-TRAINING_AGNOSTIC: frozenset[type[nn.Module]] = frozenset(
-    {
-        nn.Linear,
-        nn.Bilinear,
-        nn.Conv1d,
-        nn.Conv2d,
-        nn.Conv3d,
-        nn.ConvTranspose1d,
-        nn.ConvTranspose2d,
-        nn.ConvTranspose3d,
-        nn.LayerNorm,
-        nn.GroupNorm,
-        nn.RMSNorm,
-        nn.Embedding,
-        nn.PReLU,
-        nn.Softmax,
-        nn.LogSoftmax,
-        nn.Softmin,
-        nn.Flatten,
-        nn.Unflatten,
-        nn.Sequential,
-        nn.ModuleList,
-        nn.ModuleDict,
-        *_POOLS,
-        *PARAM_FREE_ELEMENTWISE,
-    }
 )
 
 FUSED_LAYERS: dict[type[nn.Module], type[Fused]] = {

@@ -89,6 +89,9 @@ class _Submodule(nn.Module):
         return auto_forward(call, self.plan)
 
 
+_is_compiling = torch.compiler.is_compiling  # one lookup fewer per call (dynamo knows it)
+
+
 def contiguous_outputs(out: Any) -> Any:
     """Outputs laid out as the loop's are (batched kernels may return transposed views)."""
     if isinstance(out, Tensor):
@@ -114,16 +117,20 @@ class FusedProgram:
     def __call__(self, *dynamic: Any, compile_options: dict[str, Any] | None = None) -> Any:
         """Run the program; with ``compile_options`` through ``torch.compile`` after one eager
         call (which settles the kernels chosen by measurement)."""
-        return contiguous_outputs(self.runner(compile_options, torch.is_grad_enabled())(*dynamic))
+        eager_no_grad = not (torch.is_grad_enabled() or _is_compiling())
+        return contiguous_outputs(self.runner(compile_options, eager_no_grad)(*dynamic))
 
-    def runner(self, compile_options: dict[str, Any] | None, grad: bool) -> Callable[..., Any]:
-        """What runs the program for this compile option and grad mode (the ensemble's fast
-        path keeps it per call key). Its outputs may be views: pass them to :func:`contiguous_outputs`."""
+    def runner(
+        self, compile_options: dict[str, Any] | None, eager_no_grad: bool
+    ) -> Callable[..., Any]:
+        """What runs the program for this compile option, in eager mode without autograd or
+        not (the ensemble's fast path keeps it per call key). Its outputs may be views: pass
+        them to :func:`contiguous_outputs`."""
         if compile_options is not None:
             return functools.partial(self._run_compiled, compile_options)
-        if grad:  # forward: GraphModule.__call__ adds nothing we need
-            return self.module.forward
-        return (self.no_grad or self._build_no_grad()).forward
+        if eager_no_grad:
+            return (self.no_grad or self._build_no_grad()).forward
+        return self.module.forward  # forward: GraphModule.__call__ adds nothing we need
 
     def _run_compiled(self, compile_options: dict[str, Any], *dynamic: Any) -> Any:
         if self.compiled is None:
@@ -278,8 +285,8 @@ def hooks_registered(modules: list[nn.Module]) -> bool:
     """Whether a module hook (forward or backward, on one of ``modules`` or global) is set.
 
     A fused program calls no ``nn.Module.__call__``, so it would skip them: ``Ensemble`` then
-    runs the members one by one. Checked whenever a hook was registered anywhere since the
-    last check (``Ensemble._fast_key``), since hooks may come after a program was built.
+    runs the members one by one. Checked on every call (``Ensemble._fast_key`` makes the
+    same pass over dicts it keeps), since hooks may come after a program was built.
     """
     return any(GLOBAL_HOOK_DICTS) or any(hook_dicts(modules))
 
