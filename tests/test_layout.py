@@ -206,3 +206,24 @@ def test_channels_last_convs_train_like_the_members_alone(backend: str):
     from vensemble._layout import channels_last_members
 
     assert channels_last_members(ens.get_parameter("0.weight"))  # the layout survived training
+
+
+def test_conversion_that_swaps_parameters_after_inference_calls():
+    """torch's opt-in conversion swaps each parameter in place (``swap_tensors``), which
+    refuses a tensor a cached operand view still refers to: the ensemble drops them first."""
+    before = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        ens = ve.Ensemble.from_factory(_mlp, 3, backend="fused").eval()
+        x = torch.randn(5, 6)
+        with torch.no_grad():
+            ens(x), ens(x)  # the Linear layers cache their operand views
+        weight = ens.get_parameter("0.weight")
+        ens.double()
+        assert ens.get_parameter("0.weight") is weight  # swapped in place, same object
+        expected = torch.stack([m(x.double()) for m in ens.unstack()])
+        with torch.no_grad():
+            for _ in range(2):
+                torch.testing.assert_close(ens(x.double()), expected, atol=1e-12, rtol=0)
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(before)

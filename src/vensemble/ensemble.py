@@ -345,6 +345,13 @@ class Ensemble(nn.Module):
 
     # ----------------------------------------------------------------------------- nn.Module
 
+    def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> Ensemble:
+        # .to(), .double(), ...: torch may swap the parameters in place
+        # (torch.__future__.set_swap_module_params_on_conversion), and swap_tensors refuses a
+        # tensor that a cached view still refers to
+        self._fused.release_views()
+        return super()._apply(fn, recurse)
+
     def train(self, mode: bool = True) -> Ensemble:
         super().train(mode)
         self._template.training = mode

@@ -69,6 +69,9 @@ class Fused(nn.Module):
 
     orig: Any  # the template's layer, typed loosely: each subclass knows its layer's fields
 
+    def release_views(self) -> None:
+        """Drop whatever this layer caches that refers to the parameters (nothing here)."""
+
     def expand(self, x: Tensor) -> Tensor:
         """The member-batched form of ``x`` (a view when ``x`` is unbatched)."""
         return x if self.batched[0] else x.unsqueeze(0).expand(self.n, *x.shape)
@@ -82,6 +85,9 @@ class _Linear(Fused):
     # dispatcher calls fewer per layer, which is most of what a small layer costs on a GPU.
     # (weight, its data_ptr, bias, its data_ptr, W^T, bias (N, 1, out), whether baddbmm runs it)
     _views: tuple[Tensor, int, Tensor | None, int, Tensor, Tensor | None, bool] | None = None
+
+    def release_views(self) -> None:
+        self._views = None
 
     def _operands(
         self, w: Tensor, b: Tensor | None, cache: bool

@@ -642,6 +642,17 @@ class FusedPlan:
     modules: list[nn.Module] = field(default_factory=list)
     tensor_keys: dict[tuple[int, tuple[int | None, ...]], Hashable] = field(default_factory=dict)
 
+    def release_views(self) -> None:
+        """Drop the layers' cached views of the parameters (they are rebuilt on the next
+        call). Before ``nn.Module._apply`` swaps parameters in place
+        (``torch.__future__.set_swap_module_params_on_conversion``): ``swap_tensors`` refuses
+        a tensor something else still refers to."""
+        for program in self.programs.values():
+            if isinstance(program, FusedProgram):
+                for part in program.parts.values():
+                    if isinstance(part, Fused):
+                        part.release_views()
+
     def __deepcopy__(self, memo: dict[int, Any]) -> FusedPlan:
         """Programs refer to the template they were traced from: a copy starts afresh."""
         return FusedPlan(compile_options=copy.deepcopy(self.compile_options, memo))
