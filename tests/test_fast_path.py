@@ -369,3 +369,21 @@ def test_torch_compile_under_no_grad_traces_the_general_program(monkeypatch):
         compiled = torch.compile(lambda t: ens(t) * 1.0, backend="eager")
         torch.testing.assert_close(compiled(x), expected, atol=1e-6, rtol=1e-5)
     assert not traced_no_grad
+
+
+@pytest.mark.parametrize("backend", ["auto", "fused"])
+def test_a_first_call_from_inside_torch_compile_traces_the_member_eagerly(backend: str):
+    """The member's fx trace patches torch's grad-mode switch while it runs; traced by dynamo
+    (a cold ensemble called from a compiled function) it was left patched for good."""
+    ens = ve.Ensemble.from_factory(_mlp, 3, backend=backend).eval()
+    loop = ve.Ensemble.from_factory(_mlp, 3, backend="loop").eval()
+    loop.load_state_dict(ens.state_dict())
+    x = torch.randn(5, 6)
+    compiled = torch.compile(lambda t: ens(t) * 2, backend="eager")
+    with torch.no_grad():
+        out = compiled(x)  # the program is built during this call
+        torch.testing.assert_close(compiled(x), out, atol=0, rtol=0)
+    with torch.enable_grad():  # grad mode switches work afterwards
+        torch.testing.assert_close(out, loop(x) * 2, atol=1e-6, rtol=1e-5)
+        ens(x).sum().backward()  # and eager training through the ensemble
+    assert all(p.grad is not None for p in ens.parameters())

@@ -42,6 +42,9 @@ def measuring_allowed() -> bool:
     return not torch.are_deterministic_algorithms_enabled()
 
 
+# Measuring runs eagerly even when a call comes from inside torch.compile: dynamo would trace
+# the timed runs into the graph (and cannot trace the clock).
+@torch.compiler.disable
 def autotune(key: Hashable, candidates: dict[str, Callable[[], Any]], device: torch.device) -> str:
     """The name of the fastest candidate for ``key``; measured once (best of 3 after a warm-up).
 
@@ -63,6 +66,7 @@ def autotune(key: Hashable, candidates: dict[str, Callable[[], Any]], device: to
     return name
 
 
+@torch.compiler.disable
 def measure_paths(
     paths: dict[str, Callable[[], Any]],
     restore: Callable[[], None],

@@ -313,6 +313,10 @@ def _check_hooks(template: nn.Module) -> None:
         raise Untraceable("global module hooks are registered (fx does not run them)")
 
 
+# Never traced by dynamo (a first call from inside torch.compile): _guarded() patches torch's
+# own functions for the trace and must put them back, which dynamo's replay of a graph-broken
+# `with` block did not do (every later grad-mode switch in the process raised Untraceable).
+@torch.compiler.disable
 def _trace(template: nn.Module, concrete: dict[str, Any], constants: dict[str, Any]) -> fx.Graph:
     _check_hooks(template)
     tracer = fx.Tracer()
