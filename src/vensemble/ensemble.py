@@ -27,16 +27,16 @@ from .backends import (
 )
 from .backends._autotune import measure_paths, measuring_allowed
 from .backends._call import copy_buffers, restore_buffers, state_device
+from .backends._layers import _is_compiling
 from .backends.folded import FoldedPlan, folded_program
 from .backends.fused import (
-    GLOBAL_HOOK_DICTS,
     FusedPlan,
     FusedProgram,
     Untraceable,
     contiguous_outputs,
     fused_forward,
     hook_dicts,
-    hooks_registered,
+    hooked,
 )
 from .backends.select import check_loop_runs, raise_if_randomness_error, snapshot_buffers
 
@@ -58,7 +58,6 @@ _MARGIN = 0.85
 # (the program, auto's choice, whether to snapshot buffers, what runs the program)
 _FastEntry = tuple[FusedProgram, "tuple[str, dict[str, float]] | None", bool, Callable[..., Any]]
 _MISS = object()
-_is_compiling = torch.compiler.is_compiling  # one lookup fewer per call (dynamo knows it)
 _TRAINING = operator.attrgetter("training")  # map() over modules: no bytecode per module
 _FAST_MAX_ENTRIES = 64  # call keys remembered at most (a key per input shape, mode, ...)
 _HOOKED: tuple[str, dict[str, float]] = ("loop", {})  # _last_choice when hooks made it the loop
@@ -222,7 +221,7 @@ class Ensemble(nn.Module):
 
     def _collect_hook_dicts(self) -> None:
         """The hook dicts of the members' modules and of the ensemble itself, kept so that a
-        call checks them in one C-level pass each (see ``hook_dicts``)."""
+        call checks them in one C-level pass each (see ``hooked``)."""
         self._hook_dicts = hook_dicts(self._module_list)
         self._own_hook_dicts = hook_dicts([self])
 
@@ -466,12 +465,7 @@ class Ensemble(nn.Module):
         when it has nothing to add: no hook on the ensemble and no global one, not compiled
         (``Module.compile``), not under torch.compile. On a small ensemble that is 10% of a
         call (10 x MLP 23-256-256-1 at batch 1)."""
-        if (
-            _is_compiling()
-            or self._compiled_call_impl is not None
-            or any(GLOBAL_HOOK_DICTS)
-            or any(self._own_hook_dicts)
-        ):
+        if _is_compiling() or self._compiled_call_impl is not None or hooked(self._own_hook_dicts):
             return nn.Module.__call__(self, *args, **kwargs)
         return self.forward(*args, **kwargs)
 
@@ -489,9 +483,8 @@ class Ensemble(nn.Module):
             The members' outputs stacked: a tensor ``(N, ...)``, or the member's tuple/dict
             structure with each tensor stacked.
         """
-        fast_key = None if kwargs else self._fast_key(args, in_dims)
-        # fused programs would skip hooks (the fast key is None where one is registered)
-        hooked = fast_key is None and hooks_registered(self._module_list)
+        members_hooked = hooked(self._hook_dicts)  # fused programs would skip them
+        fast_key = None if kwargs or members_hooked else self._fast_key(args, in_dims)
         if fast_key is not None:
             entry = self._fast.get(fast_key)
             if entry is not None:
@@ -511,7 +504,7 @@ class Ensemble(nn.Module):
             return loop_forward(call)
         if self.backend == "vmap":
             return strict_vmap_forward(call)
-        if hooked:  # the members one by one: each hook sees what it sees in a member alone
+        if members_hooked:  # the members one by one: each hook sees what it sees alone
             self._fused.last = None
             self.__dict__["_last_choice"] = _HOOKED
             return loop_forward(call)
@@ -530,14 +523,10 @@ class Ensemble(nn.Module):
     # interpreter's own data out of cache: on 100 small members they added 10-15% to a call.
 
     def _fast_key(self, args: tuple[Any, ...], in_dims: Any) -> tuple[Any, ...] | None:
-        """What the fast path is keyed on; ``None`` where it does not apply (a module hook is
-        registered, ``in_dims`` is a tuple, an input is not a tensor, or under torch.compile)."""
-        if (
-            not (in_dims is None or type(in_dims) is int)
-            or _is_compiling()
-            or any(GLOBAL_HOOK_DICTS)
-            or any(self._hook_dicts)  # 1 us, where a walk over the modules costs 9 us cold
-        ):
+        """What the fast path is keyed on; ``None`` where it does not apply (``in_dims`` is a
+        tuple, an input is not a tensor, or under torch.compile; the caller has checked that no
+        module hook is registered)."""
+        if not (in_dims is None or type(in_dims) is int) or _is_compiling():
             return None
         described = []
         for a in args:
@@ -564,8 +553,7 @@ class Ensemble(nn.Module):
         saved = copy_buffers(self._template) if save_buffers else None
         dynamic = args if not in_dims else tuple([a.movedim(in_dims, 0) for a in args])
         try:
-            out = run(*dynamic)
-            out = out.contiguous() if type(out) is Tensor else contiguous_outputs(out)
+            out = contiguous_outputs(run(*dynamic))
         except Exception:
             if saved is not None:
                 restore_buffers(self._template, saved)

@@ -89,6 +89,19 @@ class _Linear(Fused):
     def release_views(self) -> None:
         self._views = None
 
+    def _cached_views(self, w: Tensor, b: Tensor | None) -> tuple[Any, ...] | None:
+        """``_views`` while they still show ``w`` and ``b`` (same tensors, same storage)."""
+        c = self._views
+        if (
+            c is None
+            or c[0] is not w
+            or c[2] is not b
+            or c[1] != w.data_ptr()
+            or (b is not None and c[3] != b.data_ptr())
+        ):
+            return None
+        return c
+
     def _operands(
         self, w: Tensor, b: Tensor | None, cache: bool
     ) -> tuple[Tensor, Tensor | None] | None:
@@ -97,11 +110,9 @@ class _Linear(Fused):
         ``cache``: reuse and keep the views (only without autograd, and never under
         torch.compile, where the views are free and the cache a side effect dynamo would guard).
         """
-        c = self._views if cache else None
+        c = self._cached_views(w, b) if cache else None
         if c is not None:
-            same_b = c[2] is b and (b is None or c[3] == b.data_ptr())
-            if same_b and c[0] is w and c[1] == w.data_ptr():
-                return c[4], c[5]
+            return c[4], c[5]
         if not in_major(w):
             return None
         n, out_f, in_f = w.shape
@@ -126,16 +137,9 @@ class _Linear(Fused):
     def forward_no_grad(self, x: Tensor) -> Tensor:
         """``forward`` in eager mode without autograd (the caller knows): the cached operand
         views straight away while the parameters are the same tensors on the same storage."""
-        c = self._views
         params = self.orig._parameters
-        w, b = params["weight"], params["bias"]
-        if (
-            c is None
-            or c[0] is not w
-            or c[2] is not b
-            or c[1] != w.data_ptr()
-            or (b is not None and c[3] != b.data_ptr())
-        ):
+        c = self._cached_views(params["weight"], params["bias"])
+        if c is None:
             return self.forward(x)
         bu = c[5]
         if c[6] and bu is not None:  # the common shapes inline: one Python frame fewer

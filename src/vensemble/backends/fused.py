@@ -27,7 +27,15 @@ from torch import Tensor, nn
 from torch.nn.modules import module as module_globals
 
 from ._call import Call
-from ._layers import FRESH_OUTPUT, ConvBatchNorm, Fused, _BatchNorm, _Conv, fused_layer_for
+from ._layers import (
+    FRESH_OUTPUT,
+    ConvBatchNorm,
+    Fused,
+    _BatchNorm,
+    _Conv,
+    _is_compiling,
+    fused_layer_for,
+)
 from ._ops import RANDOM_FUNCTIONS, RANDOM_METHODS, Elementwise, Expand, Op, make_op
 from .select import AutoPlan, auto_forward
 
@@ -38,6 +46,7 @@ __all__ = [
     "activations_in_place",
     "build_program",
     "fused_forward",
+    "hooked",
     "hooks_registered",
     "signature_key",
     "sole_input",
@@ -87,9 +96,6 @@ class _Submodule(nn.Module):
         in_dims = tuple(0 if f else None for f in self.flags)
         call = Call(self.orig, self.n, args, kwargs, in_dims, self.randomness, None, name=self.path)
         return auto_forward(call, self.plan)
-
-
-_is_compiling = torch.compiler.is_compiling  # one lookup fewer per call (dynamo knows it)
 
 
 def contiguous_outputs(out: Any) -> Any:
@@ -276,7 +282,7 @@ def _traced_only(fn: Any, name: str) -> Any:
 
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 # torch's global module hook dicts (registering a global hook adds to them in place)
-GLOBAL_HOOK_DICTS: tuple[dict[int, Any], ...] = tuple(
+_GLOBAL_HOOK_DICTS: tuple[dict[int, Any], ...] = tuple(
     getattr(module_globals, f"_global{name}") for name in _HOOK_DICTS
 )
 
@@ -285,20 +291,25 @@ def hooks_registered(modules: list[nn.Module]) -> bool:
     """Whether a module hook (forward or backward, on one of ``modules`` or global) is set.
 
     A fused program calls no ``nn.Module.__call__``, so it would skip them: ``Ensemble`` then
-    runs the members one by one. Checked on every call (``Ensemble._fast_key`` makes the
-    same pass over dicts it keeps), since hooks may come after a program was built.
+    runs the members one by one. Checked on every call (``Ensemble`` keeps the dicts and asks
+    :func:`hooked`), since hooks may come after a program was built.
     """
-    return any(GLOBAL_HOOK_DICTS) or any(hook_dicts(modules))
+    return hooked(hook_dicts(modules))
+
+
+def hooked(dicts: list[dict[int, Any]]) -> bool:
+    """Whether one of ``dicts`` (from :func:`hook_dicts`) or a global module hook dict holds a
+    hook: two C-level passes."""
+    return any(_GLOBAL_HOOK_DICTS) or any(dicts)
 
 
 def hook_dicts(modules: list[nn.Module]) -> list[dict[int, Any]]:
     """The dicts that hold the forward/backward hooks of ``modules``.
 
     Registering a hook adds it to one of these dicts in place (only unpickling replaces them,
-    and that makes new modules), so a list of them kept from the start, and
-    ``any(GLOBAL_HOOK_DICTS)``, answer :func:`hooks_registered` in two C-level passes: about
-    1 us per check, where a walk over the modules' attributes costs 9 us once a batched
-    layer has pushed them out of the CPU's cache.
+    and that makes new modules), so a list of them kept from the start answers
+    :func:`hooked` in about 1 us per check, where a walk over the modules' attributes costs
+    9 us once a batched layer has pushed them out of the CPU's cache.
     """
     return [getattr(m, name) for m in modules for name in _HOOK_DICTS]
 
