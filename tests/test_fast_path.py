@@ -387,3 +387,29 @@ def test_a_first_call_from_inside_torch_compile_traces_the_member_eagerly(backen
         torch.testing.assert_close(out, loop(x) * 2, atol=1e-6, rtol=1e-5)
         ens(x).sum().backward()  # and eager training through the ensemble
     assert all(p.grad is not None for p in ens.parameters())
+
+
+@pytest.mark.parametrize("backend", ["auto", "fused", "loop"])
+def test_fullgraph_compile_of_a_warm_ensemble_is_one_graph(backend: str):
+    """``torch.compile(fullgraph=True)`` and strict export: no graph break once the call
+    signature has run eagerly (its trace and auto's measurement run eagerly). On Python 3.11
+    ``functools.cached_property`` takes a lock that dynamo cannot enter: Call has none."""
+    ens = ve.Ensemble.from_factory(_mlp, 3, backend=backend).eval()  # (dropout off)
+    loop = ve.Ensemble.from_factory(_mlp, 3, backend="loop").eval()
+    loop.load_state_dict(ens.state_dict())
+    x = torch.randn(5, 6)
+    ens(x)  # eager: traces the member and (auto) measures the paths for this signature
+    graphs: list[torch.fx.GraphModule] = []
+
+    def record(gm: torch.fx.GraphModule, inputs: list[Tensor]) -> Any:
+        graphs.append(gm)
+        return gm.forward
+
+    compiled = torch.compile(ens, backend=record, fullgraph=True)
+    out = compiled(x)
+    torch.testing.assert_close(out, loop(x), atol=1e-6, rtol=1e-5)
+    out.sum().backward()  # trains through the compiled graph
+    assert len(graphs) == 1 and all(p.grad is not None for p in ens.parameters())
+    if backend != "loop":  # (the loop puts each member's views in the template's slots)
+        exported = torch.export.export(ens, (x,), strict=True).module()  # no side effect
+        torch.testing.assert_close(exported(x), loop(x), atol=1e-6, rtol=1e-5)

@@ -653,7 +653,8 @@ class Ensemble(nn.Module):
             loop_wins = _loop_wins(timings[loop], timings["vectorized"], device)
             choice = (loop if loop_wins else "vectorized", timings)
             self._choices[key] = choice
-        self._last_choice = choice
+        if not _is_compiling():  # (for explain(); a side effect strict export would warn of)
+            self._last_choice = choice
         return choice[0]
 
     def _fused_failed(self, err: Exception) -> None:

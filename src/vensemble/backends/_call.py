@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -46,15 +45,29 @@ class Call:
     chunk_size: int | None = None
     name: str = ""
 
-    @functools.cached_property
+    # computed on first use, without functools.cached_property: its lock (Python 3.11) is a
+    # context manager that torch.compile(fullgraph=True) cannot trace
+
+    @property
     def tensor_args(self) -> bool:
         """No keyword inputs and every positional input a tensor: the common, fast case."""
-        return not self.kwargs and all(isinstance(a, Tensor) for a in self.args)
+        value = self.__dict__.get("_tensor_args")
+        if value is None:
+            value = self._tensor_args = not self.kwargs and all(
+                isinstance(a, Tensor) for a in self.args
+            )
+        return value
 
-    @functools.cached_property
+    @property
     def state(self) -> dict[str, Tensor]:
         """The stacked parameters and buffers by (canonical) name."""
-        return {**dict(self.template.named_parameters()), **dict(self.template.named_buffers())}
+        value = self.__dict__.get("_state")
+        if value is None:
+            value = self._state = {
+                **dict(self.template.named_parameters()),
+                **dict(self.template.named_buffers()),
+            }
+        return value
 
     def member_args(self, i: int) -> tuple[Any, ...]:
         """The positional inputs member ``i`` sees."""

@@ -708,7 +708,8 @@ def fused_forward(call: Call, plan: FusedPlan) -> Any:
         except Untraceable as err:
             program = str(err)
         plan.programs[full_key] = program
-    plan.last = program
+    if not _is_compiling():  # (for explain(); a side effect strict export would warn of)
+        plan.last = program
     if isinstance(program, str):
         raise Untraceable(program)
     return program(*dynamic, compile_options=plan.compile_options)
