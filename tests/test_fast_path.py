@@ -413,3 +413,61 @@ def test_fullgraph_compile_of_a_warm_ensemble_is_one_graph(backend: str):
     if backend != "loop":  # (the loop puts each member's views in the template's slots)
         exported = torch.export.export(ens, (x,), strict=True).module()  # no side effect
         torch.testing.assert_close(exported(x), loop(x), atol=1e-6, rtol=1e-5)
+
+
+def _loop_twin(ens: ve.Ensemble) -> ve.Ensemble:
+    loop = ve.Ensemble.from_factory(_mlp, len(ens), backend="loop").train(ens.training)
+    loop.load_state_dict(ens.state_dict())
+    return loop
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+@pytest.mark.parametrize("backend", ["auto", "fused"])
+def test_a_submodule_replaced_after_calls_is_what_runs(backend: str, grad: bool):
+    """Model surgery after the programs exist: an activation swapped, then a head replaced by
+    stacked modules. The remembered programs ran the old modules."""
+    ens = ve.Ensemble.from_factory(_mlp, 3, backend=backend).eval()
+    x = torch.randn(5, 6)
+    with torch.set_grad_enabled(grad):
+        ens(x)
+        ens(x)  # the fast path has an entry now
+        setattr(ens, "1", nn.Tanh())
+        loop = _loop_twin(ens)
+        setattr(loop, "1", nn.Tanh())
+        torch.testing.assert_close(ens(x), loop(x), atol=1e-6, rtol=1e-5)
+        heads = [nn.Linear(16, 2) for _ in range(3)]
+        head = nn.Linear(16, 2)
+        head.weight = nn.Parameter(torch.stack([h.weight.detach() for h in heads]))
+        head.bias = nn.Parameter(torch.stack([h.bias.detach() for h in heads]))
+        setattr(ens, "3", head)
+        expected = torch.stack([heads[i](torch.tanh(m[0](x))) for i, m in enumerate(loop)])
+        torch.testing.assert_close(ens(x), expected, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(ens(x), expected, atol=1e-6, rtol=1e-5)  # remembered again
+    assert ens.explain()["3"].startswith("fused")
+
+
+def test_a_parametrization_registered_after_calls_is_applied():
+    from torch.nn.utils import parametrize
+
+    class Halve(nn.Module):
+        def forward(self, w: Tensor) -> Tensor:
+            return w / 2
+
+    ens = ve.Ensemble.from_factory(_mlp, 3, backend="fused").eval()
+    x = torch.randn(5, 6)
+    with torch.no_grad():
+        ens(x)
+        ens(x)
+        loop = _loop_twin(ens)
+        parametrize.register_parametrization(getattr(ens, "0"), "weight", Halve())
+        parametrize.register_parametrization(getattr(loop, "0"), "weight", Halve())
+        torch.testing.assert_close(ens(x), loop(x), atol=1e-6, rtol=1e-5)
+
+
+def test_a_submodule_put_in_unstacked_is_named():
+    ens = ve.Ensemble.from_factory(_mlp, 3, backend="fused")
+    x = torch.randn(5, 6)
+    ens(x)
+    setattr(ens, "3", nn.Linear(16, 2))  # one member's head, not three stacked
+    with pytest.raises(ve.EnsembleError, match=r"'3.weight' has shape \(2, 16\).*member dim \(3\)"):
+        ens(x)

@@ -215,19 +215,53 @@ class Ensemble(nn.Module):
         self._choices: dict[Any, tuple[str, dict[str, float]]] = {}
         self._last_choice: tuple[str, dict[str, float]] | None = None
         self._fast = _FastPaths()
-        self._module_list = list(template.modules())
-        self._collect_hook_dicts()
+        self._index_modules()
         self.training = template.training
 
-    def _collect_hook_dicts(self) -> None:
-        """The hook dicts of the members' modules and of the ensemble itself, kept so that a
-        call checks them in one C-level pass each (see ``hooked``)."""
+    def _index_modules(self) -> None:
+        """The member's module tree as each call checks it, in a few C-level passes: every
+        module (their training flags), every module's child dict and what it held (a
+        submodule replaced, added or removed later is noticed: see ``_modules_changed``), and
+        the hook dicts of the modules and of the ensemble itself (see ``hooked``)."""
+        self._module_list = list(self._template.modules())
+        dicts = [m._modules for m in self._module_list]
+        self._leaf_dicts = [d for d in dicts if not d]  # must stay empty (one any() for all)
+        self._parent_dicts = [d for d in dicts if d]
+        self._children = list(map(tuple, map(dict.values, self._parent_dicts)))
         self._hook_dicts = hook_dicts(self._module_list)
         self._own_hook_dicts = hook_dicts([self])
 
+    def _modules_changed(self) -> bool:
+        """Whether a submodule was replaced, added or removed since the tree was indexed."""
+        return any(self._leaf_dicts) or (
+            list(map(tuple, map(dict.values, self._parent_dicts))) != self._children
+        )
+
+    def _reindex_modules(self) -> None:
+        """After model surgery (``ens.head = ...``, a parametrization registered): check that
+        the new tensors are stacked, then forget every program, measurement and remembered
+        call built for the old tree (they would run the old modules)."""
+        for name, t in [*self._template.named_parameters(), *self._template.named_buffers()]:
+            if t.ndim == 0 or t.shape[0] != self._num_members:
+                raise EnsembleError(
+                    f"'{name}' has shape {tuple(t.shape)}, but an ensemble's tensors lead with the "
+                    f"member dim ({self._num_members}): a submodule put in after the ensemble was "
+                    "built must hold every member's values stacked (e.g. "
+                    "torch.stack([m.weight for m in heads]) for each parameter)"
+                )
+        use_kernel_layout(self._template)
+        self._has_buffers = next(self._template.buffers(), None) is not None
+        self._plan = AutoPlan()
+        self._fused = FusedPlan(compile_options=self.compile_options)
+        self._folded = FoldedPlan()
+        self._choices.clear()
+        self._last_choice = None
+        self._fast.clear()
+        self._index_modules()
+
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        self._collect_hook_dicts()  # (also for pickles made before these lists existed)
+        self._index_modules()  # (also for pickles made before these lists existed)
 
     @classmethod
     def _from_template(
@@ -483,6 +517,8 @@ class Ensemble(nn.Module):
             The members' outputs stacked: a tensor ``(N, ...)``, or the member's tuple/dict
             structure with each tensor stacked.
         """
+        if self._modules_changed():
+            self._reindex_modules()
         members_hooked = hooked(self._hook_dicts)  # fused programs would skip them
         fast_key = None if kwargs or members_hooked else self._fast_key(args, in_dims)
         if fast_key is not None:
