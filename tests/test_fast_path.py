@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import pickle
+import warnings
 from typing import Any
 
 import pytest
@@ -471,3 +472,24 @@ def test_a_submodule_put_in_unstacked_is_named():
     setattr(ens, "3", nn.Linear(16, 2))  # one member's head, not three stacked
     with pytest.raises(ve.EnsembleError, match=r"'3.weight' has shape \(2, 16\).*member dim \(3\)"):
         ens(x)
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+@pytest.mark.parametrize("backend", ["auto", "fused"])
+def test_torch_jit_trace_records_the_fused_program(backend: str, grad: bool):
+    """Under torch.jit.trace nothing eager-only runs (cached operand views were recorded as
+    constants that require grad: the fused program failed, and the trace then segfaulted) and
+    nothing is timed (every timed run would be recorded)."""
+    ens = ve.Ensemble.from_factory(_mlp, 3, backend=backend).eval()
+    loop = _loop_twin(ens)
+    x = torch.randn(5, 6)
+    with torch.set_grad_enabled(grad), warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # (shape checks, as usual)
+        warnings.simplefilter("ignore", DeprecationWarning)  # (jit.trace is, in torch 2.13)
+        ens(x)
+        ens(x)  # eager: cached views and a fast entry exist
+        traced = torch.jit.trace(ens, (x,), check_trace=False)
+        other = torch.randn(5, 6)
+        torch.testing.assert_close(traced(other), loop(other), atol=1e-6, rtol=1e-5)
+    graph = str(traced.graph)
+    assert "baddbmm" in graph and graph.count("aten::linear") == 0  # batched, not unrolled

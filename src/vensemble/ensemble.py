@@ -27,7 +27,7 @@ from .backends import (
 )
 from .backends._autotune import measure_paths, measuring_allowed
 from .backends._call import copy_buffers, restore_buffers, state_device
-from .backends._layers import _is_compiling
+from .backends._layers import _is_compiling, _is_tracing
 from .backends.folded import FoldedPlan, folded_program
 from .backends.fused import (
     FusedPlan,
@@ -562,7 +562,7 @@ class Ensemble(nn.Module):
         """What the fast path is keyed on; ``None`` where it does not apply (``in_dims`` is a
         tuple, an input is not a tensor, or under torch.compile; the caller has checked that no
         module hook is registered)."""
-        if not (in_dims is None or type(in_dims) is int) or _is_compiling():
+        if not (in_dims is None or type(in_dims) is int) or _is_tracing():
             return None
         described = []
         for a in args:

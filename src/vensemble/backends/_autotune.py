@@ -33,13 +33,15 @@ def _time(fn: Callable[[], Any], device: torch.device, repeats: int) -> float:
 
 
 def measuring_allowed() -> bool:
-    """False under ``torch.use_deterministic_algorithms(True)``: then no choice is timed.
+    """False under ``torch.use_deterministic_algorithms(True)`` or ``torch.jit.trace``: then
+    no choice is timed.
 
     Equivalent kernels agree only up to float rounding, and a timed choice can differ between
     two runs of one program (like ``torch.backends.cudnn.benchmark``). Deterministic mode
-    makes every choice a fixed rule, so the same seed gives the same bits.
+    makes every choice a fixed rule, so the same seed gives the same bits. A jit trace would
+    record every timed run.
     """
-    return not torch.are_deterministic_algorithms_enabled()
+    return not (torch.are_deterministic_algorithms_enabled() or torch.jit.is_tracing())
 
 
 # Measuring runs eagerly even when a call comes from inside torch.compile: dynamo would trace

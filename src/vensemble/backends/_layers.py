@@ -21,6 +21,13 @@ from ._autotune import autotune
 
 _is_compiling = torch.compiler.is_compiling  # one lookup fewer per call (dynamo knows it)
 
+
+def _is_tracing() -> bool:
+    """Under ``torch.compile`` or ``torch.jit.trace``: no eager-only shortcut then (cached
+    operand views, the no-autograd program), which a trace would record as constants."""
+    return _is_compiling() or torch.jit.is_tracing()
+
+
 __all__ = [
     "FRESH_OUTPUT",
     "FUSED_LAYERS",
@@ -129,7 +136,8 @@ class _Linear(Fused):
         params = self.orig._parameters
         w, b = params["weight"], params["bias"]  # (N, out, in), (N, out)
         compiling = _is_compiling()
-        operands = self._operands(w, b, cache=not (compiling or torch.is_grad_enabled()))
+        cache = not (compiling or torch.is_grad_enabled() or torch.jit.is_tracing())
+        operands = self._operands(w, b, cache=cache)
         if operands is None:
             return self._out_major(x, w, b)
         return self._batched_linear(x, *operands, compiling)

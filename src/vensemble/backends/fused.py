@@ -34,6 +34,7 @@ from ._layers import (
     _BatchNorm,
     _Conv,
     _is_compiling,
+    _is_tracing,
     fused_layer_for,
 )
 from ._ops import RANDOM_FUNCTIONS, RANDOM_METHODS, Elementwise, Expand, Op, make_op
@@ -123,7 +124,7 @@ class FusedProgram:
     def __call__(self, *dynamic: Any, compile_options: dict[str, Any] | None = None) -> Any:
         """Run the program; with ``compile_options`` through ``torch.compile`` after one eager
         call (which settles the kernels chosen by measurement)."""
-        eager_no_grad = not (torch.is_grad_enabled() or _is_compiling())
+        eager_no_grad = not (torch.is_grad_enabled() or _is_tracing())
         return contiguous_outputs(self.runner(compile_options, eager_no_grad)(*dynamic))
 
     def runner(
