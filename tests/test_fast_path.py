@@ -493,3 +493,102 @@ def test_torch_jit_trace_records_the_fused_program(backend: str, grad: bool):
         torch.testing.assert_close(traced(other), loop(other), atol=1e-6, rtol=1e-5)
     graph = str(traced.graph)
     assert "baddbmm" in graph and graph.count("aten::linear") == 0  # batched, not unrolled
+
+
+def test_the_module_tree_is_compared_only_after_a_registration(monkeypatch):
+    """An eager call compares the module tree only when a module, parameter or buffer was
+    registered somewhere since its last look (vensemble._tree): one int compare otherwise."""
+    checks: list[int] = []
+    real = ve.Ensemble._check_modules
+    monkeypatch.setattr(ve.Ensemble, "_check_modules", lambda s, c: checks.append(1) or real(s, c))
+    ens = ve.Ensemble.from_factory(_mlp, 3, backend="fused").eval()
+    x = torch.randn(5, 6)
+    with torch.no_grad():
+        ens(x)
+        ens(x)
+        assert checks == []
+        nn.Linear(2, 2)  # someone else's module: one look, nothing changed
+        ens(x)
+        ens(x)
+        assert checks == [1]
+        setattr(ens, "1", nn.Tanh())
+        loop = _loop_twin(ens)
+        setattr(loop, "1", nn.Tanh())
+        torch.testing.assert_close(ens(x), loop(x), atol=1e-6, rtol=1e-5)
+        assert len(checks) == 3  # ens's look, and the twin's after its own surgery
+
+
+def test_surgery_under_torch_compile_is_seen():
+    """Under torch.compile every call compares the tree, so dynamo guards on it (no guard on
+    the process-wide registration count, which would recompile on anyone's module)."""
+    ens = ve.Ensemble.from_factory(_mlp, 3, backend="fused").eval()
+    x = torch.randn(5, 6)
+    ens(x)
+    graphs: list[torch.fx.GraphModule] = []
+
+    def record(gm: torch.fx.GraphModule, inputs: list[Tensor]) -> Any:
+        graphs.append(gm)
+        return gm.forward
+
+    compiled = torch.compile(ens, backend=record)
+    with torch.no_grad():
+        compiled(x)
+        nn.Linear(2, 2)  # someone else's module
+        compiled(x)
+        assert len(graphs) == 1  # no recompile
+        setattr(ens, "1", nn.Tanh())
+        loop = _loop_twin(ens)
+        setattr(loop, "1", nn.Tanh())
+        torch.testing.assert_close(compiled(x), loop(x), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        "shape",
+        "dtype",
+        "randomness",
+        "chunk_size",
+        "training",
+        "deterministic",
+        "in_dims",
+        "kwargs",
+    ],
+)
+def test_the_latest_calls_key_is_checked_field_by_field(change: str, monkeypatch):
+    """The fast path first compares a call with the latest one, field by field; any field of
+    the key that differs sends the call elsewhere."""
+    fast_runs: list[int] = []
+    real = ve.Ensemble._run_fast
+    monkeypatch.setattr(ve.Ensemble, "_run_fast", lambda s, *a: fast_runs.append(1) or real(s, *a))
+    ens = ve.Ensemble.from_factory(_mlp, 3, backend="fused").eval()
+    x = torch.randn(5, 6)
+    with torch.no_grad():
+        ens(x)
+        ens(x)
+        assert len(fast_runs) == 1 and ens._fast.last is not None
+        loop = _loop_twin(ens)
+        args: tuple[Any, ...] = (x,)
+        kwargs: dict[str, Any] = {}
+        if change == "shape":
+            args = (x[:4],)
+        elif change == "dtype":
+            ens.double(), loop.double()
+            args = (x.double(),)
+        elif change == "randomness":
+            ens.randomness = "same"
+        elif change == "chunk_size":
+            ens.chunk_size = 2
+        elif change == "training":
+            ens.training = loop.training = True  # the ensemble's own flag only
+        elif change == "deterministic":
+            monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+        elif change == "in_dims":
+            args, kwargs = (x.expand(3, 5, 6),), {"in_dims": 0}
+        elif change == "kwargs":
+            kwargs = {"input": x}
+            args = ()
+        expected = loop(*args, **kwargs)
+        out = ens(*args, **kwargs)
+    assert len(fast_runs) == 1  # the latest entry did not run
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-5)

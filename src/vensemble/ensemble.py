@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from ._errors import EnsembleError
 from ._layout import use_kernel_layout
 from ._state import member_module, reindex_template, stack_members, validate_members
+from ._tree import GENERATION
 from .backends import (
     BACKENDS,
     AutoPlan,
@@ -27,7 +28,7 @@ from .backends import (
 )
 from .backends._autotune import measure_paths, measuring_allowed
 from .backends._call import copy_buffers, restore_buffers, state_device
-from .backends._layers import _is_compiling, _is_tracing
+from .backends._layers import _is_compiling, _jit_tracing
 from .backends.folded import FoldedPlan, folded_program
 from .backends.fused import (
     FusedPlan,
@@ -66,6 +67,14 @@ _HOOKED: tuple[str, dict[str, float]] = ("loop", {})  # _last_choice when hooks 
 class _FastPaths(dict[tuple[Any, ...], _FastEntry]):
     """The fast path's programs by call key; a copy (deepcopy, pickle) starts empty, as
     ``FusedPlan`` does: programs belong to the template they were traced from."""
+
+    # the latest call with one tensor input and in_dims=None, as (key, entry): the next call
+    # compares its fields directly (no key built, no hash), the common case of a repeated call
+    last: tuple[tuple[Any, ...], _FastEntry] | None = None
+
+    def clear(self) -> None:
+        self.last = None
+        super().clear()
 
     def __deepcopy__(self, memo: dict[int, Any]) -> _FastPaths:
         return _FastPaths()
@@ -221,21 +230,28 @@ class Ensemble(nn.Module):
     def _index_modules(self) -> None:
         """The member's module tree as each call checks it, in a few C-level passes: every
         module (their training flags), every module's child dict and what it held (a
-        submodule replaced, added or removed later is noticed: see ``_modules_changed``), and
+        submodule replaced, added or removed later is noticed: see ``_check_modules``), and
         the hook dicts of the modules and of the ensemble itself (see ``hooked``)."""
         self._module_list = list(self._template.modules())
         dicts = [m._modules for m in self._module_list]
         self._leaf_dicts = [d for d in dicts if not d]  # must stay empty (one any() for all)
         self._parent_dicts = [d for d in dicts if d]
         self._children = list(map(tuple, map(dict.values, self._parent_dicts)))
+        self._generation = GENERATION[0]
         self._hook_dicts = hook_dicts(self._module_list)
         self._own_hook_dicts = hook_dicts([self])
 
-    def _modules_changed(self) -> bool:
-        """Whether a submodule was replaced, added or removed since the tree was indexed."""
-        return any(self._leaf_dicts) or (
+    def _check_modules(self, compiling: bool) -> None:
+        """Re-index after a submodule was replaced, added or removed. Eager calls come here
+        only when a registration happened somewhere in the process (see ``_tree``); under
+        torch.compile every call does, so that dynamo guards on the tree itself."""
+        generation = GENERATION[0]  # read first: a registration during the check is seen next
+        if any(self._leaf_dicts) or (
             list(map(tuple, map(dict.values, self._parent_dicts))) != self._children
-        )
+        ):
+            self._reindex_modules()
+        if not compiling:  # (a side effect strict export would warn of)
+            self.__dict__["_generation"] = generation
 
     def _reindex_modules(self) -> None:
         """After model surgery (``ens.head = ...``, a parametrization registered): check that
@@ -517,15 +533,43 @@ class Ensemble(nn.Module):
             The members' outputs stacked: a tensor ``(N, ...)``, or the member's tuple/dict
             structure with each tensor stacked.
         """
-        if self._modules_changed():
-            self._reindex_modules()
+        compiling = _is_compiling()
+        if compiling or GENERATION[0] != self._generation:  # (dynamo: guards on the tree)
+            self._check_modules(compiling)
         members_hooked = hooked(self._hook_dicts)  # fused programs would skip them
-        fast_key = None if kwargs or members_hooked else self._fast_key(args, in_dims)
+        # eager only: the fast path's programs take shortcuts a trace would record as constants
+        fast = not (kwargs or members_hooked or compiling or _jit_tracing())
+        if fast:
+            last = self._fast.last
+            if last is not None and len(args) == 1 and in_dims is None:
+                # _fast_key's fields against the latest key's, one by one
+                key, entry = last
+                x = args[0]
+                shape, dtype, device = key[8]
+                if (
+                    type(x) is Tensor
+                    and x.shape == shape
+                    and x.dtype is dtype
+                    and x.device == device
+                    and torch.is_grad_enabled() is key[1]
+                    and torch.are_deterministic_algorithms_enabled() is key[2]
+                    and self.training is key[3]
+                    and self.backend == key[4]
+                    and self.randomness == key[5]
+                    and self.chunk_size == key[6]
+                    and tuple(map(_TRAINING, self._module_list)) == key[7]
+                ):
+                    out = self._run_fast(entry, args, None)
+                    if out is not _MISS:
+                        return out
+        fast_key = self._fast_key(args, in_dims) if fast else None
         if fast_key is not None:
-            entry = self._fast.get(fast_key)
-            if entry is not None:
-                out = self._run_fast(entry, args, in_dims)
+            found = self._fast.get(fast_key)
+            if found is not None:
+                out = self._run_fast(found, args, in_dims)
                 if out is not _MISS:
+                    if in_dims is None and len(args) == 1 and type(args[0]) is Tensor:
+                        self._fast.last = (fast_key, found)
                     return out
         call = Call(
             template=self._template,
@@ -560,9 +604,9 @@ class Ensemble(nn.Module):
 
     def _fast_key(self, args: tuple[Any, ...], in_dims: Any) -> tuple[Any, ...] | None:
         """What the fast path is keyed on; ``None`` where it does not apply (``in_dims`` is a
-        tuple, an input is not a tensor, or under torch.compile; the caller has checked that no
-        module hook is registered)."""
-        if not (in_dims is None or type(in_dims) is int) or _is_tracing():
+        tuple, or an input is not a tensor; the caller has checked that no module hook is
+        registered and that neither torch.compile nor torch.jit.trace is tracing)."""
+        if not (in_dims is None or type(in_dims) is int):
             return None
         described = []
         for a in args:

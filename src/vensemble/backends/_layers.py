@@ -22,10 +22,14 @@ from ._autotune import autotune
 _is_compiling = torch.compiler.is_compiling  # one lookup fewer per call (dynamo knows it)
 
 
+# torch.jit.is_tracing without its Python frame; not traceable by dynamo: ask _is_compiling first
+_jit_tracing = torch._C._is_tracing
+
+
 def _is_tracing() -> bool:
     """Under ``torch.compile`` or ``torch.jit.trace``: no eager-only shortcut then (cached
     operand views, the no-autograd program), which a trace would record as constants."""
-    return _is_compiling() or torch.jit.is_tracing()
+    return _is_compiling() or _jit_tracing()
 
 
 __all__ = [
@@ -136,7 +140,7 @@ class _Linear(Fused):
         params = self.orig._parameters
         w, b = params["weight"], params["bias"]  # (N, out, in), (N, out)
         compiling = _is_compiling()
-        cache = not (compiling or torch.is_grad_enabled() or torch.jit.is_tracing())
+        cache = not (compiling or torch.is_grad_enabled() or _jit_tracing())
         operands = self._operands(w, b, cache=cache)
         if operands is None:
             return self._out_major(x, w, b)
