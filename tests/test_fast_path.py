@@ -276,7 +276,6 @@ def test_inference_runs_the_programs_no_autograd_entries_and_equals_the_loop(sha
         program = ens._fused.last
         assert program.no_grad is not None
         assert "forward_no_grad" in program.no_grad.code
-        assert "forward_relu_no_grad" in program.no_grad.code  # the ReLU after the first layer
         flat = torch.cat([p.reshape(-1) for p in ens.parameters()])  # (in-major: not views)
         torch.nn.utils.vector_to_parameters(flat * 0.5, ens.parameters())  # swaps .data
         torch.nn.utils.vector_to_parameters(flat * 0.5, loop.parameters())
@@ -593,27 +592,3 @@ def test_the_latest_calls_key_is_checked_field_by_field(change: str, monkeypatch
         out = ens(*args, **kwargs)
     assert len(fast_runs) == 1  # the latest entry did not run
     torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-5)
-
-
-@pytest.mark.parametrize(
-    ("dtype", "tol"), [(torch.float32, 1e-5), (torch.float64, 1e-12), (torch.bfloat16, 2e-2)]
-)
-@pytest.mark.parametrize("width", [1, 16])
-def test_a_relu_after_a_linear_runs_with_its_bias_in_one_pass(dtype, tol, width: int):
-    """Inference: bmm, then aten's _add_relu_ (CPU float32/64); other dtypes the layer, then
-    relu_ (aten has no _add_relu_ for them). A one-wide hidden layer too (its own bmm path)."""
-
-    def make() -> nn.Module:
-        return nn.Sequential(nn.Linear(6, width), nn.ReLU(), nn.Linear(width, 3))
-
-    ens = ve.Ensemble.from_factory(make, 4, backend="fused").to(dtype)
-    loop = ve.Ensemble.from_factory(make, 4, backend="loop").to(dtype)
-    loop.load_state_dict(ens.state_dict())
-    for x in (torch.randn(5, 6, dtype=dtype), torch.randn(4, 5, 6, dtype=dtype)):
-        in_dims = 0 if x.ndim == 3 else None
-        with torch.no_grad():
-            for _ in range(2):
-                out = ens(x, in_dims=in_dims)
-                torch.testing.assert_close(out, loop(x, in_dims=in_dims), atol=tol, rtol=tol)
-        assert "forward_relu_no_grad" in ens._fused.last.no_grad.code
-        assert out.dtype == dtype and (out.ndim == 3 and out.shape[-1] == 3)

@@ -26,9 +26,6 @@ _is_compiling = torch.compiler.is_compiling  # one lookup fewer per call (dynamo
 _jit_tracing = torch._C._is_tracing
 
 
-_ADD_RELU_DTYPES = (torch.float32, torch.float64)  # what aten's CPU _add_relu_ takes
-
-
 def _is_tracing() -> bool:
     """Under ``torch.compile`` or ``torch.jit.trace``: no eager-only shortcut then (cached
     operand views, the no-autograd program), which a trace would record as constants."""
@@ -97,9 +94,8 @@ class _Linear(Fused):
     # Without autograd, the operand views of the last call, reused while the parameters are the
     # same objects on the same storage (views share it, so in-place updates show through): two
     # dispatcher calls fewer per layer, which is most of what a small layer costs on a GPU.
-    # (weight, its data_ptr, bias, its data_ptr, W^T, bias (N, 1, out), whether baddbmm runs it,
-    # whether aten's _add_relu_ can add the bias (CPU, float32/64))
-    _views: tuple[Tensor, int, Tensor | None, int, Tensor, Tensor | None, bool, bool] | None = None
+    # (weight, its data_ptr, bias, its data_ptr, W^T, bias (N, 1, out), whether baddbmm runs it)
+    _views: tuple[Tensor, int, Tensor | None, int, Tensor, Tensor | None, bool] | None = None
 
     def release_views(self) -> None:
         self._views = None
@@ -137,17 +133,7 @@ class _Linear(Fused):
         bu = None if b is None else b.unsqueeze(1)
         if cache:
             b_ptr = 0 if b is None else b.data_ptr()
-            add_relu = bu is not None and w.device.type == "cpu" and w.dtype in _ADD_RELU_DTYPES
-            self._views = (
-                w,
-                w.data_ptr(),
-                b,
-                b_ptr,
-                wt,
-                bu,
-                bu is not None and out_f != 1,
-                add_relu,
-            )
+            self._views = (w, w.data_ptr(), b, b_ptr, wt, bu, bu is not None and out_f != 1)
         return wt, bu
 
     def forward(self, x: Tensor) -> Tensor:
@@ -175,23 +161,6 @@ class _Linear(Fused):
             if ndim == 2 and not batched:
                 return torch.baddbmm(bu, x.expand(self.n, -1, -1), c[4])
         return self._batched_linear(x, c[4], bu, False)
-
-    def forward_relu_no_grad(self, x: Tensor) -> Tensor:
-        """``relu(forward_no_grad(x))``, for a ReLU that overwrites this layer's output. On a
-        CPU (float32/64): a plain ``bmm``, then the bias and the ReLU in one pass over the
-        output (aten's ``_add_relu_``), where ``baddbmm`` first copies the bias into it and the
-        ReLU is a second pass (the tutorial's 10 x MLP 784-128-128-10 at batch 64: 1.5% of a
-        call). The sum is the same; its rounding may differ in the last bit, as the order of a
-        GEMM's additions does from kernel to kernel."""
-        params = self.orig._parameters
-        c = self._cached_views(params["weight"], params["bias"])
-        if c is not None and c[7]:
-            ndim, batched = x.ndim, self.batched[0]
-            if ndim == 3 and batched:
-                return torch._add_relu_(torch.bmm(x, c[4]), c[5])
-            if ndim == 2 and not batched:
-                return torch._add_relu_(torch.bmm(x.expand(self.n, -1, -1), c[4]), c[5])
-        return self.forward_no_grad(x).relu_()
 
     def _batched_linear(self, x: Tensor, wt: Tensor, bu: Tensor | None, compiling: bool) -> Tensor:
         """``y = x @ W^T + b`` with ``wt`` = W^T ``(N, in, out)`` contiguous (hand-batched

@@ -163,24 +163,8 @@ class FusedProgram:
             entry = getattr(layer, "forward_no_grad", None)
             if isinstance(layer, Fused) and entry is not None:
                 node.target = entry
-        _fuse_relu(graph)
         self.no_grad = fx.GraphModule(self.module, graph, class_name="FusedMembersNoGrad")
         return self.no_grad
-
-
-def _fuse_relu(graph: fx.Graph) -> None:
-    """A ReLU that overwrites a layer's output (see :func:`activations_in_place`) becomes
-    part of the layer's no-autograd entry where it has one (``forward_relu_no_grad``)."""
-    for node in list(graph.nodes):
-        source = node.args[0] if node.target is torch.relu_ and len(node.args) == 1 else None
-        if not isinstance(source, fx.Node) or len(source.users) != 1:
-            continue
-        layer = getattr(source.target, "__self__", None)
-        fused = getattr(layer, "forward_relu_no_grad", None)
-        if fused is not None and source.target == getattr(layer, "forward_no_grad", None):
-            source.target = fused
-            node.replace_all_uses_with(source)
-            graph.erase_node(node)
 
 
 def _forward_parameters(template: nn.Module) -> list[inspect.Parameter]:
