@@ -592,3 +592,74 @@ def test_the_latest_calls_key_is_checked_field_by_field(change: str, monkeypatch
         out = ens(*args, **kwargs)
     assert len(fast_runs) == 1  # the latest entry did not run
     torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("how", ["delattr", "sequential_del"])
+def test_a_submodule_deleted_after_calls_is_seen(how: str):
+    """Deleting calls no registration hook: each call compares the child dicts' lengths."""
+
+    def make() -> nn.Module:
+        return nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3), nn.Tanh())
+
+    ens = ve.Ensemble.from_factory(make, 3, backend="fused").eval()
+    members = [nn.Sequential(*list(m)[:3]) for m in ens.unstack()]  # (registers modules)
+    x = torch.randn(5, 6) * 10
+    with torch.no_grad():
+        expected = torch.stack([m(x) for m in members])
+        assert expected.abs().max() > 1  # (the tanh is gone)
+        ens(x)
+        ens(x)  # no registration since this call: only the deletion can tell
+        if how == "delattr":
+            delattr(ens, "3")
+        else:
+            del ens._template[3]  # nn.Sequential.__delitem__: the dict is rebuilt
+        torch.testing.assert_close(ens(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_nan_and_inf_in_a_member_show_in_inference_as_in_the_loop():
+    """A diverged member must look diverged: no fast path may clamp or drop NaN/inf."""
+
+    def make() -> nn.Module:
+        return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+
+    ens = ve.Ensemble.from_factory(make, 3, backend="fused")
+    loop = ve.Ensemble.from_factory(make, 3, backend="loop")
+    with torch.no_grad():
+        getattr(ens, "0").weight[1, 0, 0] = float("nan")  # member 1 diverged
+        getattr(ens, "0").bias[2, :] = float("inf")  # member 2 overflowed
+        loop.load_state_dict(ens.state_dict())
+        x = torch.randn(5, 4)
+        expected = loop(x)
+        for _ in range(3):  # the fast path from the second call on
+            out = ens(x)
+            assert out[1].isnan().any() and not out[2].isfinite().all()
+            torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-5, equal_nan=True)
+
+
+def test_someone_elses_compiled_model_does_not_recompile_on_our_registration_count():
+    """vensemble counts registrations process-wide (vensemble._tree), but not while dynamo
+    traces: a compiled forward that assigns a buffer would otherwise guard on the count and
+    recompile on every call."""
+    from torch._dynamo.testing import CompileCounter
+
+    class Ema(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+            self.register_buffer("avg", torch.zeros(4))
+
+        def forward(self, x: Tensor) -> Tensor:
+            y = self.lin(x)
+            self.avg = 0.9 * self.avg + 0.1 * y.mean(0)  # a buffer registration each call
+            return y - self.avg
+
+    counter = CompileCounter()
+    compiled = torch.compile(Ema(), backend=counter)
+    x = torch.randn(3, 4)
+    with torch.no_grad():
+        for _ in range(2):
+            compiled(x)
+        frames = counter.frame_count
+        for _ in range(4):
+            compiled(x)
+    assert counter.frame_count == frames

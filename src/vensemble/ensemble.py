@@ -237,14 +237,16 @@ class Ensemble(nn.Module):
         self._leaf_dicts = [d for d in dicts if not d]  # must stay empty (one any() for all)
         self._parent_dicts = [d for d in dicts if d]
         self._children = list(map(tuple, map(dict.values, self._parent_dicts)))
+        self._child_counts = list(map(len, self._parent_dicts))
         self._generation = GENERATION[0]
         self._hook_dicts = hook_dicts(self._module_list)
         self._own_hook_dicts = hook_dicts([self])
 
     def _check_modules(self, compiling: bool) -> None:
         """Re-index after a submodule was replaced, added or removed. Eager calls come here
-        only when a registration happened somewhere in the process (see ``_tree``); under
-        torch.compile every call does, so that dynamo guards on the tree itself."""
+        only when a registration happened somewhere in the process (see ``_tree``) or a child
+        dict shrank; under torch.compile every call does, so that dynamo guards on the tree
+        itself."""
         generation = GENERATION[0]  # read first: a registration during the check is seen next
         if any(self._leaf_dicts) or (
             list(map(tuple, map(dict.values, self._parent_dicts))) != self._children
@@ -534,7 +536,11 @@ class Ensemble(nn.Module):
             structure with each tensor stacked.
         """
         compiling = _is_compiling()
-        if compiling or GENERATION[0] != self._generation:  # (dynamo: guards on the tree)
+        if (
+            compiling  # (dynamo then guards on the tree itself)
+            or GENERATION[0] != self._generation  # something was registered somewhere
+            or list(map(len, self._parent_dicts)) != self._child_counts  # or deleted here
+        ):
             self._check_modules(compiling)
         members_hooked = hooked(self._hook_dicts)  # fused programs would skip them
         # eager only: the fast path's programs take shortcuts a trace would record as constants
