@@ -371,3 +371,130 @@ def test_step_hooks_and_the_profiler_range_work_as_for_any_optimizer():
         step()
     names = {e.name for e in prof.events()}
     assert "Optimizer.step#MemberOptimizer.step" in names
+
+
+def _mlp3() -> nn.Module:
+    return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+
+
+def _max_diff_to_alone(ens: ve.Ensemble, alone: list[nn.Module]) -> float:
+    return max(
+        (ens.member(i).state_dict()[k] - v).abs().max().item()
+        for i, m in enumerate(alone)
+        for k, v in m.state_dict().items()
+    )
+
+
+@pytest.mark.parametrize("opt_cls", [torch.optim.Adam, torch.optim.SGD])
+def test_gradients_set_by_hand_in_another_layout_train_as_alone(opt_cls):
+    """torch.autograd.grad gives contiguous gradients; the in-major Linear weights are not.
+    The fused kernels read a parameter and its gradient in one order: relaid out first."""
+    ens = ve.Ensemble.from_factory(_mlp3, 3, seed=0, backend="loop")
+    alone = ens.unstack()
+    hp: dict[str, Any] = {"lr": 1e-2, **({"momentum": 0.9} if opt_cls is torch.optim.SGD else {})}
+    opt = MemberOptimizer(opt_cls, ens, **hp)
+    opts = [opt_cls(m.parameters(), **hp) for m in alone]
+    x, y = torch.randn(16, 4), torch.randn(16, 3)
+    for _ in range(3):
+        params = list(ens.parameters())
+        grads = torch.autograd.grad(member_loss(F.mse_loss, ens(x), y).sum(), params)
+        assert any(g.stride() != p.stride() for p, g in zip(params, grads))  # (the case)
+        for p, g in zip(params, grads):
+            p.grad = g
+        opt.step()
+        for m, o in zip(alone, opts):
+            o.zero_grad()
+            F.mse_loss(m(x), y).backward()
+            o.step()
+    assert _max_diff_to_alone(ens, alone) < 1e-6
+
+
+def test_parameters_replaced_after_the_optimizer_is_built_are_trained():
+    """vector_to_parameters swaps each parameter's .data: the optimizer's per-member views
+    follow; a dtype change is refused with the parameter named."""
+    ens = ve.Ensemble.from_factory(_mlp3, 2, seed=0)
+    opt = MemberOptimizer(torch.optim.SGD, ens, lr=0.1)
+    flat = torch.cat([p.detach().reshape(-1) for p in ens.parameters()])
+    torch.nn.utils.vector_to_parameters(flat + 1.0, ens.parameters())
+    before = [p.detach().clone() for p in ens.parameters()]
+    x = torch.randn(5, 4)
+    ens(x).sum().backward()
+    opt.step()
+    for b, p in zip(before, ens.parameters()):
+        assert p.grad is not None
+        torch.testing.assert_close(p.detach(), b - 0.1 * p.grad, atol=1e-6, rtol=1e-6)
+    ens.double()
+    opt.zero_grad()
+    ens(x.double()).sum().backward()
+    with pytest.raises(ve.EnsembleError, match=r"parameter \d .*float32.*float64.*build the"):
+        opt.step()
+
+
+def test_grad_scaler_unscales_and_steps_as_for_members_alone():
+    """GradScaler.unscale_ reads the param groups' gradients before step(): the per-member
+    views get theirs as soon as backward accumulates them."""
+    ens = ve.Ensemble.from_factory(_mlp3, 2, seed=0, backend="loop")
+    alone = ens.unstack()
+    opt = MemberOptimizer(torch.optim.Adam, ens, lr=[1e-2, 1e-3])
+    opts = [torch.optim.Adam(m.parameters(), lr=lr) for m, lr in zip(alone, [1e-2, 1e-3])]
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    scalers = [torch.amp.GradScaler("cpu", init_scale=1024.0) for _ in alone]
+    for _ in range(3):
+        x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+        opt.zero_grad()
+        scaler.scale(member_loss(F.cross_entropy, ens(x), y).sum()).backward()
+        scaler.unscale_(opt)
+        clip_grad_norm_(ens, 1.0)
+        scaler.step(opt)
+        scaler.update()
+        for m, o, s in zip(alone, opts, scalers):
+            o.zero_grad()
+            s.scale(F.cross_entropy(m(x), y)).backward()
+            s.unscale_(o)
+            torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
+            s.step(o)
+            s.update()
+    assert _max_diff_to_alone(ens, alone) < 1e-6
+
+
+def test_sparse_gradients_get_torchs_own_kernel_choice():
+    """Embedding(sparse=True): fused and foreach kernels refuse sparse gradients."""
+
+    def make() -> nn.Module:
+        return nn.Embedding(10, 3, sparse=True)
+
+    ens = ve.Ensemble.from_factory(make, 2, seed=0, backend="loop")
+    alone = ens.unstack()
+    opt = MemberOptimizer(torch.optim.SGD, ens, lr=0.5)
+    idx = torch.tensor([1, 2, 2, 7])
+    ens(idx).sum().backward()
+    opt.step()
+    for m in alone:
+        o = torch.optim.SGD(m.parameters(), lr=0.5)
+        m(idx).sum().backward()
+        o.step()
+    assert _max_diff_to_alone(ens, alone) < 1e-6
+
+
+def test_a_member_optimizer_saves_and_resumes_with_the_ensemble(tmp_path):
+    ens = ve.Ensemble.from_factory(_mlp3, 3, seed=0)
+    twin = ve.Ensemble.from_factory(_mlp3, 3, seed=0)
+    opt = MemberOptimizer(torch.optim.Adam, ens, lr=[1e-2, 1e-3, 3e-3])
+    twin_opt = MemberOptimizer(torch.optim.Adam, twin, lr=[1e-2, 1e-3, 3e-3])
+    x = torch.randn(8, 4)
+
+    def steps(e: ve.Ensemble, o: MemberOptimizer, k: int) -> None:
+        for _ in range(k):
+            o.zero_grad()
+            e(x).square().sum().backward()
+            o.step()
+
+    steps(ens, opt, 3)
+    ve.save(ens, tmp_path / "c.safetensors", optimizer=opt)
+    resumed = ve.Ensemble.from_factory(_mlp3, 3, seed=5)
+    resumed_opt = MemberOptimizer(torch.optim.Adam, resumed, lr=[1e-2, 1e-3, 3e-3])
+    ve.load(tmp_path / "c.safetensors", resumed, optimizer=resumed_opt)
+    steps(resumed, resumed_opt, 3)
+    steps(twin, twin_opt, 6)
+    for a, b in zip(resumed.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)

@@ -14,6 +14,7 @@ from torch.nn.parameter import is_lazy
 
 from ._errors import EnsembleError
 from ._io_format import OPTIMIZER_PREFIX, damaged
+from ._optim import MemberOptimizer
 from ._state import _replace_state, fingerprint
 from .ensemble import Ensemble
 
@@ -111,6 +112,14 @@ def check_optimizer_owns(ens: Ensemble, optimizer: Any) -> None:
             "optimizer or a MemberOptimizer"
         )
     mine = {id(p) for p in ens.parameters()}
+    if isinstance(optimizer, MemberOptimizer):  # its param groups hold views of them
+        for i, p in enumerate(optimizer._params):
+            if id(p) not in mine:
+                raise EnsembleError(
+                    f"the MemberOptimizer's parameter {i} is not a parameter of this ensemble; "
+                    "build it over this ensemble"
+                )
+        return
     for g, group in enumerate(getattr(optimizer, "param_groups", None) or []):
         for i, p in enumerate(group.get("params", []) if isinstance(group, dict) else []):
             if isinstance(p, Tensor) and id(p) not in mine:

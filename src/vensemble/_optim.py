@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import operator
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
@@ -212,7 +213,8 @@ class MemberOptimizer(Optimizer):
                 shared[name] = value
             else:
                 member[name] = per_member
-        self._choose_kernel(opt_cls, defaults, shared, params)
+        sparse = any(getattr(m, "sparse", False) is True for m in ens._template.modules())
+        self._choose_kernel(opt_cls, defaults, shared, params, sparse)
         if elementwise is None:
             elementwise = opt_cls in _ELEMENTWISE
 
@@ -240,6 +242,10 @@ class MemberOptimizer(Optimizer):
             self.optimizer = opt_cls(param_groups, **shared)
         except (ValueError, TypeError) as err:
             raise EnsembleError(f"{opt_cls.__name__}: {err}") from None
+        # what the views were made over: a parameter whose .data is replaced later
+        # (vector_to_parameters, load_state_dict(assign=False) keeps it) gets new views
+        self._made_over = [(p.data_ptr(), p.dtype, p.device, p.shape, p.stride()) for p in params]
+        self._attached: list[Tensor | None] | None = None  # the gradients the views show
 
         # An Optimizer whose groups, state and defaults are the inner optimizer's own (see the
         # properties below): schedulers and user code that edit param_groups edit the inner one.
@@ -253,10 +259,16 @@ class MemberOptimizer(Optimizer):
 
     @staticmethod
     def _choose_kernel(
-        opt_cls: type[Optimizer], defaults: dict[str, Any], shared: dict[str, Any], params: list
+        opt_cls: type[Optimizer],
+        defaults: dict[str, Any],
+        shared: dict[str, Any],
+        params: list,
+        sparse: bool,
     ) -> None:
-        """Pick the fused kernel where it exists for these parameters, else foreach."""
-        if "fused" in shared or "foreach" in shared or shared.get("differentiable"):
+        """Pick the fused kernel where it exists for these parameters, else foreach; neither
+        where a module makes sparse gradients (``Embedding(sparse=True)``): torch then picks
+        per step, as for a plain optimizer (the fused and foreach kernels refuse them)."""
+        if "fused" in shared or "foreach" in shared or shared.get("differentiable") or sparse:
             return
         devices = torch.utils._foreach_utils._get_fused_kernels_supported_devices()
         fusable = all(p.is_floating_point() and p.device.type in devices for p in params)
@@ -290,6 +302,9 @@ class MemberOptimizer(Optimizer):
     # its param_groups list, so a copied reference would go stale).
     @property
     def param_groups(self) -> list[dict[str, Any]]:
+        # the views hold the current gradients whenever someone looks (GradScaler.unscale_,
+        # clipping over the groups, step hooks), not only during step()
+        self._attach_grads()
         return self.optimizer.param_groups
 
     @param_groups.setter
@@ -314,13 +329,50 @@ class MemberOptimizer(Optimizer):
 
     # ----------------------------------------------------------------------------- stepping
 
+    def _check_storage(self) -> None:
+        """Point the views at the parameters' current data when it was replaced (same dtype,
+        device and shape); refuse anything else, naming the parameter."""
+        for k, (p, made) in enumerate(zip(self._params, self._made_over)):
+            if p.data_ptr() == made[0]:
+                continue
+            if (p.dtype, p.device, p.shape) != made[1:4]:
+                raise EnsembleError(
+                    f"parameter {k} of the ensemble changed from {made[1]} on {made[2]} with "
+                    f"shape {tuple(made[3])} to {p.dtype} on {p.device} with shape "
+                    f"{tuple(p.shape)} after the MemberOptimizer was built: build the optimizer "
+                    "after moving or converting the ensemble"
+                )
+            for q, view, where, perm in self._links:
+                if q is p:
+                    view.data = _view(p.detach(), where, perm)
+            self._made_over[k] = (p.data_ptr(), *made[1:4], p.stride())
+
     def _attach_grads(self) -> None:
-        for p, view, where, perm in self._links:
-            view.grad = None if p.grad is None else _view(p.grad, where, perm)
+        """Give the views the stacked parameters' current gradients (again only when one of
+        them is a new tensor: in-place accumulation shows through the views)."""
+        if not self._links:
+            return
+        grads = [p.grad for p in self._params]
+        attached = self._attached
+        if attached is not None and all(map(operator.is_, grads, attached)):
+            return
+        self._check_storage()
+        for k, (p, g) in enumerate(zip(self._params, grads)):
+            # a gradient set by hand in another layout (torch.autograd.grad's are contiguous,
+            # the in-major weights are not) is laid out as its parameter: the fused kernels
+            # read a parameter and its gradient in one order
+            if g is not None and g.layout is torch.strided and g.stride() != self._made_over[k][4]:
+                grads[k] = p.grad = torch.empty_like(p).copy_(g)
+        by_id = {id(p): g for p, g in zip(self._params, grads)}
+        for param, view, where, perm in self._links:
+            stacked = by_id[id(param)]
+            view.grad = None if stacked is None else _view(stacked, where, perm)
+        self._attached = grads
 
     def _detach_grads(self) -> None:
         for _, view, _, _ in self._links:
             view.grad = None
+        self._attached = None
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One update of every member (the views' gradients are the stacked ones' slices).
@@ -351,6 +403,7 @@ class MemberOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._check_storage()  # (param_groups may have attached the gradients already)
         self._attach_grads()
         try:
             # the inner step itself: this step's own wrapper has run the hooks and the profiler
