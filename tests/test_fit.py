@@ -450,3 +450,30 @@ def test_members_finite_names_exactly_the_members_with_a_nan_or_an_infinity():
         w[2, 3, 1] = float("-inf")
         state["bn.running_var"][3, 0] = float("nan")
     assert members_finite(state, 4).tolist() == [True, True, False, False]
+
+
+def test_resuming_with_restore_best_from_a_run_without_it_is_refused(tmp_path):
+    """Such a checkpoint holds no best weights: the members whose best epoch came before it
+    would have been 'restored' to the weights they started from."""
+    x, y = _data(64)
+    xv, yv = _data(32, seed=1)
+
+    def run(epochs: int, **kw) -> None:
+        ens = ve.Ensemble.from_factory(_dropout_net, 2, seed=0)
+        fit(
+            ens,
+            (x, y),
+            F.cross_entropy,
+            epochs=epochs,
+            batch_size=16,
+            seed=3,
+            val_data=(xv, yv),
+            progress=False,
+            **kw,
+        )
+
+    path = tmp_path / "ckpt.pt"
+    run(2, restore_best=False, checkpoint_every=2, checkpoint_path=path)
+    with pytest.raises(ve.EnsembleError, match=r"holds no best weights.*restore_best=False"):
+        run(4, restore_best=True, resume_from=path)
+    run(4, restore_best=False, resume_from=path)  # as it was written: resumes

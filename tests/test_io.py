@@ -652,3 +652,24 @@ def test_inspect_reports_bad_files(tmp_path, capsys):
     bad.write_bytes(struct.pack("<Q", 10**6) + b"{}")
     assert main(["inspect", str(bad)]) == 1
     assert "not a readable safetensors file" in capsys.readouterr().err
+
+
+def test_a_changed_optimizer_state_is_caught_by_its_crc(tmp_path):
+    """The optimizer's JSON (hyperparameters, step counts) is metadata, not a tensor: it has
+    a CRC-32 of its own."""
+    ens = ve.Ensemble.from_factory(mlp, 3, seed=0)
+    opt = torch.optim.Adam(ens.parameters(), lr=1e-3)
+    ens(torch.randn(4, 6)).sum().backward()
+    opt.step()
+    path = tmp_path / "opt.safetensors"
+    ve.save(ens, path, optimizer=opt)
+    data = path.read_bytes()
+    old, new = b'lr\\", 0.001]', b'lr\\", 0.003]'  # (JSON inside the header's JSON)
+    assert data.count(old) == 1
+    bad = tmp_path / "opt_bad.safetensors"
+    bad.write_bytes(data.replace(old, new))
+    opt2 = torch.optim.Adam(ens.parameters(), lr=1e-3)
+    with pytest.raises(ve.EnsembleError, match="optimizer state does not match its CRC-32"):
+        ve.load(bad, ens, optimizer=opt2)
+    ve.load(path, ens, optimizer=opt2)  # the intact file loads
+    assert opt2.param_groups[0]["lr"] == 1e-3

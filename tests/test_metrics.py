@@ -648,3 +648,16 @@ def test_docstring_examples_run() -> None:
     result = doctest.testmod(vm, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0
     assert result.failed == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_entropies_of_finite_but_extreme_logits(dtype):
+    """log_softmax underflows to -inf for the losing class: 0 log 0 counts as 0, not NaN."""
+    big = torch.finfo(dtype).max / 2
+    logits = torch.tensor([[[big, -big]], [[-big, big]]], dtype=dtype)
+    assert torch.equal(vm.expected_entropy(logits), torch.zeros(1, dtype=dtype))
+    mi = vm.mutual_information(logits).float()
+    torch.testing.assert_close(mi, torch.tensor([math.log(2)]), atol=1e-3, rtol=1e-3)
+    log_p = torch.tensor([[float("nan"), 0.0], [-math.inf, 0.0]])  # NaN still propagates
+    entropy = vm._entropy(log_p)
+    assert entropy[0].isnan() and entropy[1] == 0

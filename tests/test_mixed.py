@@ -59,3 +59,16 @@ def test_bad_inputs():
         ve.MixedEnsemble([])
     with pytest.raises(ve.EnsembleError, match="member index 5 is out of range"):
         ve.MixedEnsemble([nn.Linear(2, 2)]).member(5)
+
+
+def test_member_errors_name_the_members_original_index():
+    """Each architecture's group numbers its members from 0: errors name them as given."""
+    with pytest.raises(ve.EnsembleError, match=r"member 2's root module is in eval mode"):
+        ve.MixedEnsemble([nn.Linear(4, 3), nn.Linear(4, 2), nn.Linear(4, 3).eval()])
+    shared = nn.Linear(4, 3)
+    with pytest.raises(ve.EnsembleError, match=r"member 2 is the same module object as member 0"):
+        ve.MixedEnsemble([shared, nn.Linear(4, 2), shared])
+    with pytest.raises(
+        ve.EnsembleError, match=r"member 1 '0.weight' shares its memory with member 0"
+    ):
+        ve.MixedEnsemble([shared, nn.Sequential(shared, nn.ReLU())])  # across groups

@@ -13,7 +13,8 @@ member dim ``N``, plus optional optimizer tensors under ``optimizer/``. Its ``__
 * ``vensemble.checksums``: JSON ``{"algorithm": "crc32", "chunk_bytes": C, "tensors":
   {name: ["8 hex digits" per C-byte chunk of its bytes]}}``;
 * ``vensemble.optimizer`` (optional): JSON of an optimizer ``state_dict``, each tensor
-  replaced by ``{"tensor": key}``.
+  replaced by ``{"tensor": key}``, and ``vensemble.optimizer_crc32``: the CRC-32 of that JSON
+  text's UTF-8 bytes, 8 hex digits (files written before it existed are read without it).
 """
 
 from __future__ import annotations
@@ -152,6 +153,11 @@ class FileInfo:
     @property
     def has_optimizer(self) -> bool:
         return "vensemble.optimizer" in self.metadata
+
+
+def text_crc32(text: str) -> str:
+    """The CRC-32 of ``text``'s UTF-8 bytes as 8 hex digits (for metadata strings)."""
+    return f"{zlib.crc32(text.encode()):08x}"
 
 
 def damaged(path: Path, what: str) -> EnsembleError:

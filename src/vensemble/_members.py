@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ._errors import EnsembleError
 from ._layout import member_rows
 
 __all__ = ["MemberStatus", "member_state", "members_finite"]
@@ -167,6 +168,12 @@ class MemberStatus:
         }
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
+        if self.best is not None and sd["best"] is None and bool((sd["best_epoch"] >= 0).any()):
+            raise EnsembleError(
+                "the checkpoint holds no best weights (its run had restore_best=False), so the "
+                "members whose best epoch came before it cannot get theirs back: resume with "
+                "restore_best=False"
+            )
         device = self.stopped.device
         self.stopped_epoch = list(sd["stopped_epoch"])
         self.stop_reason = list(sd["stop_reason"])

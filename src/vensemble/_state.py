@@ -264,6 +264,11 @@ def validate_members(models: Sequence[Any]) -> None:
                     f"member {i}'s {_where(path)} is in {mode} mode, member 0's is in {ref_mode} "
                     "mode; call .train() or .eval() on all members first"
                 )
+    check_no_shared_memory(models)
+
+
+def check_no_shared_memory(models: Sequence[nn.Module]) -> None:
+    """Refuse two members that share a parameter's or buffer's memory, naming both."""
     owner: dict[int, tuple[int, str]] = {}
     for i, m in enumerate(models):
         for name, t in _tensors(m):

@@ -20,6 +20,7 @@ from ._io_format import (
     dtype_code,
     open_ensemble,
     read_tensors,
+    text_crc32,
 )
 from ._io_state import (
     FactoryOrModule,
@@ -108,6 +109,7 @@ def save(ens: Ensemble | ShardedEnsemble, path: PathLike, *, optimizer: Any = No
     if optimizer is not None:
         check_optimizer_owns(ens, optimizer)
         meta["vensemble.optimizer"], opt_tensors = encode_optimizer(optimizer.state_dict())
+        meta["vensemble.optimizer_crc32"] = text_crc32(meta["vensemble.optimizer"])
         tensors.update(opt_tensors)
     write_safetensors(Path(path), tensors, meta, checksums=True)
 
@@ -259,13 +261,19 @@ def _optimizer_keys(info: FileInfo) -> list[str]:
         raise EnsembleError(
             f"{info.path} holds no optimizer state: it was saved without optimizer="
         )
+    text = info.metadata["vensemble.optimizer"]
+    crc = info.metadata.get(
+        "vensemble.optimizer_crc32"
+    )  # (absent in files written before it existed)
+    if crc is not None and crc != text_crc32(text):
+        raise damaged(info.path, "the optimizer state does not match its CRC-32")
     keys: list[str] = []
 
     def collect(key: str) -> torch.Tensor:
         keys.append(key)
         return torch.empty(0)
 
-    decode_optimizer(info.path, info.metadata["vensemble.optimizer"], collect)
+    decode_optimizer(info.path, text, collect)
     if missing := [k for k in keys if k not in info.shapes]:
         raise damaged(info.path, f"optimizer tensors {missing} are missing")
     return keys

@@ -260,8 +260,12 @@ def majority_vote(
 
 
 def _entropy(log_p: Tensor) -> Tensor:
-    """Entropy in nats over the last dimension, from log-probabilities."""
-    return (log_p.exp() * log_p).sum(dim=-1).neg().clamp_min(0)
+    """Entropy in nats over the last dimension, from log-probabilities. A class whose
+    probability underflowed to 0 (``log_p`` = -inf, from finite but extreme logits) adds 0,
+    as ``0 log 0`` does by convention; NaN still propagates."""
+    terms = log_p.exp() * log_p
+    terms = torch.where(log_p == -math.inf, 0.0, terms)
+    return terms.sum(dim=-1).neg().clamp_min(0)
 
 
 def _mixture_log_probs(logits: Tensor, w: Tensor | None) -> Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -10,10 +11,17 @@ import torch.utils._pytree as pytree
 from torch import Tensor, nn
 
 from ._errors import EnsembleError
-from ._state import fingerprint, fingerprint_digest
+from ._state import check_no_shared_memory, fingerprint, fingerprint_digest
 from .ensemble import Ensemble
 
 __all__ = ["MixedEnsemble"]
+
+_MEMBER = re.compile(r"\bmember (\d+)\b")  # how EnsembleError messages name a member
+
+
+def _renumbered(message: str, indices: list[int]) -> str:
+    """``message`` with each "member k" of a group named by its index in the whole list."""
+    return _MEMBER.sub(lambda m: f"member {indices[int(m.group(1))]}", message)
 
 
 def _take(arg: Any, dim: int, index: Tensor) -> Any:
@@ -51,9 +59,14 @@ class MixedEnsemble(nn.Module):
                 raise EnsembleError(f"member {i} is a {type(m).__name__}, expected an nn.Module")
             by_arch.setdefault(fingerprint_digest(fingerprint(m)), []).append(i)
         self.indices: list[list[int]] = list(by_arch.values())
-        self.groups = nn.ModuleList(
-            Ensemble([members[i] for i in idx], **kwargs) for idx in self.indices
-        )
+        groups = []
+        for idx in self.indices:
+            try:
+                groups.append(Ensemble([members[i] for i in idx], **kwargs))
+            except EnsembleError as err:  # its members are numbered within the group
+                raise EnsembleError(_renumbered(str(err), idx)) from None
+        check_no_shared_memory(members)  # across groups too: each group copies its members
+        self.groups = nn.ModuleList(groups)
         order = [i for idx in self.indices for i in idx]
         self._inverse = torch.empty(len(order), dtype=torch.long)
         self._inverse[torch.tensor(order)] = torch.arange(len(order))
