@@ -477,3 +477,23 @@ def test_resuming_with_restore_best_from_a_run_without_it_is_refused(tmp_path):
     with pytest.raises(ve.EnsembleError, match=r"holds no best weights.*restore_best=False"):
         run(4, restore_best=True, resume_from=path)
     run(4, restore_best=False, resume_from=path)  # as it was written: resumes
+
+
+def test_a_failed_checkpoint_write_leaves_the_previous_one_and_no_temporary_file(
+    tmp_path, monkeypatch
+):
+    from vensemble import _checkpoint
+
+    path = tmp_path / "ckpt.pt"
+    _checkpoint.save_checkpoint(path, {"epoch": 1})
+    real_save = torch.save
+
+    def half_then_fail(obj, f) -> None:
+        real_save({"epoch": 2, "big": torch.zeros(1000)}, f)
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", half_then_fail)
+    with pytest.raises(OSError, match="disk full"):
+        _checkpoint.save_checkpoint(path, {"epoch": 2})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]
+    assert torch.load(path, weights_only=True) == {"epoch": 1}

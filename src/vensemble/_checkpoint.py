@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from ._errors import EnsembleError
+from ._io_write import atomic_write
 
 __all__ = ["load_checkpoint", "rng_state", "save_checkpoint", "seeded", "set_rng_state"]
 
@@ -47,11 +48,11 @@ def set_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
 
 
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
-    """``torch.save`` of plain tensors and Python values, written atomically."""
+    """``torch.save`` of plain tensors and Python values, written atomically and durably
+    (a temporary file of its own in the same folder, fsynced, renamed over ``path``, the
+    folder fsynced): a crash leaves the previous checkpoint or this one, never half of one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)  # a crash never leaves a half-written checkpoint
+    atomic_write(path, lambda f: torch.save(payload, f))
 
 
 def load_checkpoint(path: str | os.PathLike[str], config: dict[str, Any]) -> dict[str, Any]:
