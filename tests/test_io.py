@@ -673,3 +673,16 @@ def test_a_changed_optimizer_state_is_caught_by_its_crc(tmp_path):
         ve.load(bad, ens, optimizer=opt2)
     ve.load(path, ens, optimizer=opt2)  # the intact file loads
     assert opt2.param_groups[0]["lr"] == 1e-3
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "pt"])
+def test_exporting_fewer_members_into_an_old_export_is_refused(tmp_path, fmt):
+    """Stale member files would be read back as members by a glob over the folder."""
+    ve.export(ve.Ensemble.from_factory(mlp, 4, seed=0), tmp_path, format=fmt)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    smaller = ve.Ensemble.from_factory(mlp, 2, seed=7)
+    with pytest.raises(ve.EnsembleError, match=rf"member_002.{fmt}, member_003.{fmt} \(2 file"):
+        ve.export(smaller, tmp_path, format=fmt)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # nothing written
+    again = ve.export(ve.Ensemble.from_factory(mlp, 4, seed=1), tmp_path, format=fmt)
+    assert len(again) == 4  # the same names: replaced

@@ -184,7 +184,8 @@ def export(ens: Ensemble, folder: PathLike, *, format: str = "safetensors") -> l
       ``model.load_state_dict(torch.load(path, weights_only=True))``.
 
     Files are written atomically, one member in memory at a time; existing files of the same
-    names are replaced. :func:`from_checkpoints` reads them back.
+    names are replaced, and other ``member_*`` files of the format (from an export of more
+    members) are refused before anything is written. :func:`from_checkpoints` reads them back.
 
     Args:
         ens: the ensemble.
@@ -220,6 +221,15 @@ def export(ens: Ensemble, folder: PathLike, *, format: str = "safetensors") -> l
         raise EnsembleError(f"cannot export to {out}: it is a file, expected a folder")
     out.mkdir(parents=True, exist_ok=True)
     width = max(3, len(str(len(ens) - 1)))
+    names = {f"member_{i:0{width}d}.{format}" for i in range(len(ens))}
+    stale = sorted(p.name for p in out.glob(f"member_*.{format}") if p.name not in names)
+    if stale:
+        raise EnsembleError(
+            f"{out} already holds {', '.join(stale[:3])}{', ...' if len(stale) > 3 else ''} "
+            f"({len(stale)} file(s)) beyond this ensemble's {len(ens)} members, from an earlier "
+            "export: a folder read back with from_checkpoints would mix the two; export into an "
+            "empty folder or remove them first"
+        )
     written = []
     for i in range(len(ens)):
         path = out / f"member_{i:0{width}d}.{format}"
