@@ -574,3 +574,42 @@ def test_a_batchnorm_given_the_wrong_number_of_dims_raises_as_the_layer_does():
         ens(x)
     for key, b in ens.named_buffers():  # nothing updated on the way
         torch.testing.assert_close(b, before[key], msg=key)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"max_norm": 1.0},
+        {"max_norm": 1.0, "norm_type": 1.0},
+        {"scale_grad_by_freq": True},
+        {"sparse": True},
+        {"sparse": True, "padding_idx": 0},
+    ],
+    ids=["max_norm", "max_norm_l1", "scale_grad_by_freq", "sparse", "sparse_padding"],
+)
+@pytest.mark.parametrize("backend", ["fused", "auto"])
+def test_embedding_options_train_as_the_members_alone(options, backend):
+    """Against the members alone in plain PyTorch (the loop's per-member views cannot take
+    max_norm's in-place renormalisation under autograd): outputs, gradients (sparse ones
+    sparse) and the renormalised tables."""
+
+    def make() -> nn.Module:
+        return nn.Sequential(nn.Embedding(10, 4, **options), nn.Flatten(), nn.Linear(12, 1))
+
+    idx = torch.tensor([[1, 2, 2], [3, 3, 0]])
+    ens = ve.Ensemble.from_factory(make, 3, seed=0, backend=backend)
+    with torch.no_grad():
+        ens.get_parameter("0.weight").mul_(5)  # rows over max_norm
+    alone = ens.unstack()
+    out = ens(idx)
+    out.sum().backward()
+    weight = ens.get_parameter("0.weight")
+    assert weight.grad is not None and weight.grad.is_sparse == options.get("sparse", False)
+    for i, m in enumerate(alone):
+        expected = m(idx)
+        expected.sum().backward()
+        torch.testing.assert_close(out[i], expected, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(weight[i], m[0].weight, atol=1e-6, rtol=1e-5)
+        grad, own = weight.grad[i], m[0].weight.grad
+        torch.testing.assert_close(grad.to_dense(), own.to_dense(), atol=1e-6, rtol=1e-5)
+    assert ens.explain()["0"].startswith("fused")

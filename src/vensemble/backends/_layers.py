@@ -435,9 +435,29 @@ class _Embedding(Fused):
         m = self.orig
         w = m.weight  # (N, V, D)
         n, vocab, dim = w.shape
+        if m.sparse:  # sparse gradients: one lookup per member in its own table (neither
+            # reshape nor select has a sparse backward; unbind has)
+            rows = idx.unbind(0) if self.batched[0] else [idx] * n
+            return torch.stack(
+                [
+                    F.embedding(
+                        r, t, m.padding_idx, m.max_norm, m.norm_type, m.scale_grad_by_freq, True
+                    )
+                    for r, t in zip(rows, w.unbind(0))
+                ]
+            )
         logical = idx.ndim - self.batched[0]
         offsets = (torch.arange(n, device=idx.device) * vocab).view(n, *([1] * logical))
-        y = F.embedding(idx + offsets, w.reshape(n * vocab, dim))
+        # each member's rows are its own in the concatenated table: max_norm renormalises them
+        # in place, and scale_grad_by_freq counts each member's indices apart
+        y = F.embedding(
+            idx + offsets,
+            w.reshape(n * vocab, dim),
+            None,
+            m.max_norm,
+            m.norm_type,
+            m.scale_grad_by_freq,
+        )
         if m.padding_idx is not None:  # no gradient flows into the padding row, as in nn.Embedding
             pad = (idx == m.padding_idx).unsqueeze(-1)
             y = torch.where(pad, y.detach(), y)
@@ -603,10 +623,6 @@ def fused_layer_for(
     if cls is None or len(batched) != 1 or parametrize.is_parametrized(module):
         return None
     if cls is _Dropout and randomness != "different":
-        return None
-    if cls is _Embedding and (
-        getattr(module, "max_norm", None) is not None or getattr(module, "sparse", False)
-    ):
         return None
     if cls is _Softmax and getattr(module, "dim", None) is None:
         return None
