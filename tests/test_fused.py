@@ -613,3 +613,66 @@ def test_embedding_options_train_as_the_members_alone(options, backend):
         grad, own = weight.grad[i], m[0].weight.grad
         torch.testing.assert_close(grad.to_dense(), own.to_dense(), atol=1e-6, rtol=1e-5)
     assert ens.explain()["0"].startswith("fused")
+
+
+@pytest.mark.parametrize("shape", [(3, 7, 5), (3, 5), (4, 5)])
+def test_dropout_in_eval_mode_on_a_shared_input_keeps_the_member_dim(shape):
+    """The identity in eval mode: its output must still have the member dim (a first input dim
+    of N was read as the members)."""
+
+    def make() -> nn.Module:
+        return nn.Sequential(nn.Dropout(0.1), nn.Linear(5, 4))
+
+    ens = ve.Ensemble.from_factory(make, 3, backend="fused").eval()
+    alone = ens.unstack()
+    x = torch.randn(shape)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # fused, no fallback
+        out = ens(x)
+    torch.testing.assert_close(out, torch.stack([m(x) for m in alone]), atol=1e-6, rtol=1e-5)
+
+
+class _OpsByName(nn.Module):
+    """Tensor methods and functions called with new leading dims or torch's keyword names."""
+
+    def __init__(self, which: str) -> None:
+        super().__init__()
+        self.which = which
+        self.lin = nn.Linear(6, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.lin(x)  # (B, 4)
+        if self.which == "expand":  # a new leading dim of size 2 (= N: it lined up with it)
+            return h.expand(2, h.shape[0], 4) * torch.arange(1.0, 3.0).view(2, 1, 1)
+        if self.which == "expand_size":
+            return h.expand(size=(3, h.shape[0], 4)).sum(0)
+        if self.which == "softmax":
+            return F.softmax(h, dim=-1) + F.log_softmax(h, dim=-1)
+        if self.which == "size":
+            return h * h.size(dim=1)
+        if self.which == "chunk":
+            return h.chunk(chunks=2, dim=1)[0] + h.split(split_size=2, dim=1)[1]
+        if self.which == "transpose":
+            return h.transpose(dim0=0, dim1=1) + h.permute(dims=(1, 0))
+        raise AssertionError(self.which)
+
+
+@pytest.mark.parametrize(
+    "which", ["expand", "expand_size", "softmax", "size", "chunk", "transpose"]
+)
+def test_tensor_ops_with_new_dims_or_keyword_names_stay_fused_and_exact(which):
+    ens = ve.Ensemble.from_factory(lambda: _OpsByName(which), 2, backend="fused").double()
+    alone = ens.unstack()
+    x = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # fused, no fallback to vmap
+        out = ens(x)
+    expected = torch.stack([m(x) for m in alone])
+    torch.testing.assert_close(out, expected, atol=1e-12, rtol=1e-12)
+    grads = torch.autograd.grad(out.square().sum(), [x, ens.get_parameter("lin.weight")])
+    x_alone = torch.autograd.grad(expected.square().sum(), x)[0]
+    torch.testing.assert_close(grads[0], x_alone, atol=1e-10, rtol=1e-10)
+    for i, m in enumerate(alone):
+        (g,) = torch.autograd.grad(m(x).square().sum(), m.lin.weight)
+        torch.testing.assert_close(grads[1][i], g, atol=1e-10, rtol=1e-10)
+    assert "vmap" not in "".join(ens.explain().values())

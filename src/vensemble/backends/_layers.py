@@ -499,8 +499,8 @@ class _Dropout(Fused):
     how = "fused: one mask over the stacked activations (independent per member)"
 
     def forward(self, x: Tensor) -> Tensor:
-        if not self.orig.training:
-            return x
+        if not self.orig.training:  # the identity; its output has the member dim, as always
+            return x if self.batched[0] else self.expand(x)
         if not self.batched[0]:
             x = x.unsqueeze(0).repeat(self.n, *([1] * x.ndim))
         return self.orig(x)

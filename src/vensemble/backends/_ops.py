@@ -123,15 +123,38 @@ def _dim_method(name: str, n: int) -> Callable[..., Any] | None:
     if name in ("view", "reshape"):  # reshape: the stacked layout may differ from the member's
         return lambda x, *shape: x.reshape(n, *_sizes(shape))
     if name == "expand":
-        return lambda x, *shape: x.expand(n, *_sizes(shape))
+
+        def expand(x: Tensor, *shape: Any, size: Any = None) -> Tensor:
+            sizes = _sizes(shape) if size is None else tuple(size)
+            new = len(sizes) - (x.ndim - 1)  # leading dims the member's expand adds
+            if new > 0:  # they go after the member dim, not before it
+                x = x.reshape(n, *([1] * new), *x.shape[1:])
+            return x.expand(n, *sizes)
+
+        return expand
     if name in ("transpose", "swapaxes", "swapdims"):
-        return lambda x, a, b: x.transpose(_shift(a), _shift(b))
+        # (torch's keyword names: dim0/dim1, axis0/axis1)
+        def transpose(x: Tensor, *dims: int, **names: int) -> Tensor:
+            a, b = (*dims, *names.values())
+            return x.transpose(_shift(a), _shift(b))
+
+        return transpose
     if name == "permute":
-        return lambda x, *dims: x.permute(0, *(_shift(d) for d in _sizes(dims)))
+
+        def permute(x: Tensor, *dims: Any, **names: Any) -> Tensor:
+            order = _sizes(dims) if dims else tuple(names["dims"])
+            return x.permute(0, *(_shift(d) for d in order))
+
+        return permute
     if name == "unsqueeze":
         return lambda x, dim: x.unsqueeze(_shift(dim))
     if name in ("chunk", "split"):
-        return lambda x, size, dim=0: getattr(x, name)(size, _shift(dim))
+        # (torch's keyword names: chunks, split_size / split_size_or_sections, dim)
+        def pieces(x: Tensor, *args: Any, dim: int = 0, **names: Any) -> Any:
+            size, *rest = (*args, *names.values())
+            return getattr(x, name)(size, _shift(rest[0] if rest else dim))
+
+        return pieces
     if name == "unbind":
         return lambda x, dim=0: x.unbind(_shift(dim))
     if name == "squeeze":
@@ -145,6 +168,7 @@ def _dim_method(name: str, n: int) -> Callable[..., Any] | None:
     if name in _DIM_REDUCTIONS:
 
         def reduce(x: Tensor, *args: Any, **kwargs: Any) -> Any:
+            kwargs.pop("_stacklevel", None)  # F.softmax's, recorded by fx; not Tensor.softmax's
             if args and isinstance(args[0], (int, tuple, list)) and not isinstance(args[0], bool):
                 args = (_shift_dims(args[0]), *args[1:])
             elif kwargs.get("dim") is not None:
@@ -264,10 +288,11 @@ class _Logical(Op):
         super().__init__(*rest)
         self.batched_output = False
 
-    def forward(self, x: Any, *args: Any) -> Any:
+    def forward(self, x: Any, *args: Any, **kwargs: Any) -> Any:
         name = self.target if self.is_method else args[0]
         if name == "size":
-            return x.shape[1:] if not args else x.shape[1:][args[0]]
+            dim = args[0] if args else kwargs.get("dim")
+            return x.shape[1:] if dim is None else x.shape[1:][dim]
         if name == "shape":
             return x.shape[1:]
         if name in ("dim", "ndimension", "ndim"):
