@@ -587,11 +587,12 @@ def test_a_batchnorm_given_the_wrong_number_of_dims_raises_as_the_layer_does():
     ],
     ids=["max_norm", "max_norm_l1", "scale_grad_by_freq", "sparse", "sparse_padding"],
 )
-@pytest.mark.parametrize("backend", ["fused", "auto"])
+@pytest.mark.parametrize("backend", ["fused", "auto", "loop"])
 def test_embedding_options_train_as_the_members_alone(options, backend):
-    """Against the members alone in plain PyTorch (the loop's per-member views cannot take
-    max_norm's in-place renormalisation under autograd): outputs, gradients (sparse ones
-    sparse) and the renormalised tables."""
+    """Against the members alone in plain PyTorch: outputs, gradients (sparse ones sparse) and
+    the renormalised tables (max_norm rewrites them in place, under autograd too: the loop
+    gives such a table one select view per member, since unbind's views must not be
+    modified in place)."""
 
     def make() -> nn.Module:
         return nn.Sequential(nn.Embedding(10, 4, **options), nn.Flatten(), nn.Linear(12, 1))
@@ -612,7 +613,8 @@ def test_embedding_options_train_as_the_members_alone(options, backend):
         torch.testing.assert_close(weight[i], m[0].weight, atol=1e-6, rtol=1e-5)
         grad, own = weight.grad[i], m[0].weight.grad
         torch.testing.assert_close(grad.to_dense(), own.to_dense(), atol=1e-6, rtol=1e-5)
-    assert ens.explain()["0"].startswith("fused")
+    if backend != "loop":
+        assert ens.explain()["0"].startswith("fused")
 
 
 @pytest.mark.parametrize("shape", [(3, 7, 5), (3, 5), (4, 5)])

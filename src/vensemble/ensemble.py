@@ -732,15 +732,11 @@ class Ensemble(nn.Module):
                 backward_to=trainable if torch.is_grad_enabled() else None,
                 # compiled: an eager call, the compile with its first call, then a warm one
                 warmups={"vectorized": 3} if self.compile_options is not None else None,
-                # a rewrite that fails is simply not taken; nor is the loop where it alone
-                # fails (a member that renormalises its embedding in place under autograd:
-                # the loop's per-member views are one unbind's, which must not be modified)
-                optional=frozenset({"folded", "loop"}),
+                optional=frozenset({"folded"}),  # a rewrite that fails is simply not taken
             )
             device = state_device(call.state) or torch.device("cpu")
-            loop_time = timings.get("loop", math.inf)
-            loop = "folded" if timings.get("folded", math.inf) < loop_time else "loop"
-            loop_wins = loop in timings and _loop_wins(timings[loop], timings["vectorized"], device)
+            loop = "folded" if timings.get("folded", math.inf) < timings["loop"] else "loop"
+            loop_wins = _loop_wins(timings[loop], timings["vectorized"], device)
             choice = (loop if loop_wins else "vectorized", timings)
             self._choices[key] = choice
         if not _is_compiling():  # (for explain(); a side effect strict export would warn of)

@@ -22,6 +22,11 @@ def _slots(template: nn.Module) -> list[tuple[dict[str, Any], str, Tensor]]:
     return slots
 
 
+def _renorms(module: nn.Module) -> bool:
+    """Whether ``module`` rewrites its own weight in place in forward (``max_norm``)."""
+    return isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and module.max_norm is not None
+
+
 def loop_forward(call: Call, forward: Callable[..., Any] | None = None) -> Any:
     """Run each member on its inputs in turn; outputs stacked along a new dim 0.
 
@@ -42,7 +47,13 @@ def loop_forward(call: Call, forward: Callable[..., Any] | None = None) -> Any:
     # split once): cheaper than a select per member and tensor, and its backward stacks the
     # members' gradients once instead of adding N zero-padded ones
     unique = {id(t): t for _, _, t in slots}
-    views = {key: t.unbind(0) for key, t in unique.items()}
+    # (an embedding that renormalises its table in place gets one select per member: unbind's
+    # views are one op's outputs, which autograd forbids modifying in place)
+    renormed = {id(m.weight) for m in call.template.modules() if _renorms(m)}
+    views = {
+        key: [t.select(0, i) for i in range(call.n)] if key in renormed else t.unbind(0)
+        for key, t in unique.items()
+    }
     plan = [(d, k, views[id(t)]) for d, k, t in slots]
     run = call.template if forward is None else forward
     outputs = []
