@@ -349,14 +349,15 @@ class MemberOptimizer(Optimizer):
 
     def _attach_grads(self) -> None:
         """Give the views the stacked parameters' current gradients (again only when one of
-        them is a new tensor: in-place accumulation shows through the views)."""
+        them is a new tensor: in-place accumulation shows through the views), over the
+        parameters' current data (see :meth:`_check_storage`)."""
         if not self._links:
             return
+        self._check_storage()
         grads = [p.grad for p in self._params]
         attached = self._attached
         if attached is not None and all(map(operator.is_, grads, attached)):
             return
-        self._check_storage()
         for k, (p, g) in enumerate(zip(self._params, grads)):
             # a gradient set by hand in another layout (torch.autograd.grad's are contiguous,
             # the in-major weights are not) is laid out as its parameter: the fused kernels
@@ -403,7 +404,6 @@ class MemberOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._check_storage()  # (param_groups may have attached the gradients already)
         self._attach_grads()
         try:
             # the inner step itself: this step's own wrapper has run the hooks and the profiler

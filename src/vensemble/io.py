@@ -262,9 +262,8 @@ def _optimizer_keys(info: FileInfo) -> list[str]:
             f"{info.path} holds no optimizer state: it was saved without optimizer="
         )
     text = info.metadata["vensemble.optimizer"]
-    crc = info.metadata.get(
-        "vensemble.optimizer_crc32"
-    )  # (absent in files written before it existed)
+    # (absent in files written before it existed)
+    crc = info.metadata.get("vensemble.optimizer_crc32")
     if crc is not None and crc != text_crc32(text):
         raise damaged(info.path, "the optimizer state does not match its CRC-32")
     keys: list[str] = []

@@ -13,18 +13,18 @@ from ._call import Call, stack_outputs
 __all__ = ["loop_forward"]
 
 
-def _slots(template: nn.Module) -> list[tuple[dict[str, Any], str, Tensor]]:
-    """Every ``(module._parameters or module._buffers, name, stacked tensor)`` of the template."""
+def _slots(template: nn.Module) -> tuple[list[tuple[dict[str, Any], str, Tensor]], set[int]]:
+    """Every ``(module._parameters or module._buffers, name, stacked tensor)`` of the template,
+    and the ids of the weights their module rewrites in place in forward (an embedding's
+    ``max_norm``)."""
     slots = []
+    renormed = set()
     for m in template.modules():
         for d in (m._parameters, m._buffers):
             slots += [(d, k, t) for k, t in d.items() if t is not None]
-    return slots
-
-
-def _renorms(module: nn.Module) -> bool:
-    """Whether ``module`` rewrites its own weight in place in forward (``max_norm``)."""
-    return isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and module.max_norm is not None
+        if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.max_norm is not None:
+            renormed.add(id(m.weight))
+    return slots, renormed
 
 
 def loop_forward(call: Call, forward: Callable[..., Any] | None = None) -> Any:
@@ -42,14 +42,13 @@ def loop_forward(call: Call, forward: Callable[..., Any] | None = None) -> Any:
     """
     same = call.randomness == "same"
     start = torch.get_rng_state() if same else None
-    slots = _slots(call.template)
+    slots, renormed = _slots(call.template)
     # every member's view of each stacked tensor in one call (a tensor tied in two slots is
     # split once): cheaper than a select per member and tensor, and its backward stacks the
     # members' gradients once instead of adding N zero-padded ones
     unique = {id(t): t for _, _, t in slots}
     # (an embedding that renormalises its table in place gets one select per member: unbind's
     # views are one op's outputs, which autograd forbids modifying in place)
-    renormed = {id(m.weight) for m in call.template.modules() if _renorms(m)}
     views = {
         key: [t.select(0, i) for i in range(call.n)] if key in renormed else t.unbind(0)
         for key, t in unique.items()
