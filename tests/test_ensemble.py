@@ -265,6 +265,53 @@ class _Branchy(nn.Module):
         return -h
 
 
+class _SparseLookup(nn.Module):
+    """A sparse-gradient embedding in a forward fx cannot trace (but vmap can run)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(7, 4, sparse=True)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.emb(x)
+        if x.dim() == 1:  # control flow on a shape: vmap runs it, fx does not
+            h = h * 2
+        return self.head(h)
+
+
+def test_vmap_backend_refuses_a_sparse_embedding_under_autograd_before_running():
+    # torch.vmap runs it, then its backward fails far from the cause (reshape of a sparse grad)
+    ens = ve.Ensemble.from_factory(_SparseLookup, 3, backend="vmap")
+    x = torch.randint(0, 7, (5,))
+    with pytest.raises(ve.EnsembleError, match=r"submodule 'emb' \(Embedding\).*sparse"):
+        ens(x)
+    with torch.no_grad():  # no gradient, nothing to refuse
+        expected = torch.stack([m(x) for m in ens.unstack()])
+        torch.testing.assert_close(ens(x), expected)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 1, 2])
+def test_auto_loops_a_sparse_embedding_vmap_cannot_differentiate(chunk_size):
+    ens = ve.Ensemble.from_factory(_SparseLookup, 3, chunk_size=chunk_size).double()
+    members = ens.unstack()
+    x = torch.randint(0, 7, (5,))
+    with pytest.warns(ve.FallbackWarning, match="sparse"):
+        out = ens(x)
+    expected = torch.stack([m(x) for m in members])
+    torch.testing.assert_close(out, expected, atol=1e-12, rtol=0)
+    out.pow(2).sum().backward()
+    expected.pow(2).sum().backward()
+    assert ens.emb.weight.grad.is_sparse
+    want = torch.stack([m.emb.weight.grad.to_dense() for m in members])
+    torch.testing.assert_close(ens.emb.weight.grad.to_dense(), want, atol=1e-12, rtol=0)
+    for key in ("head.weight", "head.bias"):
+        want = torch.stack([m.get_parameter(key).grad for m in members])
+        torch.testing.assert_close(ens.get_parameter(key).grad, want, atol=1e-12, rtol=0)
+    looped = "emb" if chunk_size is None else "(whole model)"  # chunks split every table
+    assert ens.explain()[looped].startswith("per-member loop"), ens.explain()
+
+
 def test_auto_loops_a_model_with_data_dependent_control_flow_without_double_updates():
     members = [_Branchy() for _ in range(3)]
     sources = copy.deepcopy(members)

@@ -576,6 +576,23 @@ def test_a_batchnorm_given_the_wrong_number_of_dims_raises_as_the_layer_does():
         torch.testing.assert_close(b, before[key], msg=key)
 
 
+@pytest.mark.parametrize("backend", ["fused", "auto", "loop"])
+def test_a_channelwise_prelu_given_a_1d_input_raises_as_the_layer_does(backend):
+    # torch counts one channel in an input of fewer than 2 dims, so PReLU(5) refuses (5,); the
+    # fused layer took the 5 elements for channels and returned what no member could
+    ens = ve.Ensemble.from_factory(lambda: nn.PReLU(5), 3, backend=backend)
+    with pytest.raises(RuntimeError, match="Found parameter numbers = 5 and channel size = 1"):
+        nn.PReLU(5)(torch.randn(5))
+    with pytest.raises(RuntimeError, match="Found parameter numbers = 5 and channel size = 1"):
+        ens(torch.randn(5))
+    with pytest.raises(RuntimeError, match="Found parameter numbers = 5 and channel size = 1"):
+        ens(torch.randn(3, 5), in_dims=0)
+    single = ve.Ensemble.from_factory(lambda: nn.PReLU(), 3, backend=backend)
+    x = torch.randn(5)
+    expected = torch.stack([m(x) for m in single.unstack()])
+    torch.testing.assert_close(single(x), expected)
+
+
 @pytest.mark.parametrize(
     "options",
     [

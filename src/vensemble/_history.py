@@ -23,7 +23,9 @@ class History:
             without validation data.
         val_accuracy: each member's validation accuracy ``(epochs, N)`` for classification
             (outputs ``(N, B, C)``, integer targets ``(B,)``), else ``None``.
-        lr: each member's learning rate during each epoch ``(epochs, N)``.
+        lr: each member's learning rate during each epoch ``(epochs, N)``. With a plain torch
+            optimizer, which holds no per-member rates, its first param group's rate, the same
+            for every member.
         best_epoch: the epoch of each member's lowest validation loss ``(N,)``, -1 if none.
         best_val_loss: each member's lowest validation loss ``(N,)`` (inf if none).
         stopped_epoch: the epoch after which each member stopped changing, or ``None``.

@@ -470,6 +470,13 @@ class _PReLU(Fused):
     def forward(self, x: Tensor) -> Tensor:
         w = self.orig.weight  # (N, P)
         x = self.expand(x)
+        if w.shape[1] != 1 and x.ndim < 3:
+            # torch counts one channel in a member input with fewer than 2 dims (the loop then
+            # raises the same; slopes per element would be a result no member could give)
+            raise RuntimeError(
+                "Mismatch of parameter numbers and input channel size. Found parameter "
+                f"numbers = {w.shape[1]} and channel size = 1."
+            )
         if w.shape[1] == 1:
             wv = w.view(self.n, *([1] * (x.ndim - 1)))
         else:

@@ -66,19 +66,38 @@ class _LoopBridge(torch.autograd.Function):
         info: Any, in_dims: Any, module: nn.Module, names: list[str], spec: Any, *leaves: Any
     ) -> Any:
         dims = in_dims[3:]
-        k = len(names)
+        k, n = len(names), info.batch_size
+        renormed = _renormed_weights(module)
+        # every member's view of a tensor from one unbind, as the loop backend takes them (its
+        # backward also takes sparse gradients, which select's does not), except for tables
+        # renormalised in place: autograd forbids modifying one op's several outputs in place
+        per_member = [
+            [t] * n
+            if d is None or not isinstance(t, Tensor)
+            else [t.select(d, i) for i in range(n)]
+            if j < k and names[j] in renormed
+            else t.unbind(d)
+            for j, (t, d) in enumerate(zip(leaves, dims))
+        ]
         outputs = []
-        for i in range(info.batch_size):
-            sliced = [
-                t if d is None or not isinstance(t, Tensor) else t.select(d, i)
-                for t, d in zip(leaves, dims)
-            ]
+        for i in range(n):
+            sliced = [views[i] for views in per_member]
             state = dict(zip(names, sliced[:k]))
             args, kwargs = pytree.tree_unflatten(sliced[k:], spec)
             with _unpatched(module):
                 outputs.append(functional_call(module, state, tuple(args), kwargs))
         out = stack_outputs(outputs)
         return out, pytree.tree_map(lambda t: 0 if isinstance(t, Tensor) else None, out)
+
+
+def _renormed_weights(module: nn.Module) -> set[str]:
+    """The names (relative to ``module``) of the embedding tables its forward renormalises
+    in place (``max_norm``)."""
+    return {
+        f"{path}.weight" if path else "weight"
+        for path, m in module.named_modules()
+        if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.max_norm is not None
+    }
 
 
 @contextlib.contextmanager
@@ -151,6 +170,13 @@ def _attempt(
     """Run vmap with ``looped`` submodules; on failure undo buffer updates, locate the culprit."""
     if "" in looped:
         return loop_forward(call), None, None
+    sparse = _sparse_grad_module(call, looped)
+    if sparse is not None:  # vmap would run, and its backward fail far from here
+        chunked = call.chunk_size is not None and call.chunk_size < call.n
+        why = _SPARSE_GRAD + (
+            "; chunk_size splits the tables, which has none either" if chunked else ""
+        )
+        return None, "" if chunked else sparse, RuntimeError(why)
     try:
         with _looping(call.template, looped):
             return vmap_forward(call), None, None
@@ -166,6 +192,30 @@ def _attempt(
         if snapshot is not None:
             call.restore_buffers(snapshot)
         return None, (stack[-1] if stack else ""), err
+
+
+_SPARSE_GRAD = (
+    "Embedding(sparse=True) under autograd: torch.vmap has no backward for sparse gradients "
+    "(reshape is not implemented for sparse tensors)"
+)
+
+
+def _sparse_grad_module(call: Call, looped: set[str]) -> str | None:
+    """The path of an ``Embedding(sparse=True)`` that would get a gradient under vmap (and
+    not one inside a looped submodule), else ``None``."""
+    if not torch.is_grad_enabled():
+        return None
+    if call.chunk_size is not None and call.chunk_size < call.n:
+        looped = set()  # the chunks split every table, the looped ones' too
+    for path, m in call.template.named_modules():
+        if (
+            isinstance(m, nn.Embedding)
+            and m.sparse
+            and m.weight.requires_grad
+            and not any(path == p or path.startswith(p + ".") for p in looped)
+        ):
+            return path
+    return None
 
 
 def check_loop_runs(call: Call, snapshot: dict[str, Tensor] | None) -> None:
