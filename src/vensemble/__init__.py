@@ -16,6 +16,7 @@ from .io import save as save
 from .mixed import MixedEnsemble as MixedEnsemble
 from .train import History as History
 from .train import MemberOptimizer as MemberOptimizer
+from .train import MemberReduceLROnPlateau as MemberReduceLROnPlateau
 from .train import clip_grad_norm_ as clip_grad_norm_
 from .train import fit as fit
 from .train import member_loss as member_loss
@@ -28,6 +29,7 @@ __all__ = [
     "FallbackWarning",
     "History",
     "MemberOptimizer",
+    "MemberReduceLROnPlateau",
     "MixedEnsemble",
     "__version__",
     "clip_grad_norm_",

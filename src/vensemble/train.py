@@ -34,18 +34,28 @@ from ._history import History
 from ._losses import LossFn, member_loss
 from ._members import MemberStatus, members_finite
 from ._optim import MemberOptimizer
+from ._plateau import MemberReduceLROnPlateau
 from .ensemble import Ensemble
 
 if TYPE_CHECKING:
     from .distributed import ShardedEnsemble
 
-__all__ = ["History", "MemberOptimizer", "clip_grad_norm_", "fit", "member_loss"]
+__all__ = [
+    "History",
+    "MemberOptimizer",
+    "MemberReduceLROnPlateau",
+    "clip_grad_norm_",
+    "fit",
+    "member_loss",
+]
 
 _ON_NONFINITE = ("raise", "stop_member")
 _DATA_SEED_OFFSET = 0x5EED  # the data order and the model's random ops use different streams
 
 OptimizerArg = Optimizer | Callable[[Ensemble], Optimizer] | None
-SchedulerArg = LRScheduler | ReduceLROnPlateau | Callable[[Optimizer], Any] | None
+SchedulerArg = (
+    LRScheduler | ReduceLROnPlateau | MemberReduceLROnPlateau | Callable[[Optimizer], Any] | None
+)
 
 
 def _positive(name: str, value: Any, allow_none: bool = True, allow_zero: bool = False) -> None:
@@ -194,7 +204,11 @@ class _Run:
     def finish_epoch(self, epoch: int, lr: Tensor) -> None:
         self.rows["lr"].append(self.sync.rows(lr, "learning rates"))
         if self.scheduler is not None:
-            if isinstance(self.scheduler, ReduceLROnPlateau):
+            if isinstance(self.scheduler, MemberReduceLROnPlateau):  # each on its own loss
+                rows = self.rows.get("val_loss", self.rows["train_loss"])
+                first = self.sync.first  # this rank's members among the rows
+                self.scheduler.step(rows[-1][first : first + self.n], ~self.status.stopped)
+            elif isinstance(self.scheduler, ReduceLROnPlateau):
                 rows = self.rows.get("val_loss", self.rows["train_loss"])
                 stopped = self.sync.rows(self.status.stopped, "stopped members")
                 active = torch.nonzero(~stopped).flatten().tolist() or list(range(len(stopped)))
@@ -379,7 +393,8 @@ def fit(
         on_nonfinite: ``"raise"`` or ``"stop_member"``.
         scheduler: a ``torch.optim.lr_scheduler`` scheduler on the optimizer, or a function
             ``optimizer -> scheduler``; stepped once per epoch (``ReduceLROnPlateau`` with the
-            active members' mean validation, else training, loss).
+            active members' mean validation, else training, loss, which couples the members;
+            :class:`~vensemble.MemberReduceLROnPlateau` with each member's own).
         checkpoint_every: save a checkpoint every this many epochs.
         checkpoint_path: the checkpoint file.
         resume_from: a checkpoint written by ``fit`` to continue from.
@@ -455,7 +470,9 @@ def fit(
             raise EnsembleError(
                 f"the optimizer was built for {optimizer.num_members} members, the ensemble has {n}"
             )
-        if scheduler is not None and not isinstance(scheduler, (LRScheduler, ReduceLROnPlateau)):
+        if scheduler is not None and not isinstance(
+            scheduler, (LRScheduler, ReduceLROnPlateau, MemberReduceLROnPlateau)
+        ):
             scheduler = scheduler(optimizer)
         status = MemberStatus(
             ens,
