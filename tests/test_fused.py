@@ -695,3 +695,146 @@ def test_tensor_ops_with_new_dims_or_keyword_names_stay_fused_and_exact(which):
         (g,) = torch.autograd.grad(m(x).square().sum(), m.lin.weight)
         torch.testing.assert_close(grads[1][i], g, atol=1e-10, rtol=1e-10)
     assert "vmap" not in "".join(ens.explain().values())
+
+
+class _Scaled(nn.Module):
+    """A per-member input scaler in buffers, used through ops on the buffers alone."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("mu", torch.randn(4))
+        self.register_buffer("sigma", torch.rand(4) + 0.5)
+        self.register_buffer("count", torch.zeros(()))
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.training:  # an EMA of the inputs, updated in place
+            self.count.add_(1)
+            self.mu.mul_(0.9).add_(0.1 * x.mean(0))
+            self.sigma.mul_(0.9).add_(0.1 * x.std(0))
+        return self.fc((x - self.mu) / self.sigma.clamp(min=1e-6))
+
+
+@pytest.mark.parametrize("backend", ["fused", "auto"])
+@pytest.mark.parametrize("batch", [1, N, 5])
+def test_ops_on_buffers_alone_run_per_member_on_every_call(backend, batch):
+    # fx ran `sigma.clamp(...)` and the in-place EMA once, at trace time, on the stacked
+    # buffers, and the program took the result for a constant shared by all members
+    torch.manual_seed(0)
+    members = [_Scaled().double() for _ in range(N)]
+    ens = ve.Ensemble(copy.deepcopy(members), backend=backend)
+    for step in range(3):
+        x = torch.randn(batch + 1, 4, dtype=torch.float64)  # (std needs 2 samples)
+        torch.testing.assert_close(ens(x), torch.stack([m(x) for m in members]), msg=str(step))
+    for key, b in ens.named_buffers():
+        torch.testing.assert_close(b, torch.stack([m.get_buffer(key) for m in members]))
+    assert ens.get_buffer("count").tolist() == [3.0] * N
+    ens.eval()
+    x = torch.randn(batch, 4, dtype=torch.float64)
+    expected = torch.stack([m.eval()(x) for m in members])
+    with torch.no_grad():
+        for _ in range(2):  # the fast path too
+            torch.testing.assert_close(ens(x), expected)
+
+
+class _Accumulates(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        s = torch.zeros(4)  # made from constants: a trace makes it once
+        s += x.mean(0)
+        return self.fc(x - s)
+
+
+@pytest.mark.parametrize("backend", ["fused", "auto"])
+def test_a_tensor_made_from_constants_and_written_in_place_starts_afresh_each_call(backend):
+    torch.manual_seed(0)
+    members = [_Accumulates() for _ in range(N)]
+    ens = ve.Ensemble(copy.deepcopy(members), backend=backend)
+    x = torch.randn(5, 4)
+    expected = torch.stack([m(x) for m in members])
+    with torch.no_grad():
+        for call in range(3):  # the sums carried over from call to call
+            torch.testing.assert_close(ens(x), expected, msg=f"call {call}")
+
+
+class _TemperatureHead(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+        self.temperature = 1.0
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.softmax(self.fc(x) / self.temperature, -1)
+
+
+@pytest.mark.parametrize("backend", ["fused", "auto"])
+def test_a_plain_setting_changed_after_calls_is_used(backend):
+    # fx writes `self.temperature` into the program: annealing it changed nothing
+    torch.manual_seed(0)
+    members = [nn.Sequential(nn.Linear(4, 4), nn.ReLU(), _TemperatureHead()) for _ in range(N)]
+    ens = ve.Ensemble(copy.deepcopy(members), backend=backend)
+    x = torch.randn(5, 4)
+    with torch.no_grad():
+        for temperature in (1.0, 0.1, 0.5):
+            for m in [*members, ens]:
+                m.get_submodule("2").temperature = temperature
+            expected = torch.stack([m(x) for m in members])
+            for _ in range(2):
+                torch.testing.assert_close(ens(x), expected, msg=str(temperature))
+    assert ens.member(1)[2].temperature == 0.5
+
+
+class _KeepsLast(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.last: Tensor | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.relu(self.fc(x))
+        self.last = h.detach()  # (in place of a forward hook)
+        return h
+
+
+@pytest.mark.parametrize("backend", ["fused", "auto"])
+def test_a_forward_that_stores_on_its_module_runs_as_the_loop_does(backend):
+    # the trace left an fx Proxy there, then vmap a batched tensor that escaped (and broke
+    # member(i), which deep-copies it); as a per-member loop the last member's value stays
+    torch.manual_seed(0)
+    members = [nn.Sequential(_KeepsLast(), nn.Linear(4, 2)) for _ in range(N)]
+    ens = ve.Ensemble(copy.deepcopy(members), backend=backend)
+    strict = ve.Ensemble(copy.deepcopy(members), backend="vmap")
+    x = torch.randn(5, 4)
+    with pytest.warns(ve.FallbackWarning, match="stores 'last' on the module"):
+        out = ens(x)
+    torch.testing.assert_close(out, torch.stack([m(x) for m in members]))
+    last = ens.get_submodule("0").last
+    assert type(last) is Tensor
+    torch.testing.assert_close(last, members[-1][0].last)
+    assert type(ens.member(0)[0].last) is Tensor
+    with pytest.raises(ve.EnsembleError, match=r"'0' \(_KeepsLast\).*stores 'last'"):
+        strict(x)
+
+
+class _PlainStats(nn.Module):
+    def __init__(self, mean: Tensor) -> None:
+        super().__init__()
+        self.obs_mean = mean  # a plain attribute, not a buffer: not stacked
+        self.fc = nn.Linear(4, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(x - self.obs_mean)
+
+
+def test_members_whose_plain_tensor_attributes_differ_are_warned_of():
+    # every backend computes all members with member 0's values: said now, not silently
+    members = [_PlainStats(torch.full((4,), float(i))) for i in range(N)]
+    with pytest.warns(UserWarning, match=r"member 1's .*'obs_mean'.*register_buffer"):
+        ve.Ensemble(members)
+    same = [_PlainStats(torch.ones(4)) for _ in range(N)]
+    ens = ve.Ensemble(copy.deepcopy(same))
+    x = torch.randn(5, 4)
+    torch.testing.assert_close(ens(x), torch.stack([m(x) for m in same]))

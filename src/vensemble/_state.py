@@ -6,6 +6,7 @@ import copy
 import enum
 import hashlib
 import json
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -37,6 +38,7 @@ def _describe(value: Any) -> str:
     if isinstance(value, (torch.dtype, torch.device, torch.Size, enum.Enum)):
         return repr(value)
     if isinstance(value, Tensor):
+        # (values: see _plain_tensor_differences)
         return f"Tensor(shape={tuple(value.shape)}, dtype={value.dtype})"
     if isinstance(value, (tuple, list)):
         inner = ", ".join(_describe(v) for v in value)
@@ -51,6 +53,35 @@ def _describe(value: Any) -> str:
         return f"{getattr(value, '__module__', '?')}.{qualname}"
     text = repr(value)
     return type(value).__qualname__ if " at 0x" in text else text
+
+
+def _plain_tensor_differences(models: Sequence[nn.Module]) -> None:
+    """Warn of plain (unregistered) tensor attributes whose values differ between members.
+
+    Such a tensor is not stacked: every member computes with the ensemble's copy, member
+    0's. Not refused: a module that keeps its last activation there (``self.last = h``) holds
+    different values after the members ran alone, and overwrites them in forward.
+    """
+    ref = dict(models[0].named_modules())
+    for i, m in enumerate(models[1:], start=1):
+        for path, sub in m.named_modules():
+            for name, value in sub.__dict__.items():
+                theirs = ref[path].__dict__.get(name)
+                if (
+                    isinstance(value, Tensor)
+                    and isinstance(theirs, Tensor)
+                    and not value.is_meta
+                    and value.shape == theirs.shape
+                    and not torch.equal(value.detach().cpu(), theirs.detach().cpu())
+                ):
+                    warnings.warn(
+                        f"member {i}'s {_where(path)} holds a plain tensor attribute '{name}' "
+                        "that differs from member 0's: it is not stacked, so every member will "
+                        f"compute with member 0's; make it a buffer (self.register_buffer('{name}', "
+                        "...)) to give each member its own",
+                        stacklevel=4,
+                    )
+                    return
 
 
 def _module_attributes(module: nn.Module) -> dict[str, str]:
@@ -245,6 +276,7 @@ def validate_members(models: Sequence[Any]) -> None:
     for i, m in enumerate(models[1:], start=1):
         if (msg := _compare(ref, fingerprint(m), i)) is not None:
             raise EnsembleError(msg)
+    _plain_tensor_differences(models)
     ref_tensors = dict(_tensors(models[0]))
     for i, m in enumerate(models[1:], start=1):
         for name, t in _tensors(m):

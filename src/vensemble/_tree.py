@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch.nn.modules import module as _module
 
-__all__ = ["GENERATION"]
+__all__ = ["GENERATION", "settings_changed", "traced_settings"]
 
 GENERATION = [0]  # a list, so that readers hold the one mutable cell
 
@@ -36,3 +36,35 @@ def _bump(*_: Any) -> None:
 _module.register_module_module_registration_hook(_bump)
 _module.register_module_parameter_registration_hook(_bump)
 _module.register_module_buffer_registration_hook(_bump)
+
+
+# --- plain settings of the modules a trace reads through ------------------------------------
+# A fused or folded program is an fx trace of the members' own forwards: fx writes the plain
+# values it reads there (``self.temperature``, ``self.scale``) into the program. torch's own
+# layers are not traced through (the fused layers read their settings at each call), so only
+# the modules of other classes are watched.
+
+Setting = tuple[dict[str, Any], str, Any]
+
+
+def traced_settings(modules: list[torch.nn.Module]) -> list[Setting]:
+    """``(module.__dict__, name, value)`` for each plain (non-tensor, non-module, public)
+    attribute of the modules whose forward a trace reads through."""
+    return [
+        (m.__dict__, name, value)
+        for m in modules
+        if not type(m).__module__.startswith("torch.")
+        for name, value in m.__dict__.items()
+        if not name.startswith("_")
+        and name != "training"
+        and not isinstance(value, (torch.Tensor, torch.nn.Module))
+    ]
+
+
+_GONE = object()
+
+
+def settings_changed(settings: list[Setting]) -> bool:
+    """Whether one of ``settings`` was assigned another object since it was taken (an
+    annealed temperature): programs traced with the old value must go."""
+    return any(d.get(name, _GONE) is not value for d, name, value in settings)

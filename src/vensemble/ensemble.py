@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from ._errors import EnsembleError
 from ._layout import use_kernel_layout
 from ._state import member_module, reindex_template, stack_members, validate_members
-from ._tree import GENERATION
+from ._tree import GENERATION, settings_changed, traced_settings
 from .backends import (
     BACKENDS,
     AutoPlan,
@@ -241,6 +241,7 @@ class Ensemble(nn.Module):
         self._generation = GENERATION[0]
         self._hook_dicts = hook_dicts(self._module_list)
         self._own_hook_dicts = hook_dicts([self])
+        self._settings = traced_settings(self._module_list)  # (none for torch's own layers)
 
     def _check_modules(self, compiling: bool) -> None:
         """Re-index after a submodule was replaced, added or removed. Eager calls come here
@@ -252,6 +253,11 @@ class Ensemble(nn.Module):
             list(map(tuple, map(dict.values, self._parent_dicts))) != self._children
         ):
             self._reindex_modules()
+        elif settings_changed(self._settings):  # traced programs hold the old values
+            self._fused = FusedPlan(compile_options=self.compile_options)
+            self._folded = FoldedPlan()
+            self._fast.clear()
+            self._settings = traced_settings(self._module_list)
         if not compiling:  # (a side effect strict export would warn of)
             self.__dict__["_generation"] = generation
 
@@ -540,6 +546,7 @@ class Ensemble(nn.Module):
             compiling  # (dynamo then guards on the tree itself)
             or GENERATION[0] != self._generation  # something was registered somewhere
             or list(map(len, self._parent_dicts)) != self._child_counts  # or deleted here
+            or (self._settings and settings_changed(self._settings))  # a plain value traced
         ):
             self._check_modules(compiling)
         members_hooked = hooked(self._hook_dicts)  # fused programs would skip them

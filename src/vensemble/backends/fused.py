@@ -15,6 +15,7 @@ import contextlib
 import copy
 import functools
 import inspect
+import operator
 import time
 from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass, field
@@ -332,6 +333,9 @@ def _check_hooks(template: nn.Module) -> None:
 def _trace(template: nn.Module, concrete: dict[str, Any], constants: dict[str, Any]) -> fx.Graph:
     _check_hooks(template)
     tracer = fx.Tracer()
+    # buffers as graph inputs, as parameters are: else an op on a buffer alone (a scaler's
+    # `sigma.clamp(...)`, an EMA update in place) runs once, here, on the stacked buffer
+    tracer.proxy_buffer_attributes = True
     if tracer.is_leaf_module(template, ""):
         graph = fx.Graph()
         args: list[Any] = []
@@ -345,9 +349,19 @@ def _trace(template: nn.Module, concrete: dict[str, Any], constants: dict[str, A
         graph.output(graph.call_module("", tuple(args), kwargs))
         return graph
     before = set(template.__dict__)
+    # what the forwards hold: one that stores on itself (``self.last = h``) would keep a Proxy
+    held = [(m.__dict__, dict(m.__dict__)) for m in template.modules()]
     try:
         with _guarded():
-            return tracer.trace(template, concrete_args=concrete)
+            graph = tracer.trace(template, concrete_args=concrete)
+        for path, m in template.named_modules():
+            stored = [k for k, v in m.__dict__.items() if isinstance(v, fx.Proxy)]
+            if stored:  # a side effect the program would drop
+                raise Untraceable(
+                    f"the forward of '{path or type(m).__name__}' stores '{stored[0]}' on "
+                    "the module (fx keeps no such assignment)"
+                )
+        return graph
     except Untraceable:
         raise
     except Exception as err:
@@ -357,6 +371,54 @@ def _trace(template: nn.Module, concrete: dict[str, Any], constants: dict[str, A
     finally:  # fx stores tensor constants on the traced module: keep them off the template
         for name in set(template.__dict__) - before:
             constants[name] = template.__dict__.pop(name)
+        for d, old in held:
+            if d.keys() != old.keys() or any(d[k] is not v for k, v in old.items()):
+                d.clear()
+                d.update(old)
+
+
+_IN_PLACE_OPERATORS = frozenset(
+    getattr(operator, f"i{name}")
+    for name in (
+        "add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "and", "or", "xor",
+        "lshift", "rshift", "matmul",
+    )
+) | {operator.setitem}  # fmt: skip
+
+
+def _writes_in_place(node: fx.Node) -> list[Any]:
+    """What ``node`` modifies in place: its first argument for an in-place method, function
+    or operator (``add_``, ``torch.relu_``, ``+=``, ``x[i] = v``, ``inplace=True``), and
+    its ``out=`` tensor."""
+    written = [node.kwargs["out"]] if "out" in node.kwargs else []
+    if node.op not in ("call_method", "call_function") or not node.args:
+        return written
+    name = str(node.target) if node.op == "call_method" else getattr(node.target, "__name__", "")
+    in_place = (
+        (name.endswith("_") and not name.startswith("_"))
+        or (name.startswith("__i") and name.endswith("__"))
+        or name == "__setitem__"
+        or node.kwargs.get("inplace") is True
+        or (node.op == "call_function" and node.target in _IN_PLACE_OPERATORS)
+    )
+    return [node.args[0], *written] if in_place else written
+
+
+def _refuse_writes_to_constants(graph: fx.Graph, constants: dict[str, Any]) -> None:
+    """A tensor the forward makes from constants alone (``s = torch.zeros(4)``) is made once,
+    by the trace, and would be the same tensor on every call: written in place (``s += ...``),
+    it would keep its sums from call to call. vmap runs such a forward as written."""
+    for node in graph.nodes:
+        for target in _writes_in_place(node):
+            if (
+                isinstance(target, fx.Node)
+                and target.op == "get_attr"
+                and str(target.target) in constants
+            ):
+                raise Untraceable(
+                    f"the forward modifies in place ({node.target}) a tensor it made from "
+                    "constants: the trace would make it once for every call"
+                )
 
 
 def _has_state(module: nn.Module) -> bool:
@@ -375,6 +437,7 @@ def build_program(call: Call, key: Hashable) -> FusedProgram:
     batched_inputs = {name for name, e in entries.items() if e[1] == "tensor" and e[2]}
     constants: dict[str, Any] = {}
     graph = _trace(template, concrete, constants)
+    _refuse_writes_to_constants(graph, constants)
     stacked = {name for name, _ in template.named_parameters(remove_duplicate=False)}
     stacked |= {name for name, _ in template.named_buffers(remove_duplicate=False)}
 

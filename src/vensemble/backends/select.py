@@ -179,7 +179,27 @@ def _attempt(
         return None, "" if chunked else sparse, RuntimeError(why)
     try:
         with _looping(call.template, looped):
-            return vmap_forward(call), None, None
+            # (a looped submodule may store on itself: it runs one member at a time, as alone)
+            held = [
+                (path, m.__dict__, dict(m.__dict__))
+                for path, m in call.template.named_modules()
+                if not any(path == p or path.startswith(p + ".") for p in looped)
+            ]
+            out = vmap_forward(call)
+            stored = _restore_stored(held)
+            if stored is None:
+                return out, None, None
+            path, name = stored
+            if snapshot is not None:
+                call.restore_buffers(snapshot)
+            return (
+                None,
+                path,
+                RuntimeError(
+                    f"the forward stores '{name}' on the module: under vmap a batched tensor "
+                    "would escape into it"
+                ),
+            )
     except Exception as err:
         if snapshot is not None:
             call.restore_buffers(snapshot)
@@ -192,6 +212,21 @@ def _attempt(
         if snapshot is not None:
             call.restore_buffers(snapshot)
         return None, (stack[-1] if stack else ""), err
+
+
+def _restore_stored(
+    held: list[tuple[str, dict[str, Any], dict[str, Any]]],
+) -> tuple[str, str] | None:
+    """Put back each module's attributes as ``held`` had them; the first module path and
+    attribute that a forward assigned (``self.last = h``), else ``None``."""
+    found = None
+    for path, d, old in held:
+        changed = [k for k in d.keys() | old.keys() if d.get(k, d) is not old.get(k, old)]
+        if changed:
+            found = found or (path, sorted(changed)[0])
+            d.clear()
+            d.update(old)
+    return found
 
 
 _SPARSE_GRAD = (
