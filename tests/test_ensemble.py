@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from torch import Tensor, nn
@@ -121,6 +122,12 @@ def test_member_unstack_select_and_indexing():
         ens.member(5)
     with pytest.raises(ve.EnsembleError, match="non-empty"):
         ens.select([])
+    # any integer, as a list takes: numpy's, a 0-d integer tensor (val_loss.argmin())
+    for i in (np.int64(3), torch.tensor(3), torch.tensor([1.0, 0.5, 2.0, -1.0, 4.0]).argmin()):
+        assert torch.equal(ens.member(i).weight, w[3]) and torch.equal(ens[i].weight, w[3])
+    for bad in (1.0, True, torch.tensor(1.0), "1"):
+        with pytest.raises(ve.EnsembleError, match="member index must be an int"):
+            ens.member(bad)
 
 
 def test_state_dict_round_trip_and_shape_errors():

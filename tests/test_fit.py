@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -497,3 +499,32 @@ def test_a_failed_checkpoint_write_leaves_the_previous_one_and_no_temporary_file
         _checkpoint.save_checkpoint(path, {"epoch": 2})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]
     assert torch.load(path, weights_only=True) == {"epoch": 1}
+
+
+def test_float64_losses_are_recorded_and_compared_in_float64():
+    # fit rounded every loss to float32: a float64 member improving by 1.6e-9 per epoch read
+    # the same loss twice and was stopped early; alone it never stops
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 4, generator=g, dtype=torch.float64)
+    y = x @ torch.randn(4, 1, generator=g, dtype=torch.float64)
+    xv = torch.randn(32, 4, generator=g, dtype=torch.float64)
+    yv = xv @ torch.ones(4, 1, dtype=torch.float64)
+    ens = ve.Ensemble.from_factory(lambda: nn.Linear(4, 1), 1, seed=0).double()
+    alone = ens.member(0)
+    opt = ve.MemberOptimizer(torch.optim.SGD, ens, lr=1e-9)
+    h = ve.fit(
+        ens, (x, y), nn.MSELoss(), optimizer=opt, epochs=5, batch_size=64,
+        val_data=(xv, yv), early_stopping_patience=1, progress=False,
+    )  # fmt: skip
+    o = torch.optim.SGD(alone.parameters(), lr=1e-9)
+    want = []
+    for _ in range(5):  # one full batch per epoch
+        o.zero_grad()
+        nn.functional.mse_loss(alone(x), y).backward()
+        o.step()
+        with torch.no_grad():
+            want.append(nn.functional.mse_loss(alone(xv), yv).item())
+    assert all(b < a for a, b in itertools.pairwise(want))  # alone: improving every epoch
+    assert h.val_loss.dtype == h.train_loss.dtype == torch.float64
+    assert h.val_loss[:, 0].tolist() == pytest.approx(want, rel=1e-13, abs=0)
+    assert h.stopped_epoch == [None] and h.best_epoch.tolist() == [4]

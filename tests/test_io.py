@@ -686,3 +686,29 @@ def test_exporting_fewer_members_into_an_old_export_is_refused(tmp_path, fmt):
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # nothing written
     again = ve.export(ve.Ensemble.from_factory(mlp, 4, seed=1), tmp_path, format=fmt)
     assert len(again) == 4  # the same names: replaced
+
+
+def test_save_through_a_symlink_writes_the_file_it_points_to(tmp_path):
+    # the link itself was replaced: the file it pointed to kept the old ensemble
+    old = ve.Ensemble.from_factory(mlp, 3, seed=0)
+    new = ve.Ensemble.from_factory(mlp, 5, seed=1)
+    target = tmp_path / "run1.safetensors"
+    save(old, target)
+    link = tmp_path / "latest.safetensors"
+    link.symlink_to(target.name)
+    save(new, link)
+    assert link.is_symlink() and os.readlink(link) == target.name
+    back = load(target, mlp)
+    assert len(back) == 5
+    for key, value in new.state_dict().items():
+        torch.testing.assert_close(back.state_dict()[key], value, atol=0, rtol=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [link.name, target.name]
+
+
+def test_save_takes_the_longest_name_the_file_system_takes(tmp_path):
+    # the temporary file's name added 18 bytes: names of 238-255 bytes failed (OSError)
+    ens = ve.Ensemble.from_factory(mlp, 2, seed=0)
+    path = tmp_path / ("m" * (255 - len(".safetensors")) + ".safetensors")
+    save(ens, path)
+    assert len(load(path, mlp)) == 2
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]

@@ -661,3 +661,20 @@ def test_entropies_of_finite_but_extreme_logits(dtype):
     log_p = torch.tensor([[float("nan"), 0.0], [-math.inf, 0.0]])  # NaN still propagates
     entropy = vm._entropy(log_p)
     assert entropy[0].isnan() and entropy[1] == 0
+
+
+@pytest.mark.parametrize(("dtype", "n"), [(torch.bfloat16, 513), (torch.float16, 4097)])
+def test_votes_are_counted_exactly_in_low_precision(dtype, n):
+    # counted in the logits' dtype, 257 of 513 bfloat16 votes rounded to the share of 256:
+    # a false tie that the tie-break (higher mean probability) gave to the minority
+    logits = torch.zeros(n, 1, 2)
+    logits[: n // 2 + 1, 0, 0] = 0.01  # a bare majority votes class 0
+    logits[n // 2 + 1 :, 0, 1] = 5.0  # the rest vote class 1, confidently
+    low = logits.to(dtype)
+    assert vm.majority_vote(low).item() == 0
+    minority = (n // 2) / n
+    ratio = vm.variation_ratio(low)
+    assert ratio.dtype == dtype
+    assert ratio.item() == torch.tensor(minority).to(dtype).item()
+    d = vm.disagreement(low)  # the mean favours class 1: the majority disagrees
+    assert d.item() == torch.tensor((n // 2 + 1) / n).to(dtype).item()

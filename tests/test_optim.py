@@ -140,6 +140,15 @@ CASES = {
         {"lr": 0.01, "betas": [(0.9, 0.999)] * 2 + [(0.8, 0.99)] * 2 + [(0.5, 0.9)]},
     ),
     "adagrad_per_member": (torch.optim.Adagrad, {"lr": LRS5}),
+    # torch's Adagrad fills its state from the constructor's value, not each group's
+    "adagrad_per_member_initial_accumulator": (
+        torch.optim.Adagrad,
+        {"lr": 0.05, "initial_accumulator_value": [0.0, 0.5, 0.5, 1.0, 2.0]},
+    ),
+    "adagrad_equal_initial_accumulator_list": (
+        torch.optim.Adagrad,
+        {"lr": LRS5, "initial_accumulator_value": [0.5] * 5},
+    ),
 }
 
 
@@ -214,6 +223,10 @@ def test_clip_returns_norms_and_handles_missing_grads():
     torch.testing.assert_close(norms, torch.tensor([5.0, 0.5, 0.0]))
     torch.testing.assert_close(ens.weight.grad[0], torch.tensor([[0.6, 0.8]]), atol=1e-6, rtol=0)
     torch.testing.assert_close(ens.weight.grad[1], torch.tensor([[0.3, 0.4]]))
+    for foreach in (None, True, False):  # torch's keyword, for drop-in use
+        torch.testing.assert_close(
+            clip_grad_norm_(ens, 1.0, foreach=foreach), torch.tensor([1.0, 0.5, 0.0])
+        )
     ens.weight.grad[2, 0, 0] = float("nan")
     with pytest.raises(ve.EnsembleError, match=r"member\(s\) \[2\]"):
         clip_grad_norm_(ens, 1.0, error_if_nonfinite=True)
@@ -498,3 +511,65 @@ def test_a_member_optimizer_saves_and_resumes_with_the_ensemble(tmp_path):
     steps(twin, twin_opt, 6)
     for a, b in zip(resumed.parameters(), twin.parameters()):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_muon_takes_per_member_hyperparameters():
+    # each member's values were checked on a 1-D stand-in, which Muon (2-D only) refused
+    def net() -> nn.Module:
+        return nn.Sequential(nn.Linear(6, 8, bias=False), nn.Tanh(), nn.Linear(8, 3, bias=False))
+
+    ens = ve.Ensemble.from_factory(net, 2, seed=0)
+    alone = ens.unstack()
+    lrs = [0.02, 0.01]
+    opt = MemberOptimizer(torch.optim.Muon, ens, lr=lrs)
+    opts = [torch.optim.Muon(m.parameters(), lr=lr) for m, lr in zip(alone, lrs)]
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        x, y = torch.randn(16, 6, generator=g), torch.randint(0, 3, (16,), generator=g)
+        opt.zero_grad()
+        member_loss(F.cross_entropy, ens(x), y).sum().backward()
+        opt.step()
+        for m, o in zip(alone, opts):
+            o.zero_grad()
+            F.cross_entropy(m(x), y).backward()
+            o.step()
+    for i, m in enumerate(alone):
+        for k, v in m.state_dict().items():
+            torch.testing.assert_close(ens.member(i).state_dict()[k], v, msg=f"{i} {k}")
+
+
+class _TwoHeads(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(6, 8)
+        self.h1 = nn.Linear(8, 3)
+        self.h2 = nn.Linear(8, 3)
+
+    def forward(self, x: Tensor, head: int = 1) -> Tensor:
+        h = torch.tanh(self.body(x))
+        return self.h1(h) if head == 1 else self.h2(h)
+
+
+@pytest.mark.parametrize("lr", [0.05, [0.05, 0.02]], ids=["shared", "per-member"])
+def test_sgd_momentum_trains_a_head_first_used_later_as_alone(lr):
+    # torch's fused SGD (MemberOptimizer's kernel) failed on a step where some parameters had
+    # momentum buffers and others none yet ("expected Tensor as element 2")
+    ens = ve.Ensemble.from_factory(_TwoHeads, 2, seed=0)
+    alone = ens.unstack()
+    opt = MemberOptimizer(torch.optim.SGD, ens, lr=lr, momentum=0.9)
+    lrs = lr if isinstance(lr, list) else [lr] * 2
+    opts = [torch.optim.SGD(m.parameters(), lr=r, momentum=0.9) for m, r in zip(alone, lrs)]
+    g = torch.Generator().manual_seed(0)
+    for head in (1, 2, 1, 2):
+        x, y = torch.randn(16, 6, generator=g), torch.randint(0, 3, (16,), generator=g)
+        opt.zero_grad()
+        member_loss(F.cross_entropy, ens(x, head=head), y).sum().backward()
+        opt.step()
+        for m, o in zip(alone, opts):
+            o.zero_grad()
+            F.cross_entropy(m(x, head=head), y).backward()
+            o.step()
+    for i, m in enumerate(alone):
+        for k, v in m.state_dict().items():
+            torch.testing.assert_close(ens.member(i).state_dict()[k], v, msg=f"{i} {k}")
+    assert all(g.get("fused") for g in opt.param_groups)  # back on the fused kernel

@@ -17,6 +17,7 @@ def clip_grad_norm_(
     max_norm: float,
     norm_type: float = 2.0,
     error_if_nonfinite: bool = False,
+    foreach: bool | None = None,
 ) -> Tensor:
     """Clip every member's gradients by that member's own total norm, in place.
 
@@ -31,6 +32,8 @@ def clip_grad_norm_(
         max_norm: the largest norm each member's gradients may have.
         norm_type: the p of the p-norm (``float("inf")`` for the largest absolute value).
         error_if_nonfinite: raise if a member's norm is NaN or infinite.
+        foreach: accepted for drop-in use with torch's signature; the norms are computed
+            over the stacked gradients (one kernel per parameter for all members) either way.
 
     Returns:
         Each member's total gradient norm before clipping, shape ``(N,)``.

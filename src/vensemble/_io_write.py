@@ -58,10 +58,14 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
     """
     if path.is_dir():
         raise EnsembleError(f"cannot write {path}: it is a folder, expected a file path")
+    # through a symlink, as open(path, "wb") would: replacing the link itself would leave
+    # the file it points to with the old contents
+    path = Path(os.path.realpath(path)) if path.is_symlink() else path
     folder = path.parent
     if not folder.is_dir():
         raise EnsembleError(f"cannot write {path}: the folder {folder} does not exist")
-    tmp = folder / f".{path.name}.{secrets.token_hex(6)}.tmp"
+    # a short name: the file system's name limit must not fall on the temporary file
+    tmp = folder / f".{path.name[:32]}.{secrets.token_hex(6)}.tmp"
     mode = _file_mode(path)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o600)
     try:

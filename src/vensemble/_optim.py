@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import operator
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -242,10 +243,16 @@ class MemberOptimizer(Optimizer):
             self.optimizer = opt_cls(param_groups, **shared)
         except (ValueError, TypeError) as err:
             raise EnsembleError(f"{opt_cls.__name__}: {err}") from None
+        if issubclass(opt_cls, torch.optim.Adagrad) and "initial_accumulator_value" in member:
+            # Adagrad fills its state from the constructor's argument, not the group's value
+            for group in self.optimizer.param_groups:
+                for p in group["params"]:
+                    self.optimizer.state[p]["sum"].fill_(group["initial_accumulator_value"])
         # what the views were made over: a parameter whose .data is replaced later
         # (vector_to_parameters, load_state_dict(assign=False) keeps it) gets new views
         self._made_over = [(p.data_ptr(), p.dtype, p.device, p.shape, p.stride()) for p in params]
         self._attached: list[Tensor | None] | None = None  # the gradients the views show
+        self._sgd_buffers_complete = not issubclass(opt_cls, torch.optim.SGD)
 
         # An Optimizer whose groups, state and defaults are the inner optimizer's own (see the
         # properties below): schedulers and user code that edit param_groups edit the inner one.
@@ -288,7 +295,8 @@ class MemberOptimizer(Optimizer):
         """torch validates constructor arguments only: validate each run's values the same way."""
         if not values:
             return
-        dummy = torch.zeros(1, dtype=like.dtype, device=like.device, requires_grad=True)
+        # shaped as a member's own parameter (Muon takes 2-D parameters only)
+        dummy = torch.zeros_like(like[0]).requires_grad_(True)
         try:
             opt_cls([dummy], **shared, **values)
         except (ValueError, TypeError) as err:
@@ -399,7 +407,10 @@ class MemberOptimizer(Optimizer):
 
     def _step(self, closure: Callable[[], Any] | None = None) -> Any:
         if not self._links:
-            return self.optimizer.step(closure) if closure is not None else self.optimizer.step()
+            with self._fused_sgd_workaround():
+                return (
+                    self.optimizer.step(closure) if closure is not None else self.optimizer.step()
+                )
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -409,10 +420,41 @@ class MemberOptimizer(Optimizer):
             # the inner step itself: this step's own wrapper has run the hooks and the profiler
             # range already when they are in use
             step = type(self.optimizer).step
-            getattr(step, "__wrapped__", step)(self.optimizer)
+            with self._fused_sgd_workaround():
+                getattr(step, "__wrapped__", step)(self.optimizer)
         finally:
             self._detach_grads()
         return loss
+
+    @contextlib.contextmanager
+    def _fused_sgd_workaround(self) -> Iterator[None]:
+        """torch's fused SGD with momentum fails (``expected Tensor as element 2``) on a step
+        where some parameters with gradients have a momentum buffer and others none yet (a
+        head used for the first time): such a step runs on the foreach kernel (the same
+        update), as torch's default SGD does. Checked until every parameter has its buffer."""
+        mixed = []
+        if not self._sgd_buffers_complete:
+            state = self.optimizer.state
+            complete = True
+            for g in self.optimizer.param_groups:
+                if not (g.get("fused") and g.get("momentum")):
+                    continue
+                has = [
+                    state.get(p, {}).get("momentum_buffer") is not None
+                    for p in g["params"]
+                    if p.grad is not None
+                ]
+                complete &= len(has) == len(g["params"]) and all(has)
+                if any(has) and not all(has):
+                    mixed.append(g)
+            self._sgd_buffers_complete = complete
+        for g in mixed:
+            g["fused"], g["foreach"] = False, True
+        try:
+            yield
+        finally:
+            for g in mixed:
+                g["fused"], g["foreach"] = True, False
 
     _wrapped_step = Optimizer.profile_hook_step(_step)
 
@@ -481,6 +523,7 @@ class MemberOptimizer(Optimizer):
             )
         groups = [{**g, "members": range(*t)} for g, t in zip(saved, theirs)]
         self.optimizer.load_state_dict({**state_dict, "param_groups": groups})
+        self._sgd_buffers_complete = not issubclass(self.opt_cls, torch.optim.SGD)
 
     def __repr__(self) -> str:
         return (

@@ -367,8 +367,13 @@ class Ensemble(nn.Module):
         return self._num_members
 
     def _index(self, i: int) -> int:
-        if not isinstance(i, int) or isinstance(i, bool):
+        # any integer, as for a list: numpy's, a 0-d integer tensor (val_loss.argmin())
+        if isinstance(i, bool) or (isinstance(i, Tensor) and i.is_floating_point()):
             raise EnsembleError(f"member index must be an int, got {type(i).__name__}")
+        try:
+            i = operator.index(i)
+        except TypeError:
+            raise EnsembleError(f"member index must be an int, got {type(i).__name__}") from None
         if not -self._num_members <= i < self._num_members:
             raise EnsembleError(
                 f"member index {i} is out of range for an ensemble of {self._num_members}"

@@ -226,10 +226,18 @@ def mean_logits(
     return _member_mean(logits, w)  # (B, C)
 
 
+def _vote_count_mean(votes: Tensor, w: Tensor | None) -> Tensor:
+    """``_member_mean`` of 0/1 votes ``(N, ...)`` in float64 (float32 on MPS, which has no
+    float64): counted in the logits' bfloat16, 257 of 513 votes rounded to the share of 256,
+    a false tie."""
+    dtype = torch.float64 if votes.device.type != "mps" else torch.float32
+    return _member_mean(votes.to(dtype), None if w is None else w.to(dtype))
+
+
 def _vote_shares(logits: Tensor, w: Tensor | None) -> Tensor:
-    """Share of the members (by weight) voting for each class: ``(B, C)``."""
-    votes = F.one_hot(logits.argmax(dim=-1), logits.shape[-1]).to(logits.dtype)  # (N, B, C)
-    return _member_mean(votes, w)
+    """Share of the members (by weight) voting for each class: ``(B, C)``, in float64."""
+    votes = F.one_hot(logits.argmax(dim=-1), logits.shape[-1])  # (N, B, C)
+    return _vote_count_mean(votes, w)
 
 
 def majority_vote(
@@ -344,7 +352,7 @@ def variation_ratio(
         tensor([0.5000])
     """
     logits, w = _prepare_logits(logits, weights, on_nonfinite)
-    return 1 - _vote_shares(logits, w).amax(dim=-1)
+    return (1 - _vote_shares(logits, w).amax(dim=-1)).to(logits.dtype)
 
 
 def disagreement(
@@ -368,8 +376,8 @@ def disagreement(
     """
     logits, w = _prepare_logits(logits, weights, on_nonfinite)
     ensemble = _member_mean(logits.softmax(dim=-1), w).argmax(dim=-1)  # (B,)
-    differs = (logits.argmax(dim=-1) != ensemble).to(logits.dtype)  # (N, B)
-    return _member_mean(differs, w)
+    differs = logits.argmax(dim=-1) != ensemble  # (N, B)
+    return _vote_count_mean(differs, w).to(logits.dtype)
 
 
 # ----------------------------------------------------------------------------- scores

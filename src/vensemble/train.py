@@ -83,7 +83,7 @@ def _evaluate(
     *inputs, targets = data
     n = targets.shape[0]
     classify = targets.ndim == 1 and not (targets.is_floating_point() or targets.is_complex())
-    total = torch.zeros(len(ens), device=targets.device)
+    total: Tensor | float = 0.0
     correct: Tensor | None = None
     was_training = ens.training
     ens.eval()
@@ -91,14 +91,21 @@ def _evaluate(
         for s in range(0, n, batch_size):
             out = ens(*[t[s : s + batch_size] for t in inputs])  # (N, b, ...)
             y = targets[s : s + batch_size]
-            losses = member_loss(loss_fn, out, y, per_member_targets=False).float() * len(y)
-            total += losses
+            losses = member_loss(loss_fn, out, y, per_member_targets=False)
+            total = total + _at_least_float32(losses) * len(y)
             if classify and out.ndim == 3:
                 hits = (out.argmax(dim=-1) == y).sum(dim=1)  # (N,)
                 correct = hits if correct is None else correct + hits
     finally:
         ens.train(was_training)
+    assert isinstance(total, Tensor)  # (validation data has a sample: checked by fit)
     return total / n, None if correct is None else correct.float() / n
+
+
+def _at_least_float32(t: Tensor) -> Tensor:
+    """Losses recorded in their own precision (float64 members: early stopping must see
+    changes below float32's resolution), half-precision ones in float32."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
 class _Run:
@@ -152,7 +159,7 @@ class _Run:
         # each member's epoch loss: its step losses weighted by batch size, summed along its
         # own row (steps in order): the same sum whatever N is, so a member's epoch loss does
         # not depend on how many members share its process
-        per_step = torch.stack(step_losses).float()  # (steps, N)
+        per_step = _at_least_float32(torch.stack(step_losses))  # (steps, N)
         sizes = torch.full((per_step.shape[0],), float(self.batches.batch_size))
         sizes[-1] = self.batches.n - (per_step.shape[0] - 1) * self.batches.batch_size
         rows = per_step.t().contiguous()  # (N, steps)
