@@ -113,6 +113,14 @@ def _runs(keys: list[tuple[Any, ...]], split: bool) -> list[tuple[int, int]]:
     return runs
 
 
+def _inverse(perm: list[int]) -> list[int]:
+    """The permutation that undoes ``perm``."""
+    out = [0] * len(perm)
+    for i, d in enumerate(perm):
+        out[d] = i
+    return out
+
+
 def _view(t: Tensor, where: slice | int, perm: tuple[int, ...] | None) -> Tensor:
     """``t[where]`` seen through ``perm`` (a permutation of ``t``'s dims, member dim first;
     only elementwise optimizers get one, and their ``where`` is always a slice)."""
@@ -225,6 +233,7 @@ class MemberOptimizer(Optimizer):
         # sees each parameter through the permutation of its dims that is contiguous (the
         # ensemble stores Linear weights in-major), so its fused kernel runs without copies.
         perms = [contiguous_order(p) if elementwise else None for p in params]
+        self._perms = perms  # (the layout the state is kept in: see state_dict)
         self._links: list[tuple[Tensor, Tensor, slice | int, tuple[int, ...] | None]] = []
         if len(runs) == 1 and elementwise and not any(perms):
             values = {k: member[k][0] for k in member}  # per-member values, all equal
@@ -350,10 +359,16 @@ class MemberOptimizer(Optimizer):
                     f"{tuple(p.shape)} after the MemberOptimizer was built: build the optimizer "
                     "after moving or converting the ensemble"
                 )
+            if p.stride() != made[4]:
+                # new data in another layout (vector_to_parameters gives the member's own):
+                # back to the one the optimizer state was made in, since the fused kernels
+                # pair a parameter's elements with its state's by position in memory
+                laid = torch.empty_strided(p.shape, made[4], dtype=p.dtype, device=p.device)
+                p.data = laid.copy_(p.detach())
             for q, view, where, perm in self._links:
                 if q is p:
                     view.data = _view(p.detach(), where, perm)
-            self._made_over[k] = (p.data_ptr(), *made[1:4], p.stride())
+            self._made_over[k] = (p.data_ptr(), *made[1:5])
 
     def _attach_grads(self) -> None:
         """Give the views the stacked parameters' current gradients (again only when one of
@@ -506,6 +521,10 @@ class MemberOptimizer(Optimizer):
         sd = self.optimizer.state_dict()
         for g in sd["param_groups"]:
             g["members"] = [g["members"].start, g["members"].stop]
+        # each parameter's state is kept over its view, whose dims are the parameter's in
+        # this order: an optimizer over the same ensemble in another layout (loaded with
+        # assign=True: the member's own) reorders them on load
+        sd["member_layout"] = [None if q is None else list(q) for q in self._perms]
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -522,8 +541,45 @@ class MemberOptimizer(Optimizer):
                 "with the same per-member hyperparameters (and groups=) before loading"
             )
         groups = [{**g, "members": range(*t)} for g, t in zip(saved, theirs)]
-        self.optimizer.load_state_dict({**state_dict, "param_groups": groups})
+        state = self._state_in_our_layout(state_dict.get("state", {}), state_dict)
+        inner = {k: v for k, v in state_dict.items() if k != "member_layout"}
+        self.optimizer.load_state_dict({**inner, "state": state, "param_groups": groups})
         self._sgd_buffers_complete = not issubclass(self.opt_cls, torch.optim.SGD)
+
+    def _state_in_our_layout(self, state: Any, state_dict: dict[str, Any]) -> Any:
+        """``state`` (the saved ``{index: {name: value}}``) with each parameter-shaped tensor
+        reordered from the saved layout to this optimizer's; refused when a tensor fits
+        neither."""
+        if not isinstance(state, dict):
+            return state
+        saved = state_dict.get("member_layout")
+        ours = [None if q is None else list(q) for q in self._perms]
+        views = [p for g in self.optimizer.param_groups for p in g["params"]]
+        count = len(self._params)
+        out: dict[Any, Any] = {}
+        for index, entry in state.items():
+            k = int(index) % count
+            view = views[int(index)] if int(index) < len(views) else None
+            was = saved[k] if isinstance(saved, list) and k < len(saved) else ours[k]
+            if not isinstance(entry, dict) or view is None:
+                out[index] = entry
+                continue
+            fixed = {}
+            for name, value in entry.items():
+                if isinstance(value, Tensor) and value.ndim == view.ndim and value.ndim > 0:
+                    now = ours[k]
+                    if was != now:
+                        natural = value if was is None else value.permute(_inverse(was))
+                        value = (natural if now is None else natural.permute(now)).contiguous()
+                    if value.shape != view.shape:
+                        raise EnsembleError(
+                            f"state_dict's '{name}' for parameter {k} has shape "
+                            f"{tuple(value.shape)}, this optimizer's parameter view "
+                            f"{tuple(view.shape)}: it was saved for another ensemble or layout"
+                        )
+                fixed[name] = value
+            out[index] = fixed
+        return out
 
     def __repr__(self) -> str:
         return (
