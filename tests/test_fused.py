@@ -838,3 +838,25 @@ def test_members_whose_plain_tensor_attributes_differ_are_warned_of():
     ens = ve.Ensemble(copy.deepcopy(same))
     x = torch.randn(5, 4)
     torch.testing.assert_close(ens(x), torch.stack([m(x) for m in same]))
+
+
+@pytest.mark.parametrize(
+    ("factory", "randomness"),
+    [
+        (lambda: nn.Sequential(nn.Linear(6, 6), nn.RReLU()), "different"),
+        (lambda: nn.Sequential(nn.Dropout(0.5), nn.Linear(6, 6), nn.Dropout(0.5)), "same"),
+    ],
+    ids=["rrelu-falls-back", "dropout-same-falls-back"],
+)
+def test_a_seeded_call_after_a_fallback_gives_what_every_later_one_gives(factory, randomness):
+    # the failed attempts drew random numbers: the first seeded call differed from the rest
+    torch.manual_seed(0)
+    ens = ve.Ensemble.from_factory(factory, 3, randomness=randomness, backend="fused").train()
+    x = torch.ones(4, 6)
+    outs = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ve.FallbackWarning)
+        for _ in range(3):
+            torch.manual_seed(1)
+            outs.append(ens(x))
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[1], outs[2])

@@ -712,3 +712,33 @@ def test_save_takes_the_longest_name_the_file_system_takes(tmp_path):
     save(ens, path)
     assert len(load(path, mlp)) == 2
     assert [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+def test_from_checkpoints_takes_batchnorm_weights_without_step_counts(tmp_path):
+    # a state dict without num_batches_tracked (safetensors keeps no version) loads into the
+    # model with strict=True, torch's BatchNorm filling 0; from_checkpoints refused it
+    def make() -> nn.Module:
+        return nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 2))
+
+    paths, members = [], []
+    for i in range(2):
+        torch.manual_seed(i)
+        m = make()
+        m(torch.randn(5, 4))  # running stats and a count of 1
+        sd = {k: v for k, v in m.state_dict().items() if not k.endswith("num_batches_tracked")}
+        st_torch.save_file(sd, tmp_path / f"m{i}.safetensors")
+        paths.append(tmp_path / f"m{i}.safetensors")
+        alone = make()
+        alone.load_state_dict(st_torch.load_file(paths[-1]), strict=True)
+        members.append(alone)
+    ens = ve.Ensemble.from_checkpoints(paths, make)
+    for i, alone in enumerate(members):
+        for key, value in alone.state_dict().items():
+            torch.testing.assert_close(ens.member(i).state_dict()[key], value, msg=key)
+    assert ens.get_buffer("1.num_batches_tracked").tolist() == [0, 0]
+    with pytest.raises(ve.EnsembleError, match=r"missing keys \['1.running_mean'\]"):
+        st_torch.save_file(
+            {k: v for k, v in members[0].state_dict().items() if k != "1.running_mean"},
+            tmp_path / "bad.safetensors",
+        )
+        ve.Ensemble.from_checkpoints([tmp_path / "bad.safetensors"], make)

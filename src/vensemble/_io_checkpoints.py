@@ -125,9 +125,20 @@ def from_checkpoints(
         k: torch.empty((count, *unique[k].shape), dtype=unique[k].dtype, device=device)
         for k in names
     }
+    # BatchNorm's step counts: a state dict without them (every safetensors file, which keeps
+    # no version; old weights) loads into the model with 0, as torch's BatchNorm loads it
+    counters = {
+        k
+        for k in names
+        if k.rsplit(".", 1)[-1] == "num_batches_tracked"
+        and isinstance(template.get_submodule(k.rpartition(".")[0]), nn.modules.batchnorm._NormBase)
+    }
     for i, path in enumerate(files):
         sd = _read_checkpoint(i, path)
         where = f"checkpoint {i} ({path})"
+        for k in counters:
+            if not any(key in sd for key in names[k]):
+                sd[names[k][0]] = torch.zeros_like(unique[k], device="cpu")
         missing = sorted(k for k, keys in names.items() if not any(key in sd for key in keys))
         unexpected = sorted(set(sd) - expected)
         if missing or unexpected:

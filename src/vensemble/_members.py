@@ -48,7 +48,8 @@ class MemberStatus:
     A stopped member stops changing: after every optimizer step its parameters and buffers
     (BatchNorm running statistics included) are copied back from a frozen copy, and its
     gradients are zeroed before the step, so neither momentum, weight decay nor clipping
-    moves it. ``best`` holds each member's weights at its lowest validation loss;
+    moves it (its optimizer state, shared with the other members in one param group, still
+    steps). ``best`` holds each member's weights at its lowest validation loss;
     ``last_good`` (kept only when asked) holds the weights at the start of the epoch, to
     which a member whose loss turns non-finite returns.
 

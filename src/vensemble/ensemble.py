@@ -27,7 +27,7 @@ from .backends import (
     strict_vmap_forward,
 )
 from .backends._autotune import measure_paths, measuring_allowed
-from .backends._call import copy_buffers, restore_buffers, state_device
+from .backends._call import copy_buffers, restore_buffers, rng_snapshot, state_device
 from .backends._layers import _is_compiling, _jit_tracing
 from .backends.folded import FoldedPlan, folded_program
 from .backends.fused import (
@@ -668,6 +668,7 @@ class Ensemble(nn.Module):
         """
         if self.chunk_size is None or self.chunk_size >= self._num_members:
             snapshot = snapshot_buffers(call) if self._has_buffers else None
+            restore_rng = rng_snapshot(state_device(call.state))
             try:
                 out = fused_forward(call, self._fused)
             except Untraceable:
@@ -677,6 +678,7 @@ class Ensemble(nn.Module):
                     call.restore_buffers(snapshot)
                 raise_if_randomness_error(call, err)
                 check_loop_runs(call, snapshot)
+                restore_rng()  # vmap starts from the draws the call started with
                 self._fused_failed(err)
             else:
                 program = self._fused.last

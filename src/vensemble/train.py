@@ -345,13 +345,20 @@ def fit(
     Data modes (all seeded): ``"shared"``: one shuffle per epoch, the same batches for all
     members; ``"shuffle"``: an independent shuffle per member; ``"bootstrap"``: bagging, each
     member trains on its own sample of ``n`` draws with replacement (drawn once, shuffled
-    every epoch; see ``History.bootstrap_indices``).
+    every epoch; see ``History.bootstrap_indices``). The per-member orders come from one
+    generator for all members: with the same seed, member ``i`` gets other batches in an
+    ensemble of another size.
 
     With ``val_data``, each member's validation loss (and accuracy, for classification) is
-    measured after every epoch (in eval mode, in batches of ``4 * batch_size``). With
+    measured after every epoch (in eval mode, in batches of ``4 * batch_size``): the mean of
+    the batches' losses, each weighted by its number of samples, which is the loss over the
+    whole set for losses averaged over samples (not for ``reduction="sum"``, nor with an
+    ``ignore_index`` that leaves batches with different counts). With
     ``early_stopping_patience=p``, a member whose validation loss has not improved for ``p``
-    epochs stops: from then on it does not change at all (its gradients are zeroed and its
-    weights and buffers are held). With ``restore_best`` (default), every member ends with
+    epochs stops: from then on its weights and buffers do not change (its gradients are
+    zeroed and they are held). Its optimizer state still steps with those zero gradients
+    (Adam's step count, decaying moments): training the member further in a later ``fit``
+    starts from that state, not from the one it stopped with. With ``restore_best`` (default), every member ends with
     its weights from its best epoch. ``keep_best_k=k`` then keeps the ``k`` members with the
     lowest validation loss: ``ens`` still holds all members, and ``History.ensemble`` is a
     new ensemble of the ``k`` kept ones (``History.selected`` their indices).

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -134,3 +134,26 @@ def vmap_friendly_kernels(device: torch.device | None = None) -> Iterator[None]:
 def state_device(state: dict[str, Tensor]) -> torch.device | None:
     """The device of the first stacked tensor, if any."""
     return next((t.device for t in state.values()), None)
+
+
+def rng_snapshot(device: torch.device | None) -> Callable[[], None]:
+    """The RNG state now (the CPU generator's, and the device's for CUDA) as a function that
+    puts it back: a failed attempt that drew random numbers (dropout) must leave the next
+    attempt the draws the call started with, so that a seeded call gives what the path it
+    ends on gives on every later call."""
+    if torch.compiler.is_compiling():  # (dynamo does not trace it; the eager calls do it)
+        return _nothing
+    cpu = torch.get_rng_state()
+    gpu = device if device is not None and device.type == "cuda" else None
+    cuda = None if gpu is None else torch.cuda.get_rng_state(gpu)
+
+    def restore() -> None:
+        torch.set_rng_state(cpu)
+        if gpu is not None and cuda is not None:
+            torch.cuda.set_rng_state(cuda, gpu)
+
+    return restore
+
+
+def _nothing() -> None:
+    pass

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from .._errors import EnsembleError
-from ._call import Call, stack_outputs
+from ._call import Call, rng_snapshot, stack_outputs, state_device
 from .loop import loop_forward
 from .vmap import vmap_forward
 
@@ -294,6 +294,7 @@ def auto_forward(call: Call, plan: AutoPlan) -> Any:
     A failure the reference loop shares is the model's own error and is raised unchanged.
     """
     snapshot = snapshot_buffers(call)
+    restore_rng = rng_snapshot(state_device(call.state))
     looped = set(plan.looped)
     new: dict[str, str] = {}
     checked = False
@@ -307,6 +308,8 @@ def auto_forward(call: Call, plan: AutoPlan) -> Any:
             checked = True
         if culprit is None or culprit in looped:
             culprit = ""  # looping the submodule was not enough: loop the whole model
+        restore_rng()  # the retry draws what the call started with (the attempt, its
+        # diagnosis and check_loop_runs drew random numbers)
         looped.add(culprit)
         new[culprit] = _first_line(err)
     for path, reason in new.items():
