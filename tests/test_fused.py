@@ -860,3 +860,34 @@ def test_a_seeded_call_after_a_fallback_gives_what_every_later_one_gives(factory
             torch.manual_seed(1)
             outs.append(ens(x))
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[1], outs[2])
+
+
+class _AttentionBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(8)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.norm(x)
+        out, _ = self.attn(h, h, h, need_weights=False)  # (out, None)
+        return x + out
+
+
+def test_a_submodule_returning_none_runs_under_vmap():
+    # vmap returns tensors only: the attention's (out, None) sent it to a per-member loop
+    torch.manual_seed(0)
+    members = [_AttentionBlock().double() for _ in range(N)]
+    ens = ve.Ensemble(copy.deepcopy(members), backend="fused")
+    x = torch.randn(2, 5, 8, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ve.FallbackWarning)
+        out = ens(x)
+    assert ens.explain()["attn"] == "vmap"
+    expected = torch.stack([m(x) for m in members])
+    torch.testing.assert_close(out, expected, atol=1e-12, rtol=0)
+    out.square().sum().backward()
+    expected.square().sum().backward()
+    for key, g in _grads(ens).items():
+        want = torch.stack([_grads(m)[key] for m in members])
+        torch.testing.assert_close(g, want, atol=1e-12, rtol=0, msg=key)
