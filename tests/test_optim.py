@@ -655,3 +655,21 @@ def test_optimizer_state_of_another_shape_is_refused():
     fresh = MemberOptimizer(torch.optim.SGD, ens, lr=0.1, momentum=0.9)
     with pytest.raises(ve.EnsembleError, match=r"'momentum_buffer' for parameter 0 has shape"):
         fresh.load_state_dict(sd)
+
+
+def test_state_dict_hooks_run_as_on_any_optimizer():
+    ens = ve.Ensemble.from_factory(lambda: nn.Linear(3, 2), 2, seed=0)
+    opt = MemberOptimizer(torch.optim.Adam, ens, lr=[0.1, 0.2])
+    seen: list[str] = []
+    opt.register_state_dict_pre_hook(lambda o: seen.append("pre"))
+    opt.register_state_dict_post_hook(lambda o, sd: {**sd, "tag": 7})
+    opt.register_load_state_dict_pre_hook(
+        lambda o, sd: (
+            seen.append(f"load-pre {sd.get('tag')}") or {k: v for k, v in sd.items() if k != "tag"}
+        )
+    )
+    opt.register_load_state_dict_post_hook(lambda o: seen.append("load-post"))
+    sd = opt.state_dict()
+    assert sd["tag"] == 7  # the post hook's result is what is returned
+    opt.load_state_dict(sd)
+    assert seen == ["pre", "load-pre 7", "load-post"]

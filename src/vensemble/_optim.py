@@ -518,6 +518,8 @@ class MemberOptimizer(Optimizer):
 
         Plain tensors and Python values only: it loads with ``torch.load(weights_only=True)``.
         """
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():  # (as torch's)
+            pre_hook(self)
         sd = self.optimizer.state_dict()
         for g in sd["param_groups"]:
             g["members"] = [g["members"].start, g["members"].stop]
@@ -525,10 +527,18 @@ class MemberOptimizer(Optimizer):
         # this order: an optimizer over the same ensemble in another layout (loaded with
         # assign=True: the member's own) reorders them on load
         sd["member_layout"] = [None if q is None else list(q) for q in self._perms]
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            hook_result = post_hook(self, sd)
+            if hook_result is not None:
+                sd = hook_result
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a :meth:`state_dict` saved from a MemberOptimizer with the same groups."""
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():  # (as torch's)
+            hook_result = pre_hook(self, state_dict)
+            if hook_result is not None:
+                state_dict = hook_result
         saved = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
         if not isinstance(saved, (list, tuple)):
             raise EnsembleError("state_dict has no 'param_groups': not an optimizer state dict")
@@ -545,6 +555,8 @@ class MemberOptimizer(Optimizer):
         inner = {k: v for k, v in state_dict.items() if k != "member_layout"}
         self.optimizer.load_state_dict({**inner, "state": state, "param_groups": groups})
         self._sgd_buffers_complete = not issubclass(self.opt_cls, torch.optim.SGD)
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
 
     def _state_in_our_layout(self, state: Any, state_dict: dict[str, Any]) -> Any:
         """``state`` (the saved ``{index: {name: value}}``) with each parameter-shaped tensor
