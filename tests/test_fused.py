@@ -891,3 +891,33 @@ def test_a_submodule_returning_none_runs_under_vmap():
     for key, g in _grads(ens).items():
         want = torch.stack([_grads(m)[key] for m in members])
         torch.testing.assert_close(g, want, atol=1e-12, rtol=0, msg=key)
+
+
+class _Helped(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.width = width  # read only here: nothing to watch
+        self.fc = nn.Linear(width, 3)
+        self._temperature = 1.0
+
+    def _scaled(self, h: Tensor) -> Tensor:
+        return h / self._temperature  # read by a method the forward calls
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._scaled(self.fc(x))
+
+
+def test_only_the_settings_the_code_reads_are_watched():
+    from vensemble._tree import traced_settings
+
+    m = _Helped(4)
+    assert [name for _, name, _ in traced_settings(list(m.modules()))] == ["_temperature"]
+    torch.manual_seed(0)
+    members = [nn.Sequential(_Helped(4)) for _ in range(N)]
+    ens = ve.Ensemble(copy.deepcopy(members), backend="fused")
+    x = torch.randn(5, 4)
+    with torch.no_grad():
+        for t in (1.0, 0.25):
+            for model in [*members, ens]:
+                model.get_submodule("0")._temperature = t
+            torch.testing.assert_close(ens(x), torch.stack([m(x) for m in members]))

@@ -15,6 +15,8 @@ hook) shrinks its parent's child dict: each call compares those dicts' lengths t
 
 from __future__ import annotations
 
+import functools
+import types
 from typing import Any
 
 import torch
@@ -48,17 +50,51 @@ Setting = tuple[dict[str, Any], str, Any]
 
 
 def traced_settings(modules: list[torch.nn.Module]) -> list[Setting]:
-    """``(module.__dict__, name, value)`` for each plain (non-tensor, non-module, public)
-    attribute of the modules whose forward a trace reads through."""
+    """``(module.__dict__, name, value)`` for each plain (non-tensor, non-module) attribute
+    that the code of a module whose forward a trace reads through names (its class's methods
+    other than ``__init__``: ``self.temperature`` yes, a size used only to build the layers no):
+    each call compares them, so the fewer the cheaper."""
     return [
         (m.__dict__, name, value)
         for m in modules
         if not type(m).__module__.startswith("torch.")
         for name, value in m.__dict__.items()
-        if not name.startswith("_")
-        and name != "training"
+        if name in _names_read(type(m))  # type: ignore[arg-type]
+        and name not in _INTERNALS
         and not isinstance(value, (torch.Tensor, torch.nn.Module))
     ]
+
+
+_INTERNALS = frozenset(torch.nn.Module().__dict__) | {"training"}
+
+
+@functools.lru_cache(maxsize=1024)
+def _names_read(cls: type) -> frozenset[str]:
+    """Every name the methods of ``cls`` (and its bases outside torch), ``__init__`` aside,
+    mention: their code objects' ``co_names``, nested functions' included."""
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        if klass is object or klass.__module__.startswith("torch."):
+            continue
+        for attr, member in vars(klass).items():
+            if attr == "__init__":
+                continue
+            if isinstance(member, (staticmethod, classmethod)):
+                member = member.__func__
+            funcs = [member.fget, member.fset] if isinstance(member, property) else [member]
+            for f in funcs:
+                code = getattr(f, "__code__", None)
+                if isinstance(code, types.CodeType):
+                    names |= _code_names(code)
+    return frozenset(names)
+
+
+def _code_names(code: types.CodeType) -> set[str]:
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= _code_names(const)
+    return names
 
 
 _GONE = object()
