@@ -921,3 +921,38 @@ def test_only_the_settings_the_code_reads_are_watched():
             for model in [*members, ens]:
                 model.get_submodule("0")._temperature = t
             torch.testing.assert_close(ens(x), torch.stack([m(x) for m in members]))
+
+
+class _Counts(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.calls = 0
+        self.last_scale = 1.0
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.calls += 1  # the module's own state, stored by forward
+        self.last_scale = float(x.shape[0]) * 0.5  # (fx cannot trace it: vmap runs it)
+        return torch.relu(self.fc(x)) * self.last_scale
+
+
+@pytest.mark.parametrize("backend", ["fused", "auto", "vmap"])
+def test_a_forward_storing_plain_values_runs_without_retracing(backend, monkeypatch):
+    # vmap refused a counter as an escaping batched tensor, and a float stored by forward
+    # counted as a changed setting: every call traced again (8x slower)
+    import vensemble.backends.fused as fused_module
+
+    traces = []
+    trace = fused_module._trace
+    monkeypatch.setattr(fused_module, "_trace", lambda *a: traces.append(1) or trace(*a))
+    torch.manual_seed(0)
+    members = [nn.Sequential(_Counts(), nn.Linear(4, 2)) for _ in range(N)]
+    ens = ve.Ensemble(copy.deepcopy(members), backend=backend)
+    x = torch.randn(5, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ve.FallbackWarning)
+        for _ in range(5):
+            out = ens(x)
+    torch.testing.assert_close(out, torch.stack([m(x) for m in members]))
+    assert len(traces) <= 1
+    assert ens.get_submodule("0").calls >= 5 and ens.get_submodule("0").last_scale == 2.5

@@ -577,13 +577,17 @@ class MemberOptimizer(Optimizer):
                 out[index] = entry
                 continue
             fixed = {}
+            now = ours[k]
+            natural = list(view.shape) if now is None else [view.shape[d] for d in _inverse(now)]
+            saved_shape = natural if was is None else [natural[d] for d in was]
             for name, value in entry.items():
                 if isinstance(value, Tensor) and value.ndim == view.ndim and value.ndim > 0:
-                    now = ours[k]
-                    if was != now:
-                        natural = value if was is None else value.permute(_inverse(was))
-                        value = (natural if now is None else natural.permute(now)).contiguous()
-                    if value.shape != view.shape:
+                    # parameter-shaped state (moments) follows the layout; other state
+                    # (Adafactor's factored row and column statistics) passes as it is
+                    if was != now and list(value.shape) == saved_shape:
+                        flat = value if was is None else value.permute(_inverse(was))
+                        value = (flat if now is None else flat.permute(now)).contiguous()
+                    elif value.numel() == view.numel() and value.shape != view.shape:
                         raise EnsembleError(
                             f"state_dict's '{name}' for parameter {k} has shape "
                             f"{tuple(value.shape)}, this optimizer's parameter view "

@@ -15,6 +15,7 @@ hook) shrinks its parent's child dict: each call compares those dicts' lengths t
 
 from __future__ import annotations
 
+import dis
 import functools
 import types
 from typing import Any
@@ -73,6 +74,7 @@ def _names_read(cls: type) -> frozenset[str]:
     """Every name the methods of ``cls`` (and its bases outside torch), ``__init__`` aside,
     mention: their code objects' ``co_names``, nested functions' included."""
     names: set[str] = set()
+    stored: set[str] = set()  # what forward assigns: its own state, not a setting
     for klass in cls.__mro__:
         if klass is object or klass.__module__.startswith("torch."):
             continue
@@ -86,7 +88,18 @@ def _names_read(cls: type) -> frozenset[str]:
                 code = getattr(f, "__code__", None)
                 if isinstance(code, types.CodeType):
                     names |= _code_names(code)
-    return frozenset(names)
+                    if attr == "forward":
+                        stored |= _stored_names(code)
+    return frozenset(names - stored)
+
+
+def _stored_names(code: types.CodeType) -> set[str]:
+    """The attribute names ``code`` assigns (``self.x = ...``, ``self.x += ...``)."""
+    names = {i.argval for i in dis.get_instructions(code) if i.opname == "STORE_ATTR"}
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= _stored_names(const)
+    return names
 
 
 def _code_names(code: types.CodeType) -> set[str]:

@@ -217,15 +217,25 @@ def _attempt(
 def _restore_stored(
     held: list[tuple[str, dict[str, Any], dict[str, Any]]],
 ) -> tuple[str, str] | None:
-    """Put back each module's attributes as ``held`` had them; the first module path and
-    attribute that a forward assigned (``self.last = h``), else ``None``."""
+    """The first module path and attribute that a forward assigned a tensor to under vmap
+    (``self.last = h``: a batched tensor that must not escape), else ``None``; every
+    module's tensor attributes are put back as ``held`` had them. Other values a forward
+    stores (a call counter) are kept, as vmap kept them before."""
     found = None
     for path, d, old in held:
-        changed = [k for k in d.keys() | old.keys() if d.get(k, d) is not old.get(k, old)]
+        changed = [
+            k
+            for k in d.keys() | old.keys()
+            if d.get(k, d) is not old.get(k, old)
+            and (isinstance(d.get(k), Tensor) or isinstance(old.get(k), Tensor))
+        ]
         if changed:
             found = found or (path, sorted(changed)[0])
-            d.clear()
-            d.update(old)
+            for k in changed:
+                if k in old:
+                    d[k] = old[k]
+                else:
+                    del d[k]
     return found
 
 
