@@ -710,7 +710,7 @@ class _Scaled(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.training:  # an EMA of the inputs, updated in place
             self.count.add_(1)
-            self.mu.mul_(0.9).add_(0.1 * x.mean(0))
+            self.mu.lerp_(x.mean(0), 0.1)
             self.sigma.mul_(0.9).add_(0.1 * x.std(0))
         return self.fc((x - self.mu) / self.sigma.clamp(min=1e-6))
 
@@ -729,6 +729,9 @@ def test_ops_on_buffers_alone_run_per_member_on_every_call(backend, batch):
     for key, b in ens.named_buffers():
         torch.testing.assert_close(b, torch.stack([m.get_buffer(key) for m in members]))
     assert ens.get_buffer("count").tolist() == [3.0] * N
+    # in place into the stacked buffers (vmap's per-op route warned: no rule for lerp_)
+    routes = [how for name, how in ens.explain().items() if name.startswith(("lerp_", "mul_"))]
+    assert routes and all(how.startswith("fused: elementwise") for how in routes), ens.explain()
     ens.eval()
     x = torch.randn(batch, 4, dtype=torch.float64)
     expected = torch.stack([m.eval()(x) for m in members])

@@ -39,6 +39,13 @@ ELEMENTWISE_METHODS = {
     "masked_fill", "maximum", "minimum",
 }  # fmt: skip
 
+# in-place methods (``name + "_"``) that act per element: on a stacked first argument they
+# run as they are, the other tensors aligned to its member dim (the loop's broadcasting)
+IN_PLACE_ELEMENTWISE = {
+    "add", "sub", "mul", "div", "clamp", "clip", "lerp", "addcmul", "addcdiv", "copy", "fill",
+    "zero", "relu", "sigmoid", "tanh", "exp", "neg", "abs", "sqrt", "pow", "masked_fill",
+}  # fmt: skip
+
 PASSTHROUGH_METHODS = {
     "contiguous",
     "detach",
@@ -368,6 +375,9 @@ def make_op(
             return Elementwise(target, is_method, *rest)
         return Op(target, is_method, *rest)
     if is_method and isinstance(target, str) and target.endswith("_"):
+        if flags and flags[0] and target[:-1] in IN_PLACE_ELEMENTWISE:
+            # into the stacked tensor itself, the others aligned (an EMA updated in forward)
+            return Elementwise(target, is_method, *rest)
         return Op(target, is_method, *rest)  # in-place: vmap knows the rules
     if first_only and isinstance(name, str):
         if name in ("size", "dim", "ndimension", "numel"):
