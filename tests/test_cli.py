@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from vensemble.cli import main
 
 
@@ -25,3 +27,11 @@ def test_python_dash_m_runs_the_cli():
         check=True,
     )
     assert "demo" in done.stdout
+
+
+def test_demo_refuses_zero_rounds(capsys):
+    # it crashed on the median of no timings
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--rounds", "0"])
+    assert exit_info.value.code == 2
+    assert "argument --rounds: expected a positive int, got 0" in capsys.readouterr().err

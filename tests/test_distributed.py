@@ -155,6 +155,29 @@ def test_world1_outputs_equal_the_ensemble_without_a_process_group():
     _equal_rows(shard.to_ensemble([3, 1]).state_dict(), ref.select([3, 1]).state_dict(), 0, 2)
 
 
+def test_world1_in_a_process_group_keeps_the_gradient_graph(tmp_path):
+    # (torchrun --nproc-per-node 1) the gather sent detached copies and returned them: no
+    # graph, and backward() raised
+    import torch.distributed as dist
+
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1
+    )
+    try:
+        shard = ShardedEnsemble(net, 3, seed=0, backend="loop").train()
+        ref = ve.Ensemble.from_factory(net, 3, seed=0, backend="loop").train()
+        x, _ = inputs(3)
+        with one_thread():
+            out = shard(x)
+            assert out.requires_grad
+            out.pow(2).mean(dim=(1, 2)).sum().backward()
+            ref(x).pow(2).mean(dim=(1, 2)).sum().backward()
+        for key, p in ref.named_parameters():
+            assert torch.equal(shard.local.get_parameter(key).grad, p.grad), key
+    finally:
+        dist.destroy_process_group()
+
+
 @pytest.mark.parametrize("backend", ["auto", "loop"])
 def test_world2_outputs_equal_the_single_process_ensemble(world2, backend):
     for rank, res in enumerate(world2):

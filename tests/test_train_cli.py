@@ -50,10 +50,26 @@ def test_train_on_tensors_from_a_file(tmp_path, capsys, suffix):
     assert (tmp_path / "o" / "ensemble.safetensors").exists()
 
 
-def test_train_rejects_a_bad_file(tmp_path):
+def test_train_rejects_a_bad_file_in_one_line(tmp_path, capsys):
+    # a user's mistake is a one-line message and exit status 2, not a traceback
     path = tmp_path / "bad.npz"
     np.savez(path, features=np.zeros((4, 2)))
-    with pytest.raises(ve.EnsembleError, match="'X' and 'y'"):
-        main(["train", *TINY, "--data", str(path), "--out", str(tmp_path / "o")])
-    with pytest.raises(ve.EnsembleError, match="no file"):
-        main(["train", *TINY, "--data", str(tmp_path / "missing.pt"), "--out", str(tmp_path)])
+    assert main(["train", *TINY, "--data", str(path), "--out", str(tmp_path / "o")]) == 2
+    assert "vensemble train: error: " in capsys.readouterr().err
+    missing = str(tmp_path / "missing.pt")
+    assert main(["train", *TINY, "--data", missing, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("vensemble train: error: --data: no file") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [["--epochs", "0"], ["--members", "0"], ["--batch-size", "0"], ["--patience", "0"]],
+)
+def test_train_refuses_sizes_below_one_before_training(tmp_path, flags, capsys):
+    # --epochs 0 trained nothing, then crashed drawing an empty log-scaled plot
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", *TINY, *flags, "--out", str(tmp_path / "o")])
+    assert exit_info.value.code == 2
+    assert f"argument {flags[0]}: expected a positive int, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

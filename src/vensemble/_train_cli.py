@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from . import metrics
 from ._errors import EnsembleError
+from .cli import positive_int
 from .ensemble import Ensemble
 from .io import save
 from .train import History, MemberOptimizer, fit
@@ -291,12 +292,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "ensemble's uncertainty flags out-of-distribution inputs.",
     )
     p.add_argument("--data", default="digits", help="'digits' (default) or a .pt/.npz with X, y")
-    p.add_argument("--members", type=int, default=8, help="ensemble size (default 8)")
-    p.add_argument("--epochs", type=int, default=40, help="epochs (default 40)")
-    p.add_argument("--batch-size", type=int, default=64, help="samples per member per step")
+    p.add_argument("--members", type=positive_int, default=8, help="ensemble size (default 8)")
+    p.add_argument("--epochs", type=positive_int, default=40, help="epochs (default 40)")
+    p.add_argument(
+        "--batch-size", type=positive_int, default=64, help="samples per member per step"
+    )
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default 1e-3)")
     p.add_argument("--weight-decay", type=float, default=1e-4)
-    p.add_argument("--hidden", type=int, default=128, help="hidden width (default 128)")
+    p.add_argument("--hidden", type=positive_int, default=128, help="hidden width (default 128)")
     p.add_argument(
         "--data-mode",
         default="shuffle",
@@ -304,7 +307,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="the same batches for all, a shuffle per member (default) or bagging",
     )
     p.add_argument(
-        "--patience", type=int, default=8, help="per-member early-stopping patience (default 8)"
+        "--patience",
+        type=positive_int,
+        default=8,
+        help="per-member early-stopping patience (default 8)",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(

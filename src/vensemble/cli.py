@@ -9,11 +9,24 @@ from collections.abc import Sequence
 
 import torch
 
+from ._errors import EnsembleError
+
 __all__ = ["main"]
 
 # Modules that add a verb: each defines `register(subparsers)`, which adds its parser and sets
 # `run=<function(args) -> int>` as a default. Add one line here for a new verb.
 _VERB_MODULES: tuple[str, ...] = ("_bench", "_inspect", "_train_cli")
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an int of at least 1 (argparse then names the flag in its error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive int, got {value}")
+    return value
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -38,13 +51,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser(
         "demo", help="the Model ensembling tutorial, checked against the loop and timed"
     )
-    demo.add_argument("--members", type=int, default=10, help="number of models (default 10)")
-    demo.add_argument("--batch", type=int, default=64, help="minibatch size (default 64)")
+    demo.add_argument(
+        "--members", type=positive_int, default=10, help="number of models (default 10)"
+    )
+    demo.add_argument("--batch", type=positive_int, default=64, help="minibatch size (default 64)")
     demo.add_argument(
         "--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if present)"
     )
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds (default 7)")
+    demo.add_argument(
+        "--rounds", type=positive_int, default=7, help="interleaved timing rounds (default 7)"
+    )
     demo.set_defaults(run=_demo)
     for name in _VERB_MODULES:
         importlib.import_module(f"vensemble.{name}").register(sub)
@@ -54,7 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `vensemble` console script and `python -m vensemble`."""
     args = build_parser().parse_args(argv)
-    return int(args.run(args))
+    try:
+        return int(args.run(args))
+    except EnsembleError as err:  # a user's mistake: one line, not a traceback
+        print(f"vensemble {args.command}: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -285,8 +285,10 @@ class ShardedEnsemble(nn.Module):
 
     def _gather_rows(self, t: Tensor, what: str) -> Tensor:
         """``(N, ...)`` from each rank's ``(block, ...)``; the local rows keep their graph."""
+        if self.world_size == 1:  # (the gather sends detached copies: keep the graph)
+            return t
         whole = self._comm.all_gather_blocks(t, self._sizes, what)
-        if self.world_size == 1 or not t.requires_grad:
+        if not t.requires_grad:
             return whole
         return torch.cat([whole[: self.start], t, whole[self.stop :]])
 
