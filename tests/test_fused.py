@@ -959,3 +959,33 @@ def test_a_forward_storing_plain_values_runs_without_retracing(backend, monkeypa
     torch.testing.assert_close(out, torch.stack([m(x) for m in members]))
     assert len(traces) <= 1
     assert ens.get_submodule("0").calls >= 5 and ens.get_submodule("0").last_scale == 2.5
+
+
+class _Gated(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+        self.out = nn.Linear(3, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.relu(self.fc(x))
+        if x.sum() > -1e9:  # control flow on the (shared) input: fx cannot trace it, vmap can
+            h = h * 2
+        return self.out(h)
+
+
+@pytest.mark.parametrize("backend", ["vmap", "fused", "auto"])
+def test_vmap_under_autocast_returns_the_members_dtype(backend):
+    # vmap splits a batched linear into matmul (cast by autocast) and a bias add (not cast):
+    # the float32 bias promoted the outputs to float32 where each member gives bfloat16
+    torch.manual_seed(0)
+    members = [_Gated() for _ in range(N)]
+    ens = ve.Ensemble(copy.deepcopy(members), backend=backend)
+    x = torch.randn(5, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16), warnings.catch_warnings():
+        warnings.simplefilter("ignore", ve.FallbackWarning)
+        expected = torch.stack([m(x) for m in members])
+        out = ens(x)
+    assert expected.dtype == torch.bfloat16 and out.dtype == torch.bfloat16
+    # (one bfloat16 rounding apart: the bias is added after the product is rounded)
+    torch.testing.assert_close(out.float(), expected.float(), atol=2e-2, rtol=1e-2)

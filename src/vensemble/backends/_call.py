@@ -128,7 +128,40 @@ def vmap_friendly_kernels(device: torch.device | None = None) -> Iterator[None]:
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
         stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
+        kind = "cuda" if device is None else device.type
+        if torch.is_autocast_enabled(kind):
+            stack.enter_context(_AutocastLinear(kind))
         yield
+
+
+class _AutocastLinear(torch.overrides.TorchFunctionMode):
+    """``F.linear`` under autocast as a member alone gets it: input, weight and bias cast to
+    the autocast dtype. vmap's batching rule splits a batched linear into a matmul, which
+    autocast casts, and a bias add, which it does not: the float32 bias then promoted every
+    such output to float32 where the loop gives bfloat16 / float16."""
+
+    def __init__(self, device_type: str) -> None:
+        super().__init__()
+        self.device_type = device_type
+        self.dtype = torch.get_autocast_dtype(device_type)
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.linear and torch.is_autocast_enabled(self.device_type):
+            args = tuple(self._cast(a) for a in args)
+            kwargs = {k: self._cast(v) for k, v in kwargs.items()}
+        return func(*args, **kwargs)
+
+    def _cast(self, t: Any) -> Any:
+        # what autocast casts: floating tensors of its device, float64 aside
+        if (
+            isinstance(t, Tensor)
+            and t.is_floating_point()
+            and t.dtype != torch.float64
+            and t.device.type == self.device_type
+        ):
+            return t.to(self.dtype)
+        return t
 
 
 def state_device(state: dict[str, Tensor]) -> torch.device | None:
