@@ -989,3 +989,68 @@ def test_vmap_under_autocast_returns_the_members_dtype(backend):
     assert expected.dtype == torch.bfloat16 and out.dtype == torch.bfloat16
     # (one bfloat16 rounding apart: the bias is added after the product is rounded)
     torch.testing.assert_close(out.float(), expected.float(), atol=2e-2, rtol=1e-2)
+
+
+class _FillsFromAState(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.register_buffer("s0", torch.randn(()))
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.fc(x)
+        h.masked_fill_(x > 0, self.s0)  # a per-member 0-d value
+        h[:, 0].fill_(self.s0)
+        return h
+
+
+def test_fill_with_a_per_member_value_stays_in_the_fused_program():
+    # aligned to (N, 1, 1), the value was refused ("only supports a 0-dimensional value")
+    torch.manual_seed(0)
+    members = [_FillsFromAState().double() for _ in range(N)]
+    ens = ve.Ensemble(copy.deepcopy(members), backend="fused")
+    x = torch.randn(5, 4, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ve.FallbackWarning)
+        out = ens(x)
+    assert "(fused)" not in ens.explain()
+    assert ens.explain()["masked_fill_ (masked_fill_)"].startswith("fused: per-member fill")
+    expected = torch.stack([m(x) for m in members])
+    torch.testing.assert_close(out, expected, atol=1e-12, rtol=0)
+    out.square().sum().backward()
+    expected.square().sum().backward()
+    for key, g in _grads(ens).items():
+        want = torch.stack([_grads(m)[key] for m in members])
+        torch.testing.assert_close(g, want, atol=1e-12, rtol=0, msg=key)
+
+
+class _NestedAutocast(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(3, 4) * 0.3)
+        self.b = nn.Parameter(torch.randn(3))
+        self.out = nn.Linear(3, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = F.linear(x, self.w, self.b)  # on its own parameters: one vmapped op
+        if x.dim() == 2:  # (under the fused program only this op is vmapped; else all)
+            h = h * 1.0
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return self.out(h)
+
+
+@pytest.mark.parametrize("backend", ["vmap", "fused"])
+def test_vmapped_linear_under_nested_autocast_returns_the_members_dtype(backend):
+    # the cast read the outer autocast's dtype once (float16: the result promoted to float32),
+    # and a single vmapped F.linear inside a fused program was not cast at all
+    torch.manual_seed(0)
+    members = [_NestedAutocast() for _ in range(N)]
+    ens = ve.Ensemble(copy.deepcopy(members), backend=backend)
+    x = torch.randn(5, 4)
+    with torch.autocast("cpu", dtype=torch.float16), warnings.catch_warnings():
+        warnings.simplefilter("ignore", ve.FallbackWarning)
+        alone = [m(x) for m in members]
+        out = ens(x)
+    expected = torch.stack(alone)  # (outside: autocast's stack refuses mixed low precisions)
+    assert out.dtype == expected.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), expected.float(), atol=2e-2, rtol=1e-2)

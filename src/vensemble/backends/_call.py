@@ -128,10 +128,17 @@ def vmap_friendly_kernels(device: torch.device | None = None) -> Iterator[None]:
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
         stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
-        kind = "cuda" if device is None else device.type
-        if torch.is_autocast_enabled(kind):
-            stack.enter_context(_AutocastLinear(kind))
+        stack.enter_context(autocast_linear(device))
         yield
+
+
+def autocast_linear(device: torch.device | None) -> contextlib.AbstractContextManager[Any]:
+    """Under autocast for ``device``'s type, :class:`_AutocastLinear` for a vmap call; else
+    nothing."""
+    kind = "cuda" if device is None else device.type
+    if torch.is_autocast_enabled(kind):
+        return _AutocastLinear(kind)
+    return contextlib.nullcontext()
 
 
 class _AutocastLinear(torch.overrides.TorchFunctionMode):
@@ -143,16 +150,16 @@ class _AutocastLinear(torch.overrides.TorchFunctionMode):
     def __init__(self, device_type: str) -> None:
         super().__init__()
         self.device_type = device_type
-        self.dtype = torch.get_autocast_dtype(device_type)
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         if func is torch.nn.functional.linear and torch.is_autocast_enabled(self.device_type):
-            args = tuple(self._cast(a) for a in args)
-            kwargs = {k: self._cast(v) for k, v in kwargs.items()}
+            dtype = torch.get_autocast_dtype(self.device_type)  # (a nested autocast's own)
+            args = tuple(self._cast(a, dtype) for a in args)
+            kwargs = {k: self._cast(v, dtype) for k, v in kwargs.items()}
         return func(*args, **kwargs)
 
-    def _cast(self, t: Any) -> Any:
+    def _cast(self, t: Any, dtype: torch.dtype) -> Any:
         # what autocast casts: floating tensors of its device, float64 aside
         if (
             isinstance(t, Tensor)
@@ -160,7 +167,7 @@ class _AutocastLinear(torch.overrides.TorchFunctionMode):
             and t.dtype != torch.float64
             and t.device.type == self.device_type
         ):
-            return t.to(self.dtype)
+            return t.to(dtype)
         return t
 
 

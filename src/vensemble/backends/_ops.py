@@ -18,6 +18,8 @@ import torch.nn.functional as F
 import torch.utils._pytree as pytree
 from torch import Tensor, nn
 
+from ._call import autocast_linear
+
 __all__ = ["RANDOM_FUNCTIONS", "RANDOM_METHODS", "Elementwise", "Expand", "make_op"]
 
 Target = Callable[..., Any] | str
@@ -246,7 +248,9 @@ class Op(nn.Module):
 
         in_dims = (*dims, 0) if dummy else tuple(dims)
         extra = (torch.empty(self.n),) if dummy else ()
-        return torch.vmap(one, in_dims=in_dims, randomness=self.randomness)(*leaves, *extra)
+        device = next((t.device for t in leaves if isinstance(t, Tensor)), None)
+        with autocast_linear(device):  # (F.linear under autocast, as a member alone)
+            return torch.vmap(one, in_dims=in_dims, randomness=self.randomness)(*leaves, *extra)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.vmapped(*args, **kwargs)
@@ -268,6 +272,22 @@ class Elementwise(Op):
         args = tuple(align(a, f) for a, f in zip(args, self.flags))
         kwargs = {k: align(v, self.kwflags[k]) for k, v in kwargs.items()}
         return self.call(*args, **kwargs)
+
+
+class _FillPerMember(Elementwise):
+    """``fill_(value)`` / ``masked_fill_(mask, value)`` on a stacked tensor with each member's
+    own 0-d value (a buffer): torch takes a 0-d value only, so the aligned values are
+    written with ``copy_`` (of ``where`` for the masked fill)."""
+
+    how = "fused: per-member fill values aligned, written in place"
+
+    def call(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        if self.target == "fill_":
+            value = args[0] if args else kwargs["value"]
+            return x.copy_(torch.as_tensor(value).expand_as(x))
+        mask = args[0] if args else kwargs["mask"]
+        value = args[1] if len(args) > 1 else kwargs["value"]
+        return x.copy_(torch.where(mask, value, x))
 
 
 class _DimMethod(Op):
@@ -375,6 +395,12 @@ def make_op(
             return Elementwise(target, is_method, *rest)
         return Op(target, is_method, *rest)
     if is_method and isinstance(target, str) and target.endswith("_"):
+        value_at = {"fill_": 1, "masked_fill_": 2}.get(target)  # takes a 0-d value only
+        per_member_value = value_at is not None and (
+            (len(flags) > value_at and flags[value_at]) or kwflags.get("value", False)
+        )
+        if flags and flags[0] and per_member_value:
+            return _FillPerMember(target, is_method, *rest)
         if flags and flags[0] and target[:-1] in IN_PLACE_ELEMENTWISE:
             # into the stacked tensor itself, the others aligned (an EMA updated in forward)
             return Elementwise(target, is_method, *rest)
