@@ -1054,3 +1054,27 @@ def test_vmapped_linear_under_nested_autocast_returns_the_members_dtype(backend)
     expected = torch.stack(alone)  # (outside: autocast's stack refuses mixed low precisions)
     assert out.dtype == expected.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), expected.float(), atol=2e-2, rtol=1e-2)
+
+
+class _DoublesItsInput(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x.mul_(2)  # the caller's tensor, in place
+        return self.fc(x)
+
+
+def test_a_failed_attempt_after_an_input_was_modified_in_place_is_not_rerun(monkeypatch):
+    # the fallback ran the forward again on the doubled input: 4x, silently
+    import vensemble.backends._layers as layers
+
+    def broken(self, x):
+        raise RuntimeError("a kernel failed")
+
+    monkeypatch.setattr(layers._Linear, "forward", broken)
+    ens = ve.Ensemble.from_factory(_DoublesItsInput, N, backend="fused")
+    xs = torch.randn(N, 5, 4)
+    with pytest.raises(ve.EnsembleError, match=r"modified input tensor 0 in place.*a kernel failed"):
+        ens(xs, in_dims=0)

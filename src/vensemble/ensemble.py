@@ -669,6 +669,7 @@ class Ensemble(nn.Module):
         if self.chunk_size is None or self.chunk_size >= self._num_members:
             snapshot = snapshot_buffers(call) if self._has_buffers else None
             restore_rng = rng_snapshot(state_device(call.state))
+            call.remember_input_versions()
             try:
                 out = fused_forward(call, self._fused)
             except Untraceable:
@@ -677,7 +678,7 @@ class Ensemble(nn.Module):
                 if snapshot is not None:
                     call.restore_buffers(snapshot)
                 raise_if_randomness_error(call, err)
-                check_loop_runs(call, snapshot)
+                check_loop_runs(call, snapshot, err)
                 restore_rng()  # vmap starts from the draws the call started with
                 self._fused_failed(err)
             else:

@@ -69,6 +69,22 @@ class Call:
             }
         return value
 
+    def remember_input_versions(self) -> None:
+        """Note each input tensor's version counter before a first attempt (kept if noted
+        already): a failed attempt that modified an input in place leaves the next one other
+        values (see :meth:`modified_input`)."""
+        if "_versions" in self.__dict__ or torch.compiler.is_compiling():
+            return
+        leaves = pytree.tree_leaves((self.args, self.kwargs))
+        self._versions = [(t, t._version) for t in leaves if isinstance(t, Tensor)]
+
+    def modified_input(self) -> int | None:
+        """The position (among the input tensors) of one a failed attempt modified in place."""
+        for k, (t, version) in enumerate(self.__dict__.get("_versions", ())):
+            if t._version != version:
+                return k
+        return None
+
     def member_args(self, i: int) -> tuple[Any, ...]:
         """The positional inputs member ``i`` sees."""
 

@@ -263,8 +263,20 @@ def _sparse_grad_module(call: Call, looped: set[str]) -> str | None:
     return None
 
 
-def check_loop_runs(call: Call, snapshot: dict[str, Tensor] | None) -> None:
-    """Raise the model's own error when the reference loop fails too (a genuine mistake)."""
+def check_loop_runs(
+    call: Call, snapshot: dict[str, Tensor] | None, err: BaseException | None = None
+) -> None:
+    """Raise the model's own error when the reference loop fails too (a genuine mistake);
+    refuse to go on when the failed attempt modified an input in place (every later attempt,
+    this check's loop included, would see other values than the members would)."""
+    k = call.modified_input()
+    if k is not None:
+        raise EnsembleError(
+            f"the forward modified input tensor {k} in place, and then a vectorized attempt "
+            "failed: a fallback would run on the modified values. Pass a copy of the input, "
+            "or use backend='loop' (or 'vmap', where it runs)"
+            + ("" if err is None else f" (the attempt's error: {_first_line(err)})")
+        ) from err
     try:
         with torch.no_grad():
             loop_forward(call)
@@ -282,11 +294,12 @@ def snapshot_buffers(call: Call) -> dict[str, Tensor] | None:
 def strict_vmap_forward(call: Call) -> Any:
     """The ``vmap`` backend: all of the model under vmap, or an ``EnsembleError`` saying why not."""
     snapshot = snapshot_buffers(call)
+    call.remember_input_versions()
     out, culprit, err = _attempt(call, set(), snapshot)
     if err is None:
         return out
     raise_if_randomness_error(call, err)
-    check_loop_runs(call, snapshot)
+    check_loop_runs(call, snapshot, err)
     where = f"submodule '{culprit}' ({type(call.template.get_submodule(culprit or '')).__name__})"
     where = where if culprit else f"the model's own forward ({type(call.template).__name__})"
     raise EnsembleError(
@@ -305,6 +318,7 @@ def auto_forward(call: Call, plan: AutoPlan) -> Any:
     """
     snapshot = snapshot_buffers(call)
     restore_rng = rng_snapshot(state_device(call.state))
+    call.remember_input_versions()
     looped = set(plan.looped)
     new: dict[str, str] = {}
     checked = False
@@ -314,7 +328,7 @@ def auto_forward(call: Call, plan: AutoPlan) -> Any:
             break
         raise_if_randomness_error(call, err)
         if not checked:
-            check_loop_runs(call, snapshot)
+            check_loop_runs(call, snapshot, err)
             checked = True
         if culprit is None or culprit in looped:
             culprit = ""  # looping the submodule was not enough: loop the whole model
