@@ -1076,5 +1076,7 @@ def test_a_failed_attempt_after_an_input_was_modified_in_place_is_not_rerun(monk
     monkeypatch.setattr(layers._Linear, "forward", broken)
     ens = ve.Ensemble.from_factory(_DoublesItsInput, N, backend="fused")
     xs = torch.randn(N, 5, 4)
-    with pytest.raises(ve.EnsembleError, match=r"modified input tensor 0 in place.*a kernel failed"):
+    with pytest.raises(
+        ve.EnsembleError, match=r"modified input tensor 0 in place.*a kernel failed"
+    ):
         ens(xs, in_dims=0)
