@@ -219,11 +219,10 @@ class Ensemble(nn.Module):
         self._num_members = n
         self._has_buffers = next(template.buffers(), None) is not None
         self._plan = AutoPlan()
-        self._fused = FusedPlan(compile_options=self.compile_options)
-        self._folded = FoldedPlan()
         self._choices: dict[Any, tuple[str, dict[str, float]]] = {}
         self._last_choice: tuple[str, dict[str, float]] | None = None
         self._fast = _FastPaths()
+        self._forget_programs()  # (makes the empty plans)
         self._index_modules()
         self.training = template.training
 
@@ -254,9 +253,7 @@ class Ensemble(nn.Module):
         ):
             self._reindex_modules()
         elif settings_changed(self._settings):  # traced programs hold the old values
-            self._fused = FusedPlan(compile_options=self.compile_options)
-            self._folded = FoldedPlan()
-            self._fast.clear()
+            self._forget_programs()
             self._settings = traced_settings(self._module_list)
         if not compiling:  # (a side effect strict export would warn of)
             self.__dict__["_generation"] = generation
@@ -276,12 +273,16 @@ class Ensemble(nn.Module):
         use_kernel_layout(self._template)
         self._has_buffers = next(self._template.buffers(), None) is not None
         self._plan = AutoPlan()
-        self._fused = FusedPlan(compile_options=self.compile_options)
-        self._folded = FoldedPlan()
+        self._forget_programs()
         self._choices.clear()
         self._last_choice = None
-        self._fast.clear()
         self._index_modules()
+
+    def _forget_programs(self) -> None:
+        """Drop the traced programs and the calls remembered for them."""
+        self._fused = FusedPlan(compile_options=self.compile_options)
+        self._folded = FoldedPlan()
+        self._fast.clear()
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
