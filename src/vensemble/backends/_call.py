@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -185,6 +185,47 @@ class _AutocastLinear(torch.overrides.TorchFunctionMode):
         ):
             return t.to(dtype)
         return t
+
+
+# each module's attributes as a forward found them: (path, its __dict__, a copy)
+HeldAttributes = list[tuple[str, dict[str, Any], dict[str, Any]]]
+
+
+def under(path: str, roots: Iterable[str]) -> bool:
+    """Whether module ``path`` is one of ``roots`` or inside one."""
+    return any(path == r or path.startswith(r + ".") for r in roots)
+
+
+def hold_attributes(template: nn.Module, skip: Iterable[str] = ()) -> HeldAttributes:
+    """Every module's attributes now (those under the ``skip`` paths aside), to put back what
+    a forward assigns on its modules (see :func:`put_back_attributes`)."""
+    skip = tuple(skip)
+    return [
+        (path, m.__dict__, dict(m.__dict__))
+        for path, m in template.named_modules()
+        if not under(path, skip)
+    ]
+
+
+def put_back_attributes(
+    held: HeldAttributes, tensors_only: bool = False
+) -> list[tuple[str, str, Any]]:
+    """Undo the attributes assigned since :func:`hold_attributes` (with ``tensors_only``, those
+    whose old or new value is a tensor); ``(path, name, the value assigned)`` for each."""
+    undone = []
+    for path, d, old in held:
+        for k in d.keys() | old.keys():
+            new = d.get(k, d)
+            if new is old.get(k, old):
+                continue
+            if tensors_only and not (isinstance(new, Tensor) or isinstance(old.get(k), Tensor)):
+                continue
+            undone.append((path, k, new))
+            if k in old:
+                d[k] = old[k]
+            else:
+                del d[k]
+    return sorted(undone, key=lambda u: (u[0], u[1]))
 
 
 def state_device(state: dict[str, Tensor]) -> torch.device | None:

@@ -27,7 +27,7 @@ import torch.utils._pytree as pytree
 from torch import Tensor, nn
 from torch.nn.modules import module as module_globals
 
-from ._call import Call
+from ._call import Call, hold_attributes, put_back_attributes
 from ._layers import (
     FRESH_OUTPUT,
     ConvBatchNorm,
@@ -349,19 +349,10 @@ def _trace(template: nn.Module, concrete: dict[str, Any], constants: dict[str, A
         graph.output(graph.call_module("", tuple(args), kwargs))
         return graph
     before = set(template.__dict__)
-    # what the forwards hold: one that stores on itself (``self.last = h``) would keep a Proxy
-    held = [(m.__dict__, dict(m.__dict__)) for m in template.modules()]
+    held = hold_attributes(template)
     try:
         with _guarded():
             graph = tracer.trace(template, concrete_args=concrete)
-        for path, m in template.named_modules():
-            stored = [k for k, v in m.__dict__.items() if isinstance(v, fx.Proxy)]
-            if stored:  # a side effect the program would drop
-                raise Untraceable(
-                    f"the forward of '{path or type(m).__name__}' stores '{stored[0]}' on "
-                    "the module (fx keeps no such assignment)"
-                )
-        return graph
     except Untraceable:
         raise
     except Exception as err:
@@ -371,10 +362,15 @@ def _trace(template: nn.Module, concrete: dict[str, Any], constants: dict[str, A
     finally:  # fx stores tensor constants on the traced module: keep them off the template
         for name in set(template.__dict__) - before:
             constants[name] = template.__dict__.pop(name)
-        for d, old in held:
-            if d.keys() != old.keys() or any(d[k] is not v for k, v in old.items()):
-                d.clear()
-                d.update(old)
+        # what the forwards stored on their modules while tracing (``self.last = h``: a Proxy)
+        stored = put_back_attributes(held)
+    for path, name, value in stored:
+        if isinstance(value, fx.Proxy):  # a side effect the program would drop
+            raise Untraceable(
+                f"the forward of '{path or type(template).__name__}' stores '{name}' on the "
+                "module (fx keeps no such assignment)"
+            )
+    return graph
 
 
 _IN_PLACE_OPERATORS = frozenset(

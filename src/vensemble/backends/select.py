@@ -14,7 +14,15 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from .._errors import EnsembleError
-from ._call import Call, rng_snapshot, stack_outputs, state_device
+from ._call import (
+    Call,
+    hold_attributes,
+    put_back_attributes,
+    rng_snapshot,
+    stack_outputs,
+    state_device,
+    under,
+)
 from .loop import loop_forward
 from .vmap import vmap_forward
 
@@ -180,16 +188,14 @@ def _attempt(
     try:
         with _looping(call.template, looped):
             # (a looped submodule may store on itself: it runs one member at a time, as alone)
-            held = [
-                (path, m.__dict__, dict(m.__dict__))
-                for path, m in call.template.named_modules()
-                if not any(path == p or path.startswith(p + ".") for p in looped)
-            ]
+            held = hold_attributes(call.template, skip=looped)
             out = vmap_forward(call)
-            stored = _restore_stored(held)
-            if stored is None:
+            # a tensor a forward stored on its module would be a batched one escaping vmap;
+            # other values (a call counter) are kept, as vmap kept them before
+            stored = put_back_attributes(held, tensors_only=True)
+            if not stored:
                 return out, None, None
-            path, name = stored
+            path, name, _ = stored[0]
             if snapshot is not None:
                 call.restore_buffers(snapshot)
             return (
@@ -214,31 +220,6 @@ def _attempt(
         return None, (stack[-1] if stack else ""), err
 
 
-def _restore_stored(
-    held: list[tuple[str, dict[str, Any], dict[str, Any]]],
-) -> tuple[str, str] | None:
-    """The first module path and attribute that a forward assigned a tensor to under vmap
-    (``self.last = h``: a batched tensor that must not escape), else ``None``; every
-    module's tensor attributes are put back as ``held`` had them. Other values a forward
-    stores (a call counter) are kept, as vmap kept them before."""
-    found = None
-    for path, d, old in held:
-        changed = [
-            k
-            for k in d.keys() | old.keys()
-            if d.get(k, d) is not old.get(k, old)
-            and (isinstance(d.get(k), Tensor) or isinstance(old.get(k), Tensor))
-        ]
-        if changed:
-            found = found or (path, sorted(changed)[0])
-            for k in changed:
-                if k in old:
-                    d[k] = old[k]
-                else:
-                    del d[k]
-    return found
-
-
 _SPARSE_GRAD = (
     "Embedding(sparse=True) under autograd: torch.vmap has no backward for sparse gradients "
     "(reshape is not implemented for sparse tensors)"
@@ -257,7 +238,7 @@ def _sparse_grad_module(call: Call, looped: set[str]) -> str | None:
             isinstance(m, nn.Embedding)
             and m.sparse
             and m.weight.requires_grad
-            and not any(path == p or path.startswith(p + ".") for p in looped)
+            and not under(path, looped)
         ):
             return path
     return None
