@@ -18,6 +18,7 @@ from __future__ import annotations
 import dis
 import functools
 import types
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -86,28 +87,21 @@ def _names_read(cls: type) -> frozenset[str]:
             funcs = [member.fget, member.fset] if isinstance(member, property) else [member]
             for f in funcs:
                 code = getattr(f, "__code__", None)
-                if isinstance(code, types.CodeType):
-                    names |= _code_names(code)
-                    if attr == "forward":
-                        stored |= _stored_names(code)
+                for c in _code_objects(code) if isinstance(code, types.CodeType) else ():
+                    names.update(c.co_names)
+                    if attr == "forward":  # (self.x = ..., self.x += ...)
+                        stored.update(
+                            i.argval for i in dis.get_instructions(c) if i.opname == "STORE_ATTR"
+                        )
     return frozenset(names - stored)
 
 
-def _stored_names(code: types.CodeType) -> set[str]:
-    """The attribute names ``code`` assigns (``self.x = ...``, ``self.x += ...``)."""
-    names = {i.argval for i in dis.get_instructions(code) if i.opname == "STORE_ATTR"}
+def _code_objects(code: types.CodeType) -> Iterator[types.CodeType]:
+    """``code`` and the code of the functions, lambdas and comprehensions nested in it."""
+    yield code
     for const in code.co_consts:
         if isinstance(const, types.CodeType):
-            names |= _stored_names(const)
-    return names
-
-
-def _code_names(code: types.CodeType) -> set[str]:
-    names = set(code.co_names)
-    for const in code.co_consts:
-        if isinstance(const, types.CodeType):
-            names |= _code_names(const)
-    return names
+            yield from _code_objects(const)
 
 
 _GONE = object()
