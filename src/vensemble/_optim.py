@@ -233,7 +233,8 @@ class MemberOptimizer(Optimizer):
         # sees each parameter through the permutation of its dims that is contiguous (the
         # ensemble stores Linear weights in-major), so its fused kernel runs without copies.
         perms = [contiguous_order(p) if elementwise else None for p in params]
-        self._perms = perms  # (the layout the state is kept in: see state_dict)
+        # the layout the state is kept in, as state_dict records it (see _state_in_our_layout)
+        self._layout = [None if q is None else list(q) for q in perms]
         self._links: list[tuple[Tensor, Tensor, slice | int, tuple[int, ...] | None]] = []
         if len(runs) == 1 and elementwise and not any(perms):
             values = {k: member[k][0] for k in member}  # per-member values, all equal
@@ -441,28 +442,33 @@ class MemberOptimizer(Optimizer):
             self._detach_grads()
         return loss
 
-    @contextlib.contextmanager
-    def _fused_sgd_workaround(self) -> Iterator[None]:
+    def _fused_sgd_workaround(self) -> contextlib.AbstractContextManager[None]:
         """torch's fused SGD with momentum fails (``expected Tensor as element 2``) on a step
         where some parameters with gradients have a momentum buffer and others none yet (a
         head used for the first time): such a step runs on the foreach kernel (the same
-        update), as torch's default SGD does. Checked until every parameter has its buffer."""
+        update), as torch's default SGD does. Checked until every parameter has its buffer;
+        nothing to do at all on later steps and for other optimizers."""
+        if self._sgd_buffers_complete:
+            return contextlib.nullcontext()
+        return self._foreach_for_mixed_groups()
+
+    @contextlib.contextmanager
+    def _foreach_for_mixed_groups(self) -> Iterator[None]:
         mixed = []
-        if not self._sgd_buffers_complete:
-            state = self.optimizer.state
-            complete = True
-            for g in self.optimizer.param_groups:
-                if not (g.get("fused") and g.get("momentum")):
-                    continue
-                has = [
-                    state.get(p, {}).get("momentum_buffer") is not None
-                    for p in g["params"]
-                    if p.grad is not None
-                ]
-                complete &= len(has) == len(g["params"]) and all(has)
-                if any(has) and not all(has):
-                    mixed.append(g)
-            self._sgd_buffers_complete = complete
+        state = self.optimizer.state
+        complete = True
+        for g in self.optimizer.param_groups:
+            if not (g.get("fused") and g.get("momentum")):
+                continue
+            has = [
+                state.get(p, {}).get("momentum_buffer") is not None
+                for p in g["params"]
+                if p.grad is not None
+            ]
+            complete &= len(has) == len(g["params"]) and all(has)
+            if any(has) and not all(has):
+                mixed.append(g)
+        self._sgd_buffers_complete = complete
         for g in mixed:
             g["fused"], g["foreach"] = False, True
         try:
@@ -526,7 +532,7 @@ class MemberOptimizer(Optimizer):
         # each parameter's state is kept over its view, whose dims are the parameter's in
         # this order: an optimizer over the same ensemble in another layout (loaded with
         # assign=True: the member's own) reorders them on load
-        sd["member_layout"] = [None if q is None else list(q) for q in self._perms]
+        sd["member_layout"] = [None if q is None else list(q) for q in self._layout]
         for post_hook in self._optimizer_state_dict_post_hooks.values():
             hook_result = post_hook(self, sd)
             if hook_result is not None:
@@ -565,7 +571,7 @@ class MemberOptimizer(Optimizer):
         if not isinstance(state, dict):
             return state
         saved = state_dict.get("member_layout")
-        ours = [None if q is None else list(q) for q in self._perms]
+        ours = self._layout
         views = [p for g in self.optimizer.param_groups for p in g["params"]]
         count = len(self._params)
         out: dict[Any, Any] = {}
