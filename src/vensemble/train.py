@@ -210,18 +210,18 @@ class _Run:
 
     def finish_epoch(self, epoch: int, lr: Tensor) -> None:
         self.rows["lr"].append(self.sync.rows(lr, "learning rates"))
-        if self.scheduler is not None:
-            if isinstance(self.scheduler, MemberReduceLROnPlateau):  # each on its own loss
-                rows = self.rows.get("val_loss", self.rows["train_loss"])
-                first = self.sync.first  # this rank's members among the rows
-                self.scheduler.step(rows[-1][first : first + self.n], ~self.status.stopped)
-            elif isinstance(self.scheduler, ReduceLROnPlateau):
-                rows = self.rows.get("val_loss", self.rows["train_loss"])
-                stopped = self.sync.rows(self.status.stopped, "stopped members")
-                active = torch.nonzero(~stopped).flatten().tolist() or list(range(len(stopped)))
-                self.scheduler.step(float(rows[-1][active].mean()))
-            else:
-                self.scheduler.step()
+        if self.scheduler is None:
+            return
+        loss = self.rows.get("val_loss", self.rows["train_loss"])[-1]  # (N,): plateaus watch it
+        if isinstance(self.scheduler, MemberReduceLROnPlateau):  # each on its own loss
+            first = self.sync.first  # this rank's members among the rows
+            self.scheduler.step(loss[first : first + self.n], ~self.status.stopped)
+        elif isinstance(self.scheduler, ReduceLROnPlateau):
+            stopped = self.sync.rows(self.status.stopped, "stopped members")
+            active = torch.nonzero(~stopped).flatten().tolist() or list(range(len(stopped)))
+            self.scheduler.step(float(loss[active].mean()))
+        else:
+            self.scheduler.step()
 
     def any_active(self) -> bool:
         """Whether any member (on any rank) still trains."""
