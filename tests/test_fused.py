@@ -865,6 +865,20 @@ def test_a_seeded_call_after_a_fallback_gives_what_every_later_one_gives(factory
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[1], outs[2])
 
 
+def _assert_outputs_and_gradients_equal_the_members(
+    ens: ve.Ensemble, members: list[nn.Module], out: Tensor, x: Tensor
+) -> None:
+    """``out = ens(x)`` and the parameters' gradients of a loss on it equal the members'
+    alone (float64: to 1e-12)."""
+    expected = torch.stack([m(x) for m in members])
+    torch.testing.assert_close(out, expected, atol=1e-12, rtol=0)
+    out.square().sum().backward()
+    expected.square().sum().backward()
+    for key, g in _grads(ens).items():
+        want = torch.stack([_grads(m)[key] for m in members])
+        torch.testing.assert_close(g, want, atol=1e-12, rtol=0, msg=key)
+
+
 class _AttentionBlock(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -887,13 +901,7 @@ def test_a_submodule_returning_none_runs_under_vmap():
         warnings.simplefilter("error", ve.FallbackWarning)
         out = ens(x)
     assert ens.explain()["attn"] == "vmap"
-    expected = torch.stack([m(x) for m in members])
-    torch.testing.assert_close(out, expected, atol=1e-12, rtol=0)
-    out.square().sum().backward()
-    expected.square().sum().backward()
-    for key, g in _grads(ens).items():
-        want = torch.stack([_grads(m)[key] for m in members])
-        torch.testing.assert_close(g, want, atol=1e-12, rtol=0, msg=key)
+    _assert_outputs_and_gradients_equal_the_members(ens, members, out, x)
 
 
 class _Helped(nn.Module):
@@ -1015,13 +1023,7 @@ def test_fill_with_a_per_member_value_stays_in_the_fused_program():
         out = ens(x)
     assert "(fused)" not in ens.explain()
     assert ens.explain()["masked_fill_ (masked_fill_)"].startswith("fused: per-member fill")
-    expected = torch.stack([m(x) for m in members])
-    torch.testing.assert_close(out, expected, atol=1e-12, rtol=0)
-    out.square().sum().backward()
-    expected.square().sum().backward()
-    for key, g in _grads(ens).items():
-        want = torch.stack([_grads(m)[key] for m in members])
-        torch.testing.assert_close(g, want, atol=1e-12, rtol=0, msg=key)
+    _assert_outputs_and_gradients_equal_the_members(ens, members, out, x)
 
 
 class _NestedAutocast(nn.Module):

@@ -391,6 +391,21 @@ def _mlp3() -> nn.Module:
     return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
 
 
+def _step_each_alone(
+    alone: list[nn.Module],
+    opts: list[torch.optim.Optimizer],
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    x: Tensor,
+    y: Tensor,
+    **forward_kwargs: Any,
+) -> None:
+    """One plain-torch step of each member alone on ``loss_fn(member(x), y)``."""
+    for m, o in zip(alone, opts):
+        o.zero_grad()
+        loss_fn(m(x, **forward_kwargs), y).backward()
+        o.step()
+
+
 def _max_diff_to_alone(ens: ve.Ensemble, alone: list[nn.Module]) -> float:
     return max(
         (ens.member(i).state_dict()[k] - v).abs().max().item()
@@ -416,10 +431,7 @@ def test_gradients_set_by_hand_in_another_layout_train_as_alone(opt_cls):
         for p, g in zip(params, grads):
             p.grad = g
         opt.step()
-        for m, o in zip(alone, opts):
-            o.zero_grad()
-            F.mse_loss(m(x), y).backward()
-            o.step()
+        _step_each_alone(alone, opts, F.mse_loss, x, y)
     assert _max_diff_to_alone(ens, alone) < 1e-6
 
 
@@ -530,10 +542,7 @@ def test_muon_takes_per_member_hyperparameters():
         opt.zero_grad()
         member_loss(F.cross_entropy, ens(x), y).sum().backward()
         opt.step()
-        for m, o in zip(alone, opts):
-            o.zero_grad()
-            F.cross_entropy(m(x), y).backward()
-            o.step()
+        _step_each_alone(alone, opts, F.cross_entropy, x, y)
     for i, m in enumerate(alone):
         for k, v in m.state_dict().items():
             torch.testing.assert_close(ens.member(i).state_dict()[k], v, msg=f"{i} {k}")
@@ -566,10 +575,7 @@ def test_sgd_momentum_trains_a_head_first_used_later_as_alone(lr):
         opt.zero_grad()
         member_loss(F.cross_entropy, ens(x, head=head), y).sum().backward()
         opt.step()
-        for m, o in zip(alone, opts):
-            o.zero_grad()
-            F.cross_entropy(m(x, head=head), y).backward()
-            o.step()
+        _step_each_alone(alone, opts, F.cross_entropy, x, y, head=head)
     for i, m in enumerate(alone):
         for k, v in m.state_dict().items():
             torch.testing.assert_close(ens.member(i).state_dict()[k], v, msg=f"{i} {k}")
@@ -603,10 +609,7 @@ def test_parameters_replaced_in_another_layout_mid_training_train_as_alone(opt_c
         x = torch.randn(8, 4, generator=g, dtype=torch.float64)
         y = torch.randn(8, 4, generator=g, dtype=torch.float64)
         _mse_step(ens, opt, x, y)
-        for m, o in zip(alone, opts):
-            o.zero_grad()
-            F.mse_loss(m(x), y).backward()
-            o.step()
+        _step_each_alone(alone, opts, F.mse_loss, x, y)
     assert _max_diff_to_alone(ens, alone) < 1e-12
 
 
