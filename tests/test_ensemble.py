@@ -266,8 +266,11 @@ class _Branchy(nn.Module):
         self.bn = nn.BatchNorm1d(4)
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.bn(self.fc(x))
-        if h.sum() > 0:  # data-dependent control flow in the model's own forward
+        z = self.fc(x)
+        h = self.bn(z)
+        # data-dependent control flow in the model's own forward, on a sum well away from 0
+        # (the batch-normalised h sums to 0 up to rounding: its sign would be a coin toss)
+        if z.sum() > 0:
             return h
         return -h
 

@@ -270,6 +270,103 @@ def test_out_major_linear_picks_a_shared_input_kernel_and_both_kernels_agree():
         torch.testing.assert_close(ens(x), expected, atol=1e-12, rtol=0)
 
 
+class _NarrowChain(nn.Module):
+    """Narrow layers in a row (the second reads the first's output in either orientation)."""
+
+    def __init__(self, bias: bool) -> None:
+        super().__init__()
+        self.a = nn.Linear(6, 5, bias=bias)
+        self.b = nn.Linear(5, 3)
+        self.c = nn.Linear(3, 1, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.c(torch.relu(self.b(torch.tanh(self.a(x)))))
+
+
+@pytest.mark.parametrize("columns", [False, True], ids=["rows", "columns"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("shape", [(7, 6), (2, 4, 6)], ids=["2d", "3d"])
+@pytest.mark.parametrize("per_member", [False, True], ids=["shared", "per-member"])
+def test_narrow_linear_layers_equal_the_members_in_either_orientation(
+    monkeypatch, columns, bias, shape, per_member
+):
+    from vensemble.backends._layers import _Linear
+
+    monkeypatch.setattr(_Linear, "_in_columns", lambda self, x3, wt, bu: columns)
+    torch.manual_seed(0)
+    members = [_NarrowChain(bias).double() for _ in range(N)]
+    ens = ve.Ensemble(copy.deepcopy(members), backend="fused")
+    x = torch.randn(N, *shape, dtype=torch.float64) if per_member else torch.randn(*shape).double()
+    expected = torch.stack([m(x[i] if per_member else x) for i, m in enumerate(members)])
+    with torch.no_grad():  # the program without autograd, whose narrow layers may go by columns
+        out = ens(x, in_dims=0 if per_member else None)
+    assert out.is_contiguous()
+    torch.testing.assert_close(out, expected, atol=1e-12, rtol=0)
+    ens.requires_grad_(False)  # grad mode on, but autograd records nothing: the same choice
+    out = ens(x, in_dims=0 if per_member else None)
+    torch.testing.assert_close(out, expected, atol=1e-12, rtol=0)
+
+
+def test_a_narrow_linear_that_autograd_records_runs_by_rows(monkeypatch):
+    from vensemble.backends._layers import _Linear
+
+    asked = []
+    monkeypatch.setattr(_Linear, "_in_columns", lambda *args: asked.append(args) or False)
+    torch.manual_seed(0)
+    members = [_NarrowChain(True).double() for _ in range(N)]
+    ens = ve.Ensemble(copy.deepcopy(members), backend="fused")
+    x = torch.randn(7, 6, dtype=torch.float64)
+    _assert_outputs_and_gradients_equal_the_members(ens, members, ens(x), x)
+    assert not asked
+    with torch.no_grad():
+        ens(x)  # without autograd it is asked, for each of the three layers
+    assert len(asked) == 3
+
+
+def test_a_narrow_linear_measures_its_orientation_once_and_says_which():
+    from vensemble.backends import _autotune
+    from vensemble.backends._layers import NARROW_OUTPUTS
+
+    ens = ve.Ensemble.from_factory(lambda: nn.Linear(32, 4), 5, backend="fused")
+    x = torch.randn(40, 32)
+    with torch.no_grad():
+        ens(x)
+    keys = [k for k in _autotune.choices() if k[0] == "linear-rows-or-columns" and k[5] == 40]
+    assert len(keys) == 1 and keys[0][1:4] == (5, 32, 4)
+    chosen = _autotune.choices()[keys[0]]
+    assert chosen in ("rows", "columns")
+    assert ("y^T = W x^T for 40 rows" in ens.explain()["Linear"]) == (chosen == "columns")
+    _autotune._CACHE[keys[0]] = "columns" if chosen == "rows" else "rows"
+    with torch.no_grad():
+        ens(x)  # the layer remembers its choice: the global table is not read again
+    assert ("y^T = W x^T for 40 rows" in ens.explain()["Linear"]) == (chosen == "columns")
+    wide = ve.Ensemble.from_factory(lambda: nn.Linear(32, NARROW_OUTPUTS + 1), 5, backend="fused")
+    with torch.no_grad():
+        wide(torch.randn(41, 32))
+    assert not any(k[0] == "linear-rows-or-columns" and k[5] == 41 for k in _autotune.choices())
+
+
+def test_a_narrow_linear_under_deterministic_algorithms_takes_the_rows_kernel(monkeypatch):
+    from vensemble.backends import _autotune
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("measured under deterministic algorithms")
+
+    monkeypatch.setattr("vensemble.backends._layers.autotune", refuse)
+    ens = ve.Ensemble.from_factory(lambda: nn.Linear(16, 2), 3, backend="fused").double()
+    x = torch.randn(11, 16, dtype=torch.float64)
+    expected = torch.stack([m(x) for m in ens.unstack()])
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        out = ens(x)
+    finally:
+        torch.use_deterministic_algorithms(before)
+    torch.testing.assert_close(out, expected, atol=1e-12, rtol=0)
+    assert "y^T" not in str(ens.explain())
+    assert not any(k[0] == "linear-rows-or-columns" for k in _autotune.choices() if k[5] == 11)
+
+
 def test_conv_kernels_all_agree():
     from vensemble.backends import _autotune
 

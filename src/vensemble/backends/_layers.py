@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from .._layout import in_major
-from ._autotune import autotune
+from ._autotune import autotune, measuring_allowed
 
 _is_compiling = torch.compiler.is_compiling  # one lookup fewer per call (dynamo knows it)
 
@@ -88,6 +88,21 @@ class Fused(nn.Module):
         return x if self.batched[0] else x.unsqueeze(0).expand(self.n, *x.shape)
 
 
+# Outputs per row at or below which the batched Linear, without autograd, also measures
+# y^T = W x^T (the GEMM's result laid out (N, out, rows), returned as its transposed view)
+# against y = x W^T: BLAS fills a narrow row-major result slowly. On a 2-core Xeon, 2 threads:
+# 10 x 64 x 128 -> 10 took 26 us against 69, 100 x 32 x 64 -> 1 35 against 98, 32 x 256 x
+# 256 -> 10 379 against 1560. Wider layers were slower that way (784 -> 128: 8%), so they are
+# not offered it; nor is a forward autograd records: whole training steps took 0-7% longer
+# (32 x MLP 32-64-64-10: 1.82 against 1.70 ms), the backward losing what the forward gained.
+NARROW_OUTPUTS = 16
+
+
+def _records(*tensors: Tensor | None) -> bool:
+    """Whether autograd records an op on these tensors."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 class _Linear(Fused):
     how = "fused: baddbmm over the members' in-major weights (one output: bmm, bias added in place)"
 
@@ -96,6 +111,10 @@ class _Linear(Fused):
     # dispatcher calls fewer per layer, which is most of what a small layer costs on a GPU.
     # (weight, its data_ptr, bias, its data_ptr, W^T, bias (N, 1, out), whether baddbmm runs it)
     _views: tuple[Tensor, int, Tensor | None, int, Tensor, Tensor | None, bool] | None = None
+
+    # The orientation measured for each (rows, dtype, device) of a narrow layer: True when
+    # y^T = W x^T won (see NARROW_OUTPUTS)
+    _columns: dict[tuple[Any, ...], bool] | None = None
 
     def release_views(self) -> None:
         self._views = None
@@ -133,7 +152,8 @@ class _Linear(Fused):
         bu = None if b is None else b.unsqueeze(1)
         if cache:
             b_ptr = 0 if b is None else b.data_ptr()
-            self._views = (w, w.data_ptr(), b, b_ptr, wt, bu, bu is not None and out_f != 1)
+            inline = bu is not None and out_f > NARROW_OUTPUTS  # forward_no_grad's short cut
+            self._views = (w, w.data_ptr(), b, b_ptr, wt, bu, inline)
         return wt, bu
 
     def forward(self, x: Tensor) -> Tensor:
@@ -184,17 +204,60 @@ class _Linear(Fused):
             # into its own kernels for small layers, where an extern baddbmm would stay opaque
             y = torch.matmul(x3, wt)
             y = y if bu is None else y + bu
-        elif bu is None:
-            y = torch.bmm(x3, wt)
-        elif wt.shape[2] == 1:
+        elif (
+            wt.shape[2] <= NARROW_OUTPUTS
+            and not _records(x3, wt, bu)
+            and self._in_columns(x3, wt, bu)
+        ):
+            y = self._by_columns(x3, wt, bu)
+        else:
+            y = self._by_rows(x3, wt, bu)
+        return y if lead is None else y.reshape(self.n, *lead, wt.shape[2])
+
+    @staticmethod
+    def _by_rows(x3: Tensor, wt: Tensor, bu: Tensor | None) -> Tensor:
+        """``x3 @ wt + bu``, the result ``(N, rows, out)`` contiguous."""
+        if bu is None:
+            return torch.bmm(x3, wt)
+        if wt.shape[2] == 1:
             # one output per row, where BLAS's beta path is slow: bmm, then the bias added in
             # place (1000 x 128 x 32 -> 1: 0.64 vs 0.94 ms)
-            y = torch.bmm(x3, wt).add_(bu)
-        else:
-            # baddbmm: the bias copied into the output, then the GEMM adds to it (10 x 64 x
-            # 128 -> 10: 16% faster than bmm + add_; within 3% either way on wider layers)
-            y = torch.baddbmm(bu, x3, wt)
-        return y if lead is None else y.reshape(self.n, *lead, wt.shape[2])
+            return torch.bmm(x3, wt).add_(bu)
+        # baddbmm: the bias copied into the output, then the GEMM adds to it (10 x 64 x
+        # 128 -> 10: 16% faster than bmm + add_; within 3% either way on wider layers)
+        return torch.baddbmm(bu, x3, wt)
+
+    @staticmethod
+    def _by_columns(x3: Tensor, wt: Tensor, bu: Tensor | None) -> Tensor:
+        """The same values as :meth:`_by_rows`, computed as ``(wt^T x3^T + bu^T)^T``: the GEMM
+        writes ``(N, out, rows)`` and the result is its transposed view."""
+        if bu is None:
+            return torch.bmm(wt.mT, x3.mT).mT
+        return torch.baddbmm(bu.mT, wt.mT, x3.mT).mT
+
+    def _in_columns(self, x3: Tensor, wt: Tensor, bu: Tensor | None) -> bool:
+        """Whether :meth:`_by_columns` runs this narrow layer for ``x3``'s shape, dtype and
+        device: measured once per layer and shape; a fixed ``False`` where measuring is not
+        allowed (deterministic algorithms), so results do not depend on a timing."""
+        if not measuring_allowed():
+            return False
+        memo = self._columns
+        if memo is None:
+            memo = self._columns = {}
+        # the input's layout too: shared (stride 0), or a columns layer's transposed output
+        here = (x3.shape[1], x3.stride(), x3.dtype, x3.device)
+        chosen = memo.get(here)
+        if chosen is None:
+            n, in_f, out_f = wt.shape
+            key = ("linear-rows-or-columns", n, in_f, out_f, bu is None, *here)
+            candidates = {
+                "rows": lambda: self._by_rows(x3, wt, bu),
+                "columns": lambda: self._by_columns(x3, wt, bu),
+            }
+            chosen = memo[here] = autotune(key, candidates, x3.device) == "columns"
+            if chosen:
+                self.how = f"{_Linear.how}; y^T = W x^T for {here[0]} rows (narrow, measured)"
+        return chosen
 
     def _out_major(self, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
         """Weights in the member's own ``(out, in)`` layout (tied or parametrized ones)."""
