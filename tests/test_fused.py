@@ -346,6 +346,20 @@ def test_a_narrow_linear_measures_its_orientation_once_and_says_which():
     assert not any(k[0] == "linear-rows-or-columns" and k[5] == 41 for k in _autotune.choices())
 
 
+def test_a_narrow_linear_with_no_more_rows_than_outputs_is_not_measured(monkeypatch):
+    from vensemble.backends._layers import _Linear
+
+    asked = []
+    monkeypatch.setattr(_Linear, "_in_columns", lambda *args: asked.append(args) or False)
+    ens = ve.Ensemble.from_factory(lambda: nn.Linear(16, 4), 3, backend="fused")
+    with torch.no_grad():
+        for rows in (1, 4):  # a batch of 1 (an RL actor's step), and as many rows as outputs
+            ens(torch.randn(rows, 16))
+        assert not asked
+        ens(torch.randn(5, 16))
+    assert len(asked) == 1
+
+
 def test_a_narrow_linear_under_deterministic_algorithms_takes_the_rows_kernel(monkeypatch):
     from vensemble.backends import _autotune
 

@@ -93,8 +93,10 @@ class Fused(nn.Module):
 # against y = x W^T: BLAS fills a narrow row-major result slowly. On a 2-core Xeon, 2 threads:
 # 10 x 64 x 128 -> 10 took 26 us against 69, 100 x 32 x 64 -> 1 35 against 98, 32 x 256 x
 # 256 -> 10 379 against 1560. Wider layers were slower that way (784 -> 128: 8%), so they are
-# not offered it; nor is a forward autograd records: whole training steps took 0-7% longer
-# (32 x MLP 32-64-64-10: 1.82 against 1.70 ms), the backward losing what the forward gained.
+# not offered it; nor are layers with no more rows than outputs (a batch of 1: the same GEMV
+# either way, and the measurement only noise), nor a forward autograd records: whole training
+# steps took 0-7% longer (32 x MLP 32-64-64-10: 1.82 against 1.70 ms), the backward losing
+# what the forward gained.
 NARROW_OUTPUTS = 16
 
 
@@ -206,6 +208,7 @@ class _Linear(Fused):
             y = y if bu is None else y + bu
         elif (
             wt.shape[2] <= NARROW_OUTPUTS
+            and x3.shape[1] > wt.shape[2]  # more rows than outputs: else nothing to gain
             and not _records(x3, wt, bu)
             and self._in_columns(x3, wt, bu)
         ):
