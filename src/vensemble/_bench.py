@@ -26,6 +26,7 @@ from ._bench_workloads import WORKLOAD_KEYS, Workload, main_workloads, sweep_wor
 from ._dist_bench import add_arguments as add_distributed_arguments
 from ._dist_bench import run_distributed_bench
 from .backends import BACKENDS
+from .cli import device_name
 
 __all__ = ["compile_backends", "machine_info", "register", "run_bench", "run_workload"]
 
@@ -64,7 +65,9 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("--rounds", type=int, default=11, help="interleaved timing rounds (default 11)")
     p.add_argument("--round-time", type=float, default=0.03, help="seconds per candidate per round")
-    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if present)")
+    p.add_argument(
+        "--device", type=device_name, default=None, help="cpu, cuda, ... (default: cuda if present)"
+    )
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     p.add_argument("--json", type=Path, default=None, help="write the results as JSON here")
     p.add_argument("--plot", type=Path, default=None, help="write the PNG plot here")

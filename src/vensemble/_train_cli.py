@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from . import metrics
 from ._errors import EnsembleError
-from .cli import positive_int
+from .cli import device_name, positive_int
 from .ensemble import Ensemble
 from .io import save
 from .train import History, MemberOptimizer, fit
@@ -316,6 +316,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--out", default="vensemble-train", help="output folder (default ./vensemble-train)"
     )
-    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if present)")
+    p.add_argument(
+        "--device", type=device_name, default=None, help="cpu, cuda, ... (default: cuda if present)"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=run_train)

@@ -29,6 +29,31 @@ def positive_int(text: str) -> int:
     return value
 
 
+def device_name(text: str) -> str:
+    """An argparse type: a device torch knows and this machine has (``cpu``, ``cuda:1``, ...).
+
+    A typo or an absent accelerator is a one-line usage error naming the flag, not a traceback
+    from the first tensor moved there.
+    """
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(
+            f"not a device: {text!r} (expected cpu, cuda, cuda:1, mps, ...)"
+        ) from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise argparse.ArgumentTypeError(f"{text!r}: this machine has no CUDA device")
+        if device.index is not None and device.index >= count:
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}"
+            )
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: MPS is not available on this machine")
+    return text
+
+
 def _demo(args: argparse.Namespace) -> int:
     from ._demo import format_demo, run_demo
 
@@ -56,7 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--batch", type=positive_int, default=64, help="minibatch size (default 64)")
     demo.add_argument(
-        "--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if present)"
+        "--device",
+        type=device_name,
+        default=None,
+        help="cpu, cuda, cuda:1, ... (default: cuda if present)",
     )
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument(
