@@ -597,3 +597,61 @@ def test_auto_with_compile_times_the_compiled_program_against_the_loop(monkeypat
     assert calls == [{"warmups": {"vectorized": 3}, "compiled": calls[0]["compiled"]}]
     assert calls[0]["compiled"] is not None  # the compiled program was built before timing
     assert ens.explain()["(auto)"].startswith("loop (measured per call")
+
+
+class _DoublesItsInput(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x.mul_(2)  # in place, on the caller's tensor
+        return self.fc(x)
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+def test_auto_measures_a_forward_that_modifies_its_input_without_modifying_it_per_run(grad):
+    # the timed runs each doubled the caller's tensor (x came back 2**25 times larger, and the
+    # output with it); with gradients the loop's autograd raised (each member doubles what the
+    # last one saved), and that error came out of the measurement
+    members = [_DoublesItsInput().double() for _ in range(3)]
+    sources = copy.deepcopy(members)
+    ens = ve.Ensemble(members)
+    x = torch.randn(5, 4, dtype=torch.float64)
+    x0 = x.clone()
+    with torch.set_grad_enabled(grad):
+        out = ens(x)
+    torch.testing.assert_close(x, 2 * x0, atol=0, rtol=0)  # doubled once, as by one member
+    expected = torch.stack([m(x0.clone()) for m in sources])  # each member alone
+    torch.testing.assert_close(out, expected, atol=1e-12, rtol=0)
+    if grad:
+        out.square().sum().backward()
+        expected.square().sum().backward()
+        for key, p in ens.named_parameters():
+            want = torch.stack([m.get_parameter(key).grad for m in sources])
+            torch.testing.assert_close(p.grad, want, atol=1e-12, rtol=0, msg=key)
+        assert "loop raised" in ens.explain()["(auto)"]
+
+
+def test_auto_measurement_leaves_inputs_it_did_not_modify_untouched():
+    ens = ve.Ensemble.from_factory(lambda: nn.Linear(4, 3), 3)
+    x = torch.randn(5, 4)
+    version = x._version
+    ens(x)
+    assert x._version == version  # no write-back where nothing was modified
+
+
+def test_input_keeper_writes_back_only_what_was_modified():
+    from vensemble.backends._call import Call
+
+    a, b = torch.randn(3), torch.randn(3)
+    call = Call(nn.Linear(1, 1), 1, (a,), {"b": b, "k": 1}, (None,))
+    before_a, version_b = a.clone(), b._version
+    put_back = call.input_keeper()
+    a.add_(1)
+    put_back()
+    torch.testing.assert_close(a, before_a, atol=0, rtol=0)
+    assert b._version == version_b
+    a.mul_(3)  # again after a write-back: still noticed
+    put_back()
+    torch.testing.assert_close(a, before_a, atol=0, rtol=0)

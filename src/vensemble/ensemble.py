@@ -457,7 +457,10 @@ class Ensemble(nn.Module):
         out: dict[str, str] = {}
         if self.backend == "auto" and self._last_choice is not None:
             path, timings = self._last_choice
-            measured = ", ".join(f"{k} {v * 1e3:.3g} ms" for k, v in timings.items())
+            measured = ", ".join(
+                f"{k} {v * 1e3:.3g} ms" if v < math.inf else f"{k} raised"
+                for k, v in timings.items()
+            )
             why = (
                 f"measured per call: {measured}"
                 if timings
@@ -733,6 +736,12 @@ class Ensemble(nn.Module):
         choice = self._choices.get(key)
         if choice is None:
             snapshot = call.snapshot_buffers()
+            put_back_inputs = call.input_keeper()
+
+            def restore() -> None:
+                call.restore_buffers(snapshot)
+                put_back_inputs()
+
             trainable: list[Tensor] = [p for p in self.parameters() if p.requires_grad]
             paths = {
                 "vectorized": lambda: self._vectorized(call),
@@ -743,16 +752,22 @@ class Ensemble(nn.Module):
                 paths["folded"] = lambda: loop_forward(call, folded.module)
             timings = measure_paths(
                 paths,
-                restore=lambda: call.restore_buffers(snapshot),
+                restore=restore,
                 device=state_device(call.state),
                 backward_to=trainable if torch.is_grad_enabled() else None,
                 # compiled: an eager call, the compile with its first call, then a warm one
                 warmups={"vectorized": 3} if self.compile_options is not None else None,
-                optional=frozenset({"folded"}),  # a rewrite that fails is simply not taken
+                # a rewrite that fails is simply not taken; nor is a loop that raises where
+                # the vectorized path ran (a forward that modifies a shared input in place
+                # breaks the loop's autograd: each member modifies what the last one saved)
+                optional=frozenset({"folded", "loop"}),
             )
+            timings.setdefault("loop", math.inf)  # explain() says it raised
             device = state_device(call.state) or torch.device("cpu")
             loop = "folded" if timings.get("folded", math.inf) < timings["loop"] else "loop"
-            loop_wins = _loop_wins(timings[loop], timings["vectorized"], device)
+            loop_wins = timings[loop] < math.inf and _loop_wins(
+                timings[loop], timings["vectorized"], device
+            )
             choice = (loop if loop_wins else "vectorized", timings)
             self._choices[key] = choice
         if not _is_compiling():  # (for explain(); a side effect strict export would warn of)

@@ -102,6 +102,29 @@ class Call:
     def restore_buffers(self, snapshot: dict[str, Tensor]) -> None:
         restore_buffers(self.template, snapshot)
 
+    def input_keeper(self) -> Callable[[], None]:
+        """Copy the input tensors now; the returned function writes back the values of any
+        that were modified in place since (by version counter), so repeated runs of one call
+        (``auto``'s measurement) each see the inputs the caller passed, and leave them so.
+
+        A forward that doubles its input in place then doubles it once per real call, not
+        once per timed run. Inputs no forward can write to (expanded, overlapping memory) are
+        never modified, so their copies are never used.
+        """
+        leaves = pytree.tree_leaves((self.args, self.kwargs))
+        tensors = [t for t in leaves if isinstance(t, Tensor)]
+        copies = [t.detach().clone() for t in tensors]
+        versions = [t._version for t in tensors]
+
+        def put_back() -> None:
+            with torch.no_grad():
+                for k, t in enumerate(tensors):
+                    if t._version != versions[k]:
+                        t.copy_(copies[k])
+                        versions[k] = t._version
+
+        return put_back
+
 
 def copy_buffers(module: nn.Module) -> dict[str, Tensor]:
     """Copies of ``module``'s buffers by name (see :func:`restore_buffers`)."""
