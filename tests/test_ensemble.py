@@ -655,3 +655,50 @@ def test_input_keeper_writes_back_only_what_was_modified():
     a.mul_(3)  # again after a write-back: still noticed
     put_back()
     torch.testing.assert_close(a, before_a, atol=0, rtol=0)
+
+
+def test_nothing_is_timed_or_remembered_while_make_fx_traces(monkeypatch):
+    """A trace would record every timed run (and time fake kernels): the first candidate is
+    taken, and no choice is remembered for the calls after it."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    import vensemble.backends._autotune as autotune
+    import vensemble.ensemble as ensemble_module
+
+    def no_timing(*args, **kwargs):
+        raise AssertionError("timed a choice while tracing")
+
+    monkeypatch.setattr(ensemble_module, "measure_paths", no_timing)
+    monkeypatch.setattr(autotune, "_time", no_timing)
+    ens = ve.Ensemble.from_factory(lambda: nn.Sequential(nn.Linear(8, 32), nn.Linear(32, 2)), 3)
+    x = torch.randn(20, 8)
+    before = autotune.choices()
+    with torch.no_grad():
+        graph = make_fx(ens)(x)
+    assert autotune.choices() == before
+    assert not ens._choices
+    assert "not measured" in ens.explain()["(auto)"]
+    matmuls = [n for n in graph.graph.nodes if "bmm" in str(n.target) or "mm" in str(n.target)]
+    assert len(matmuls) == 2  # one per layer: no timed runs recorded
+    with torch.no_grad():
+        expected = torch.stack([m(x) for m in ens.unstack()])
+    torch.testing.assert_close(graph(x), expected, atol=1e-6, rtol=1e-6)
+    assert all(not layer._columns for layer in ens.modules() if hasattr(layer, "_columns"))
+
+
+def test_nothing_is_measured_under_a_dispatch_mode():
+    """FlopCounterMode (a dispatch mode, as make_fx's and fake tensors' are) would count the
+    timed runs' flops too."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from vensemble.backends._autotune import measuring_allowed
+
+    assert measuring_allowed()
+    ens = ve.Ensemble.from_factory(lambda: nn.Linear(64, 4), 3)
+    x = torch.randn(50, 64)
+    with FlopCounterMode(display=False) as counter:
+        assert not measuring_allowed()
+        with torch.no_grad():
+            ens(x)
+    assert measuring_allowed()
+    assert counter.get_total_flops() == 2 * 3 * 50 * 64 * 4  # one GEMM's, none timed

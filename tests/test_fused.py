@@ -360,6 +360,96 @@ def test_a_narrow_linear_with_no_more_rows_than_outputs_is_not_measured(monkeypa
     assert len(asked) == 1
 
 
+class _SeesItsLayout(nn.Module):
+    """A narrow Linear whose output is then viewed, reshaped or asked for its layout: what the
+    member does to it depends on its being contiguous."""
+
+    def __init__(self, then: Callable[[Tensor], Tensor]) -> None:
+        super().__init__()
+        self.a = nn.Linear(6, 3)
+        self.b = nn.Linear(3, 2)
+        self.then = then
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.b(self.then(torch.tanh(self.a(x))))
+
+
+def _writes_through_a_view(h: Tensor) -> Tensor:
+    h.view(-1)[::2].mul_(0)
+    return h
+
+
+def _writes_through_a_reshape(h: Tensor) -> Tensor:
+    h.reshape(-1)[1::3].add_(2)
+    return h
+
+
+def _writes_through_flatten(h: Tensor) -> Tensor:
+    h.flatten()[:4].fill_(1)
+    return h
+
+
+def _writes_through_a_view_of_another_shape(h: Tensor) -> Tensor:
+    h.view(3, -1).add_(1)
+    return h
+
+
+def _writes_after_a_view(h: Tensor) -> Tensor:
+    v = h.view(-1)
+    h.mul_(3)
+    return v.view(h.shape)
+
+
+def _asks_if_contiguous(h: Tensor) -> Tensor:
+    return h * 2 if h.is_contiguous() else h
+
+
+_LAYOUT_SEEN = [
+    _writes_through_a_view,
+    _writes_through_a_reshape,
+    _writes_through_flatten,
+    _writes_through_a_view_of_another_shape,
+    _writes_after_a_view,
+    _asks_if_contiguous,
+]
+
+
+@pytest.mark.parametrize("then", _LAYOUT_SEEN, ids=lambda f: f.__name__.strip("_"))
+@pytest.mark.parametrize("backend", ["fused", "auto"])
+def test_a_narrow_linear_whose_layout_is_seen_gives_the_members_result_by_columns(
+    monkeypatch, then, backend
+):
+    from vensemble.backends._layers import _Linear
+
+    monkeypatch.setattr(_Linear, "_in_columns", lambda self, x3, wt, bu: True)  # where allowed
+    torch.manual_seed(0)
+    members = [_SeesItsLayout(then).double() for _ in range(N)]
+    ens = ve.Ensemble(copy.deepcopy(members), backend=backend)
+    x = torch.randn(7, 6, dtype=torch.float64)
+    with torch.no_grad():
+        expected = torch.stack([m(x) for m in members])
+        out = ens(x)
+        torch.testing.assert_close(ens(x), expected, atol=1e-12, rtol=0)
+    torch.testing.assert_close(out, expected, atol=1e-12, rtol=0)
+
+
+def test_columns_are_allowed_only_where_no_reader_sees_the_layout():
+    from vensemble.backends._layers import _Linear
+
+    def allowed(ens: ve.Ensemble, x: Tensor) -> dict[str, bool]:
+        with torch.no_grad():
+            ens(x)
+        (program,) = ens._fused.programs.values()  # one call signature
+        return {k: v.columns_allowed for k, v in program.parts.items() if isinstance(v, _Linear)}
+
+    x = torch.randn(7, 6)
+    chain = ve.Ensemble([_NarrowChain(True) for _ in range(N)], backend="fused")
+    assert allowed(chain, x) == {"a": True, "b": True, "c": True}  # through tanh and relu
+    for then in (_writes_through_a_view, _writes_after_a_view):
+        seen = ve.Ensemble([_SeesItsLayout(then) for _ in range(N)], backend="fused")
+        assert allowed(seen, x) == {"a": False, "b": True}  # b's output is the program's
+
+
 def test_a_narrow_linear_under_deterministic_algorithms_takes_the_rows_kernel(monkeypatch):
     from vensemble.backends import _autotune
 

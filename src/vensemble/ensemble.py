@@ -464,7 +464,7 @@ class Ensemble(nn.Module):
             why = (
                 f"measured per call: {measured}"
                 if timings
-                else "deterministic algorithms: not measured"
+                else "deterministic algorithms, a trace or a graph capture: not measured"
             )
             folded = self._folded.last if path == "folded" else None
             what = "" if folded is None else f": {folded.describe()}"
@@ -727,7 +727,9 @@ class Ensemble(nn.Module):
         never leaves a model slower than the loop. Under
         ``torch.use_deterministic_algorithms(True)`` nothing is timed and the vectorized path
         runs: the paths agree only up to float rounding, and a timed choice may differ from run
-        to run (like ``torch.backends.cudnn.benchmark``).
+        to run (like ``torch.backends.cudnn.benchmark``). Nor under a trace (``make_fx``,
+        ``torch.jit.trace``), a dispatch mode or a CUDA graph capture, which would record the
+        timed runs (see ``measuring_allowed``).
         """
         if not measuring_allowed():
             self._last_choice = _UNMEASURED

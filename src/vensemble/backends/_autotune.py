@@ -33,15 +33,24 @@ def _time(fn: Callable[[], Any], device: torch.device, repeats: int) -> float:
 
 
 def measuring_allowed() -> bool:
-    """False under ``torch.use_deterministic_algorithms(True)`` or ``torch.jit.trace``: then
-    no choice is timed.
+    """False where no choice may be timed: under ``torch.use_deterministic_algorithms(True)``,
+    ``torch.jit.trace``, a dispatch mode (``make_fx`` and ``torch.export`` tracing, fake
+    tensors, ``FlopCounterMode``) or a CUDA graph capture.
 
     Equivalent kernels agree only up to float rounding, and a timed choice can differ between
     two runs of one program (like ``torch.backends.cudnn.benchmark``). Deterministic mode
-    makes every choice a fixed rule, so the same seed gives the same bits. A jit trace would
-    record every timed run.
+    makes every choice a fixed rule, so the same seed gives the same bits. A trace or a
+    capture would record every timed run (and a fake tensor's timing means nothing), so the
+    first candidate is taken there, and nothing is remembered.
     """
-    return not (torch.are_deterministic_algorithms_enabled() or torch.jit.is_tracing())
+    if torch.are_deterministic_algorithms_enabled() or torch.jit.is_tracing():
+        return False
+    if torch.compiler.is_compiling():  # measuring itself runs eagerly (see autotune)
+        return True
+    return not (
+        torch._C._len_torch_dispatch_stack() > 0
+        or (torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing())
+    )
 
 
 # Measuring runs eagerly even when a call comes from inside torch.compile: dynamo would trace

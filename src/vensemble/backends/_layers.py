@@ -35,6 +35,7 @@ def _is_tracing() -> bool:
 __all__ = [
     "FRESH_OUTPUT",
     "FUSED_LAYERS",
+    "LAYOUT_BLIND",
     "PARAM_FREE_ELEMENTWISE",
     "ConvBatchNorm",
     "Fused",
@@ -105,8 +106,18 @@ def _records(*tensors: Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+_LINEAR_HOW = (
+    "fused: baddbmm over the members' in-major weights (one output: bmm, bias added in place)"
+)
+
+
 class _Linear(Fused):
-    how = "fused: baddbmm over the members' in-major weights (one output: bmm, bias added in place)"
+    # Whether this layer's output may be the transposed view y^T = W x^T gives (see
+    # NARROW_OUTPUTS): set by the program that calls it when nothing downstream could tell the
+    # layout apart from the member's (a view, a reshape, ``is_contiguous``: see fused.py's
+    # ``allow_columns``). Off by default: the layer's output then is contiguous, as the
+    # member's is.
+    columns_allowed = False
 
     # Without autograd, the operand views of the last call, reused while the parameters are the
     # same objects on the same storage (views share it, so in-place updates show through): two
@@ -114,9 +125,17 @@ class _Linear(Fused):
     # (weight, its data_ptr, bias, its data_ptr, W^T, bias (N, 1, out), whether baddbmm runs it)
     _views: tuple[Tensor, int, Tensor | None, int, Tensor, Tensor | None, bool] | None = None
 
-    # The orientation measured for each (rows, dtype, device) of a narrow layer: True when
-    # y^T = W x^T won (see NARROW_OUTPUTS)
+    # The orientation measured for each (rows, input strides, dtype, device) of a narrow
+    # layer: True when y^T = W x^T won (see NARROW_OUTPUTS)
     _columns: dict[tuple[Any, ...], bool] | None = None
+
+    @property
+    def how(self) -> str:  # type: ignore[override]  # computed: the base class's is a string
+        """What runs the layer, naming the row counts that go by columns."""
+        rows = sorted({here[0] for here, by_columns in (self._columns or {}).items() if by_columns})
+        if not rows:
+            return _LINEAR_HOW
+        return f"{_LINEAR_HOW}; y^T = W x^T for {', '.join(map(str, rows))} rows (narrow, measured)"
 
     def release_views(self) -> None:
         self._views = None
@@ -207,7 +226,8 @@ class _Linear(Fused):
             y = torch.matmul(x3, wt)
             y = y if bu is None else y + bu
         elif (
-            wt.shape[2] <= NARROW_OUTPUTS
+            self.columns_allowed
+            and wt.shape[2] <= NARROW_OUTPUTS
             and x3.shape[1] > wt.shape[2]  # more rows than outputs: else nothing to gain
             and not _records(x3, wt, bu)
             and self._in_columns(x3, wt, bu)
@@ -239,10 +259,11 @@ class _Linear(Fused):
         return torch.baddbmm(bu.mT, wt.mT, x3.mT).mT
 
     def _in_columns(self, x3: Tensor, wt: Tensor, bu: Tensor | None) -> bool:
-        """Whether :meth:`_by_columns` runs this narrow layer for ``x3``'s shape, dtype and
-        device: measured once per layer and shape; a fixed ``False`` where measuring is not
-        allowed (deterministic algorithms), so results do not depend on a timing."""
-        if not measuring_allowed():
+        """Whether :meth:`_by_columns` runs this narrow layer for ``x3``'s shape, layout, dtype
+        and device: measured once per layer and shape. A fixed ``False`` under deterministic
+        algorithms, so results do not depend on a timing, and where nothing may be measured
+        (a trace, a fake tensor: see ``measuring_allowed``) and nothing was measured before."""
+        if torch.are_deterministic_algorithms_enabled():
             return False
         memo = self._columns
         if memo is None:
@@ -251,6 +272,8 @@ class _Linear(Fused):
         here = (x3.shape[1], x3.stride(), x3.dtype, x3.device)
         chosen = memo.get(here)
         if chosen is None:
+            if not measuring_allowed():
+                return False
             n, in_f, out_f = wt.shape
             key = ("linear-rows-or-columns", n, in_f, out_f, bu is None, *here)
             candidates = {
@@ -258,8 +281,6 @@ class _Linear(Fused):
                 "columns": lambda: self._by_columns(x3, wt, bu),
             }
             chosen = memo[here] = autotune(key, candidates, x3.device) == "columns"
-            if chosen:
-                self.how = f"{_Linear.how}; y^T = W x^T for {here[0]} rows (narrow, measured)"
         return chosen
 
     def _out_major(self, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
@@ -639,6 +660,20 @@ class _Pool(Fused):
 
 # Wrappers whose output is always new memory (never an input or a view of one)
 FRESH_OUTPUT: tuple[type, ...] = (_Linear, _Conv, ConvBatchNorm)
+
+# Wrappers that read a batched input in whatever layout it comes, never through a view of
+# another shape, and write to it (an in-place activation) only through the tensor itself: a
+# narrow Linear's transposed output (see NARROW_OUTPUTS) gives them what the member's
+# contiguous one would. Their outputs may keep that layout.
+LAYOUT_BLIND: tuple[type, ...] = (
+    _Direct,
+    _Dropout,
+    _Softmax,
+    _BatchNorm,
+    _LayerNorm,
+    _GroupNorm,
+    _PReLU,
+)
 
 PARAM_FREE_ELEMENTWISE: tuple[type[nn.Module], ...] = (
     nn.Identity,

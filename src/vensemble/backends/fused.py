@@ -30,12 +30,14 @@ from torch.nn.modules import module as module_globals
 from ._call import Call, hold_attributes, put_back_attributes
 from ._layers import (
     FRESH_OUTPUT,
+    LAYOUT_BLIND,
     ConvBatchNorm,
     Fused,
     _BatchNorm,
     _Conv,
     _is_compiling,
     _is_tracing,
+    _Linear,
     fused_layer_for,
 )
 from ._ops import RANDOM_FUNCTIONS, RANDOM_METHODS, Elementwise, Expand, Op, make_op
@@ -46,6 +48,7 @@ __all__ = [
     "FusedProgram",
     "Untraceable",
     "activations_in_place",
+    "allow_columns",
     "build_program",
     "fused_forward",
     "hooked",
@@ -567,11 +570,47 @@ def build_program(call: Call, key: Hashable) -> FusedProgram:
                 return a
 
             new.output(out(node.args[0]))
+    allow_columns(new, root)
     _call_forward_directly(new, root)
     _fold_batchnorms(new)
     activations_in_place(new)
     module = fx.GraphModule(root, new, class_name="FusedMembers")
     return FusedProgram(module, parts)
+
+
+def allow_columns(graph: fx.Graph, root: dict[str, Any]) -> None:
+    """Let each narrow Linear return its result as the transposed view ``y^T = W x^T`` gives
+    (``_layers.NARROW_OUTPUTS``) where nothing could tell that layout from the member's.
+
+    That holds when its output, and whatever comes of it through elementwise ops and
+    layout-blind layers (``LAYOUT_BLIND``), is read only by Linear layers and the program's
+    output (made contiguous). Any other reader may see the difference: a ``view``, ``reshape``
+    or ``flatten`` of the member's output aliases it, the stacked one's would be a copy (and a
+    write through it lost); ``is_contiguous`` would answer otherwise; a submodule run by vmap
+    or the loop may view its input. ``graph``'s modules are still ``call_module`` nodes naming
+    ``root``'s entries.
+    """
+    for node in graph.nodes:
+        layer = root.get(str(node.target)) if node.op == "call_module" else None
+        if isinstance(layer, _Linear):
+            layer.columns_allowed = _layout_unseen(node, root)
+
+
+def _layout_unseen(source: fx.Node, root: dict[str, Any]) -> bool:
+    """Whether ``source``'s output layout reaches nothing but Linear layers and the output."""
+    todo, seen = [source], {source}
+    while todo:
+        for user in todo.pop().users:
+            if user in seen or user.op == "output":
+                continue
+            seen.add(user)
+            reader = root.get(str(user.target)) if user.op == "call_module" else None
+            if isinstance(reader, _Linear):
+                continue  # reads any layout; its own output is its own decision
+            if not isinstance(reader, (Elementwise, *LAYOUT_BLIND)):
+                return False
+            todo.append(user)  # its output may keep the layout (or be the same tensor)
+    return True
 
 
 def _call_forward_directly(graph: fx.Graph, root: dict[str, Any]) -> None:
