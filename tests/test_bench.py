@@ -287,3 +287,23 @@ def test_interleaved_rounds_of_no_candidates_are_empty():
     from vensemble._timing import interleaved_samples
 
     assert interleaved_samples({}, rounds=3, round_time=1e-4) == {}  # (nothing ran correctly)
+
+
+def test_the_report_says_how_vensemble_ran_and_which_layers_went_by_columns():
+    from vensemble._bench_report import _how_it_ran
+
+    detail = {
+        "(auto)": "vectorized (measured per call: vectorized 1 ms, loop 2 ms); the vectorized path:",
+        "0": "fused: baddbmm over the members' in-major weights",
+        "2": "fused: baddbmm ...; y^T = W x^T for 64 rows (narrow, measured)",
+        "1": "fused: the layer itself",
+    }
+    rows = [
+        {"candidate": "vensemble auto", "detail": detail},
+        {"candidate": "loop", "detail": None},
+    ]
+    (line,) = _how_it_ran(rows)
+    assert line == (
+        "- vensemble auto: (auto) vectorized (measured per call: vectorized 1 ms, loop 2 ms); "
+        "y^T = W x^T in 2"
+    )

@@ -702,3 +702,38 @@ def test_nothing_is_measured_under_a_dispatch_mode():
             ens(x)
     assert measuring_allowed()
     assert counter.get_total_flops() == 2 * 3 * 50 * 64 * 4  # one GEMM's, none timed
+
+
+def test_under_a_dispatch_mode_a_choice_measured_before_is_kept_and_no_new_one_remembered():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from vensemble.backends import _autotune
+
+    ran = []
+    candidates = {"first": lambda: ran.append("first"), "second": lambda: ran.append("second")}
+    measured, fresh = ("test-kept", 1), ("test-kept", 2)
+    _autotune._CACHE[measured] = "second"
+    try:
+        with FlopCounterMode(display=False):
+            assert _autotune.autotune(measured, candidates, torch.device("cpu")) == "second"
+            assert _autotune.autotune(fresh, candidates, torch.device("cpu")) == "first"
+        assert not ran  # nothing timed
+        assert fresh not in _autotune.choices()
+    finally:
+        _autotune._CACHE.pop(measured, None)
+
+
+def test_make_fx_records_the_path_auto_measured_before(monkeypatch):
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    import vensemble.ensemble as ensemble_module
+
+    monkeypatch.setattr(ensemble_module, "_loop_wins", lambda *args: True)  # the loop, measured
+    ens = ve.Ensemble.from_factory(lambda: nn.Sequential(nn.Linear(8, 32), nn.Linear(32, 2)), 3)
+    x = torch.randn(20, 8)
+    with torch.no_grad():
+        ens(x)
+        assert ens.explain()["(auto)"].startswith("loop (measured")
+        graph = make_fx(ens)(x)
+    matmuls = [n for n in graph.graph.nodes if "mm" in str(n.target)]
+    assert len(matmuls) == 3 * 2  # each member's two layers: the loop, as measured

@@ -42,7 +42,14 @@ def _how_it_ran(rows: list[dict[str, Any]]) -> list[str]:
         detail = d.get("detail")
         if not isinstance(detail, dict):
             continue
-        said = [f"{k} {v}" for k, v in detail.items() if k in ("(auto)", "(fused)", "(compile)")]
+        said = [
+            f"{k} {v.removesuffix('; the vectorized path:')}"
+            for k, v in detail.items()
+            if k in ("(auto)", "(fused)", "(compile)")
+        ]
+        columns = [k for k, v in detail.items() if "y^T = W x^T for" in v]
+        if columns:  # narrow Linear layers that went by columns (measured)
+            said.append(f"y^T = W x^T in {', '.join(columns)}")
         if said:
             lines.append(f"- {d['candidate']}: " + "; ".join(said).replace("|", "/"))
     return lines

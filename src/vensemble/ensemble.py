@@ -729,14 +729,18 @@ class Ensemble(nn.Module):
         runs: the paths agree only up to float rounding, and a timed choice may differ from run
         to run (like ``torch.backends.cudnn.benchmark``). Nor under a trace (``make_fx``,
         ``torch.jit.trace``), a dispatch mode or a CUDA graph capture, which would record the
-        timed runs (see ``measuring_allowed``).
+        timed runs (see ``measuring_allowed``): a choice measured before is kept there, else the
+        vectorized path runs.
         """
-        if not measuring_allowed():
+        if torch.are_deterministic_algorithms_enabled():
             self._last_choice = _UNMEASURED
             return "vectorized"
         key = _shape_key(call, self.training)
         choice = self._choices.get(key)
         if choice is None:
+            if not measuring_allowed():  # a trace or a capture: nothing measured, or kept
+                self._last_choice = _UNMEASURED
+                return "vectorized"
             snapshot = call.snapshot_buffers()
             put_back_inputs = call.input_keeper()
 

@@ -60,13 +60,17 @@ def autotune(key: Hashable, candidates: dict[str, Callable[[], Any]], device: to
     """The name of the fastest candidate for ``key``; measured once (best of 3 after a warm-up).
 
     Candidates must compute the same result; they run without gradient tracking while
-    measuring. With a single candidate, or when :func:`measuring_allowed` is False, nothing is
-    measured and the first candidate is taken (a fixed rule: the order is the preference).
+    measuring. With a single candidate, or under deterministic algorithms, nothing is measured
+    and the first candidate is taken (a fixed rule: the order is the preference); where
+    :func:`measuring_allowed` is False for another reason (a trace, a capture), a choice
+    measured before is kept, else the first candidate is taken and nothing remembered.
     """
-    if len(candidates) == 1 or not measuring_allowed():
+    if len(candidates) == 1 or torch.are_deterministic_algorithms_enabled():
         return next(iter(candidates))
     if key in _CACHE:
         return _CACHE[key]
+    if not measuring_allowed():
+        return next(iter(candidates))
     with torch.no_grad():
         timings = {}
         for cand, fn in candidates.items():
