@@ -633,6 +633,31 @@ def test_auto_measures_a_forward_that_modifies_its_input_without_modifying_it_pe
         assert "loop raised" in ens.explain()["(auto)"]
 
 
+@pytest.mark.parametrize("backend", ["auto", "fused", "vmap", "loop"])
+def test_inputs_made_in_inference_mode_give_the_members_result(backend):
+    # an inference tensor has no version counter (reading it raised in every vectorized path)
+    members = [nn.Linear(4, 3).double() for _ in range(3)]
+    ens = ve.Ensemble(copy.deepcopy(members), backend=backend)
+    with torch.inference_mode():
+        x = torch.randn(5, 4, dtype=torch.float64)
+        expected = torch.stack([m(x) for m in members])
+        torch.testing.assert_close(ens(x), expected, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("backend", ["auto", "fused", "vmap"])  # (the loop doubles it per member)
+def test_an_inference_input_modified_in_place_is_modified_once(backend):
+    members = [_DoublesItsInput().double() for _ in range(3)]
+    sources = copy.deepcopy(members)
+    ens = ve.Ensemble(members, backend=backend)
+    with torch.inference_mode():
+        x = torch.randn(5, 4, dtype=torch.float64)
+        x0 = x.clone()
+        out = ens(x)  # auto: measured, the input doubled once, not once per timed run
+        torch.testing.assert_close(x, 2 * x0, atol=0, rtol=0)
+        expected = torch.stack([m(x0.clone()) for m in sources])
+    torch.testing.assert_close(out, expected, atol=1e-12, rtol=0)
+
+
 def test_auto_measurement_leaves_inputs_it_did_not_modify_untouched():
     ens = ve.Ensemble.from_factory(lambda: nn.Linear(4, 3), 3)
     x = torch.randn(5, 4)

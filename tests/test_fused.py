@@ -400,6 +400,17 @@ def _writes_after_a_view(h: Tensor) -> Tensor:
     return v.view(h.shape)
 
 
+def _writes_through_contiguous(h: Tensor) -> Tensor:
+    h.contiguous().mul_(0)  # the member's contiguous() is h itself
+    return h
+
+
+def _writes_after_contiguous(h: Tensor) -> Tensor:
+    g = h.contiguous()
+    h.add_(100)
+    return g
+
+
 def _asks_if_contiguous(h: Tensor) -> Tensor:
     return h * 2 if h.is_contiguous() else h
 
@@ -410,6 +421,8 @@ _LAYOUT_SEEN = [
     _writes_through_flatten,
     _writes_through_a_view_of_another_shape,
     _writes_after_a_view,
+    _writes_through_contiguous,
+    _writes_after_contiguous,
     _asks_if_contiguous,
 ]
 
@@ -433,6 +446,86 @@ def test_a_narrow_linear_whose_layout_is_seen_gives_the_members_result_by_column
     torch.testing.assert_close(out, expected, atol=1e-12, rtol=0)
 
 
+class _TiedThenViewed(nn.Module):
+    """A tied weight is out-major: the batched Linear computes y^T = W x^T whatever its width."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(8, 8)
+        self.b = nn.Linear(8, 8)
+        self.b.weight = self.a.weight
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.b(torch.relu(self.a(x)))
+        h.view(-1)[:5].mul_(0)
+        return h
+
+
+class _ConvThenViewed(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.c(x)
+        h.view(-1)[::3].mul_(0)
+        return h
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "autograd"])
+def test_an_out_major_linear_whose_layout_is_seen_gives_the_members_result(grad):
+    torch.manual_seed(0)
+    members = [_TiedThenViewed().double() for _ in range(N)]
+    ens = ve.Ensemble(copy.deepcopy(members), backend="fused")
+    x = torch.randn(6, 8, dtype=torch.float64)
+    with torch.set_grad_enabled(grad):
+        expected = torch.stack([m(x) for m in members])
+        torch.testing.assert_close(ens(x), expected, atol=1e-12, rtol=0)
+
+
+# the first candidate (grouped or concatenated: a transposed view), or the last (the loop)
+@pytest.mark.parametrize("kernel", [0, -1], ids=["grouped-or-concat", "loop"])
+@pytest.mark.parametrize("per_member", [False, True], ids=["shared", "per-member"])
+def test_a_conv_whose_layout_is_seen_gives_the_members_result_by_any_kernel(
+    monkeypatch, per_member, kernel
+):
+    from vensemble.backends import _layers
+
+    torch.manual_seed(0)
+    members = [_ConvThenViewed().double() for _ in range(N)]
+    x = torch.randn(N, 2, 3, 6, 6, dtype=torch.float64) if per_member else torch.randn(2, 3, 6, 6)
+    x = x.double()
+    with torch.no_grad():
+        expected = torch.stack([m(x[i] if per_member else x) for i, m in enumerate(members)])
+    monkeypatch.setattr(_layers, "autotune", lambda key, cands, device: list(cands)[kernel])
+    ens = ve.Ensemble(copy.deepcopy(members), backend="fused")
+    with torch.no_grad():
+        out = ens(x, in_dims=0 if per_member else None)
+    torch.testing.assert_close(out, expected, atol=1e-12, rtol=0)
+
+
+def test_a_conv_feeding_pooling_keeps_its_layout_and_the_members_result(monkeypatch):
+    from vensemble.backends import _layers
+
+    def net() -> nn.Module:
+        return nn.Sequential(
+            nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten()
+        ).double()
+
+    monkeypatch.setattr(_layers, "autotune", lambda key, cands, device: next(iter(cands)))
+    torch.manual_seed(0)
+    members = [net().eval() for _ in range(N)]
+    ens = ve.Ensemble(copy.deepcopy(members), backend="fused")
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        out = ens(x)
+        expected = torch.stack([m(x) for m in members])
+    torch.testing.assert_close(out, expected, atol=1e-12, rtol=0)
+    (program,) = ens._fused.programs.values()
+    conv = program.parts["0"]
+    assert conv.layout_unseen  # pooling's output is contiguous: the flatten cannot tell
+
+
 def test_columns_are_allowed_only_where_no_reader_sees_the_layout():
     from vensemble.backends._layers import _Linear
 
@@ -440,7 +533,7 @@ def test_columns_are_allowed_only_where_no_reader_sees_the_layout():
         with torch.no_grad():
             ens(x)
         (program,) = ens._fused.programs.values()  # one call signature
-        return {k: v.columns_allowed for k, v in program.parts.items() if isinstance(v, _Linear)}
+        return {k: v.layout_unseen for k, v in program.parts.items() if isinstance(v, _Linear)}
 
     x = torch.randn(7, 6)
     chain = ve.Ensemble([_NarrowChain(True) for _ in range(N)], backend="fused")

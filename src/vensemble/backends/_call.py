@@ -76,7 +76,10 @@ class Call:
         if "_versions" in self.__dict__ or torch.compiler.is_compiling():
             return
         leaves = pytree.tree_leaves((self.args, self.kwargs))
-        self._versions = [(t, t._version) for t in leaves if isinstance(t, Tensor)]
+        # (an inference tensor has no version counter: a write to it goes unnoticed here)
+        self._versions = [
+            (t, t._version) for t in leaves if isinstance(t, Tensor) and not t.is_inference()
+        ]
 
     def modified_input(self) -> int | None:
         """The position (among the input tensors) of one a failed attempt modified in place."""
@@ -109,17 +112,24 @@ class Call:
 
         A forward that doubles its input in place then doubles it once per real call, not
         once per timed run. Inputs no forward can write to (expanded, overlapping memory) are
-        never modified, so their copies are never used.
+        never modified, so their copies are never used. An inference tensor has no version
+        counter: its values are compared instead.
         """
         leaves = pytree.tree_leaves((self.args, self.kwargs))
         tensors = [t for t in leaves if isinstance(t, Tensor)]
         copies = [t.detach().clone() for t in tensors]
-        versions = [t._version for t in tensors]
+        versions = [None if t.is_inference() else t._version for t in tensors]
 
         def put_back() -> None:
             with torch.no_grad():
                 for k, t in enumerate(tensors):
-                    if t._version != versions[k]:
+                    if versions[k] is None:
+                        if not torch.equal(t, copies[k]):  # (or a NaN, never equal)
+                            # a tensor nothing can write (expanded, or outside inference
+                            # mode) was not written by the forward either
+                            with contextlib.suppress(RuntimeError):
+                                t.copy_(copies[k])
+                    elif t._version != versions[k]:
                         t.copy_(copies[k])
                         versions[k] = t._version
 

@@ -37,6 +37,7 @@ __all__ = [
     "FUSED_LAYERS",
     "LAYOUT_BLIND",
     "PARAM_FREE_ELEMENTWISE",
+    "READS_ANY_LAYOUT",
     "ConvBatchNorm",
     "Fused",
     "batchnorm_affine",
@@ -81,6 +82,14 @@ class Fused(nn.Module):
 
     orig: Any  # the template's layer, typed loosely: each subclass knows its layer's fields
 
+    # Whether nothing downstream could tell this layer's output layout from the member's (a
+    # view, a reshape or ``contiguous`` of it would: see fused.py's ``mark_unseen_layouts``,
+    # which sets it when the program is built). Only then may a Linear or a convolution return
+    # the transposed view its batched kernel computes (a narrow Linear by columns, out-major
+    # weights, a grouped or concatenated conv); else its output is contiguous, as the
+    # member's is.
+    layout_unseen = False
+
     def release_views(self) -> None:
         """Drop whatever this layer caches that refers to the parameters (nothing here)."""
 
@@ -112,13 +121,6 @@ _LINEAR_HOW = (
 
 
 class _Linear(Fused):
-    # Whether this layer's output may be the transposed view y^T = W x^T gives (see
-    # NARROW_OUTPUTS): set by the program that calls it when nothing downstream could tell the
-    # layout apart from the member's (a view, a reshape, ``is_contiguous``: see fused.py's
-    # ``allow_columns``). Off by default: the layer's output then is contiguous, as the
-    # member's is.
-    columns_allowed = False
-
     # Without autograd, the operand views of the last call, reused while the parameters are the
     # same objects on the same storage (views share it, so in-place updates show through): two
     # dispatcher calls fewer per layer, which is most of what a small layer costs on a GPU.
@@ -133,7 +135,7 @@ class _Linear(Fused):
     def how(self) -> str:  # type: ignore[override]  # computed: the base class's is a string
         """What runs the layer, naming the row counts that go by columns."""
         rows = sorted({here[0] for here, by_columns in (self._columns or {}).items() if by_columns})
-        if not rows:
+        if not rows or torch.are_deterministic_algorithms_enabled():  # (then never by columns)
             return _LINEAR_HOW
         return f"{_LINEAR_HOW}; y^T = W x^T for {', '.join(map(str, rows))} rows (narrow, measured)"
 
@@ -226,7 +228,7 @@ class _Linear(Fused):
             y = torch.matmul(x3, wt)
             y = y if bu is None else y + bu
         elif (
-            self.columns_allowed
+            self.layout_unseen
             and wt.shape[2] <= NARROW_OUTPUTS
             and x3.shape[1] > wt.shape[2]  # more rows than outputs: else nothing to gain
             and not _records(x3, wt, bu)
@@ -284,7 +286,12 @@ class _Linear(Fused):
         return chosen
 
     def _out_major(self, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
-        """Weights in the member's own ``(out, in)`` layout (tied or parametrized ones)."""
+        """Weights in the member's own ``(out, in)`` layout (tied or parametrized ones): the
+        result comes as a transposed view, made contiguous unless the layout is unseen."""
+        y = self._out_major_transposed(x, w, b)
+        return y if self.layout_unseen else y.contiguous()
+
+    def _out_major_transposed(self, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
         n, out_f, in_f = w.shape
         if self.batched[0]:
             # y^T = W x^T: with W in the member's own (out, in) layout both bmm operands are
@@ -369,7 +376,8 @@ class _Conv(Fused):
             x.dtype,
             x.device,
         )
-        return cands[autotune(key, cands, x.device)]()
+        y = cands[autotune(key, cands, x.device)]()  # grouped, concat: a transposed view
+        return y if self.layout_unseen else y.contiguous()
 
 
 _BATCHNORM_DIMS = {nn.BatchNorm1d: (2, 3), nn.BatchNorm2d: (4,), nn.BatchNorm3d: (5,)}
@@ -654,12 +662,21 @@ class _Pool(Fused):
         spatial = _POOLS[type(self.orig)]
         if x.ndim - 1 == spatial + 2:  # (N, B, C, *s): fold members into the batch
             y = self.orig(x.flatten(0, 1))
-            return y.unflatten(0, (self.n, x.shape[1]))
-        return self.orig(x)  # (N, C, *s): the member dim plays the batch
+            y = y.unflatten(0, (self.n, x.shape[1]))
+        else:
+            y = self.orig(x)  # (N, C, *s): the member dim plays the batch
+        # contiguous whatever the input's layout (pooling may keep a channels-last one): what
+        # comes after sees the layout the member's pooling gives (see READS_ANY_LAYOUT)
+        return y.contiguous()
 
 
 # Wrappers whose output is always new memory (never an input or a view of one)
 FRESH_OUTPUT: tuple[type, ...] = (_Linear, _Conv, ConvBatchNorm)
+
+# Wrappers whose output's layout does not depend on their input's, which they read in any
+# layout and never write: a Linear's and a conv's own (see ``Fused.layout_unseen``), pooling
+# (made contiguous). What comes after them cannot tell their input's layout.
+READS_ANY_LAYOUT: tuple[type, ...] = (_Linear, _Conv, _Pool)
 
 # Wrappers that read a batched input in whatever layout it comes, never through a view of
 # another shape, and write to it (an in-place activation) only through the tensor itself: a

@@ -31,6 +31,7 @@ from ._call import Call, hold_attributes, put_back_attributes
 from ._layers import (
     FRESH_OUTPUT,
     LAYOUT_BLIND,
+    READS_ANY_LAYOUT,
     ConvBatchNorm,
     Fused,
     _BatchNorm,
@@ -48,11 +49,11 @@ __all__ = [
     "FusedProgram",
     "Untraceable",
     "activations_in_place",
-    "allow_columns",
     "build_program",
     "fused_forward",
     "hooked",
     "hooks_registered",
+    "mark_unseen_layouts",
     "signature_key",
     "sole_input",
 ]
@@ -570,7 +571,7 @@ def build_program(call: Call, key: Hashable) -> FusedProgram:
                 return a
 
             new.output(out(node.args[0]))
-    allow_columns(new, root)
+    mark_unseen_layouts(new, root)
     _call_forward_directly(new, root)
     _fold_batchnorms(new)
     activations_in_place(new)
@@ -578,26 +579,29 @@ def build_program(call: Call, key: Hashable) -> FusedProgram:
     return FusedProgram(module, parts)
 
 
-def allow_columns(graph: fx.Graph, root: dict[str, Any]) -> None:
-    """Let each narrow Linear return its result as the transposed view ``y^T = W x^T`` gives
-    (``_layers.NARROW_OUTPUTS``) where nothing could tell that layout from the member's.
+def mark_unseen_layouts(graph: fx.Graph, root: dict[str, Any]) -> None:
+    """Set ``layout_unseen`` on each Linear and convolution whose output layout nothing
+    could tell from the member's: only then may it return the transposed view its batched
+    kernel computes (``y^T = W x^T`` for a narrow Linear, out-major weights, a grouped or
+    concatenated conv) rather than a contiguous copy.
 
     That holds when its output, and whatever comes of it through elementwise ops and
-    layout-blind layers (``LAYOUT_BLIND``), is read only by Linear layers and the program's
-    output (made contiguous). Any other reader may see the difference: a ``view``, ``reshape``
-    or ``flatten`` of the member's output aliases it, the stacked one's would be a copy (and a
-    write through it lost); ``is_contiguous`` would answer otherwise; a submodule run by vmap
-    or the loop may view its input. ``graph``'s modules are still ``call_module`` nodes naming
-    ``root``'s entries.
+    layout-blind layers (``LAYOUT_BLIND``), is read only by layers whose output layout is
+    their own (``READS_ANY_LAYOUT``) and by the program's output (made contiguous). Any other
+    reader may see the difference: a ``view``, ``reshape``, ``flatten`` or ``contiguous`` of
+    the member's output aliases it, the stacked one's would be a copy (and a write through
+    either lost to the other); a submodule run by vmap or the loop may view its input.
+    ``graph``'s modules are still ``call_module`` nodes naming ``root``'s entries.
     """
     for node in graph.nodes:
         layer = root.get(str(node.target)) if node.op == "call_module" else None
-        if isinstance(layer, _Linear):
-            layer.columns_allowed = _layout_unseen(node, root)
+        if isinstance(layer, (_Linear, _Conv)):
+            layer.layout_unseen = _layout_unseen(node, root)
 
 
 def _layout_unseen(source: fx.Node, root: dict[str, Any]) -> bool:
-    """Whether ``source``'s output layout reaches nothing but Linear layers and the output."""
+    """Whether ``source``'s output layout reaches nothing that could tell it (see
+    :func:`mark_unseen_layouts`)."""
     todo, seen = [source], {source}
     while todo:
         for user in todo.pop().users:
@@ -605,8 +609,14 @@ def _layout_unseen(source: fx.Node, root: dict[str, Any]) -> bool:
                 continue
             seen.add(user)
             reader = root.get(str(user.target)) if user.op == "call_module" else None
-            if isinstance(reader, _Linear):
-                continue  # reads any layout; its own output is its own decision
+            if isinstance(reader, READS_ANY_LAYOUT):
+                continue
+            if (
+                isinstance(reader, Elementwise)
+                and reader.is_method
+                and reader.target == "contiguous"
+            ):
+                return False  # the member's returns its input itself, the stacked one a copy
             if not isinstance(reader, (Elementwise, *LAYOUT_BLIND)):
                 return False
             todo.append(user)  # its output may keep the layout (or be the same tensor)
