@@ -40,8 +40,9 @@ def measuring_allowed() -> bool:
     Equivalent kernels agree only up to float rounding, and a timed choice can differ between
     two runs of one program (like ``torch.backends.cudnn.benchmark``). Deterministic mode
     makes every choice a fixed rule, so the same seed gives the same bits. A trace or a
-    capture would record every timed run (and a fake tensor's timing means nothing), so the
-    first candidate is taken there, and nothing is remembered.
+    capture would record every timed run (and a fake tensor's timing means nothing): a
+    choice measured before is kept there, else the first candidate is taken and nothing is
+    remembered (see :func:`autotune`).
     """
     if torch.are_deterministic_algorithms_enabled() or torch.jit.is_tracing():
         return False
