@@ -504,26 +504,121 @@ def test_a_conv_whose_layout_is_seen_gives_the_members_result_by_any_kernel(
     torch.testing.assert_close(out, expected, atol=1e-12, rtol=0)
 
 
-def test_a_conv_feeding_pooling_keeps_its_layout_and_the_members_result(monkeypatch):
+class _LayoutWritten(nn.Module):
+    """A conv (and pooling) whose output the forward writes through a view or a copy of
+    another shape: whether the write shows in the result depends on the output's layout
+    (a channels-last output's reshape is a copy, a contiguous one's a view)."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.c = nn.Conv2d(3, 4, 3)
+        self.d = nn.Conv2d(4, 4, 1)
+        self.p = nn.MaxPool2d(2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.kind == "contiguous":
+            h = self.c(x)
+            h.contiguous().mul_(0)
+        elif self.kind == "pool-reshape":
+            h = self.p(torch.relu(self.c(x)))
+            h.reshape(h.shape[0], -1).mul_(0)
+        else:  # "chain-flatten": a conv reading another's output, then flattened
+            h = self.d(torch.relu(self.c(x)))
+            h.flatten(1)[:, ::2].mul_(0)
+        return h
+
+
+# the first candidate (grouped or concatenated), or the last (the loop)
+@pytest.mark.parametrize("kernel", [0, -1], ids=["grouped-or-concat", "loop"])
+@pytest.mark.parametrize("kind", ["contiguous", "pool-reshape", "chain-flatten"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels-last-input", "channels-last-weights"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_a_seen_conv_and_pooling_lay_out_their_result_as_the_loops_member(
+    monkeypatch, kernel, kind, layout, dtype
+):
+    from vensemble.backends import _layers
+
+    torch.manual_seed(0)
+    members = [_LayoutWritten(kind).to(dtype) for _ in range(N)]
+    if layout == "channels-last-weights":
+        members = [m.to(memory_format=torch.channels_last) for m in members]
+    x = torch.randn(2, 3, 8, 8, dtype=dtype)
+    if layout == "channels-last-input":
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        expected = ve.Ensemble(copy.deepcopy(members), backend="loop")(x)
+        if dtype == torch.float64 or layout != "contiguous":  # (see the README: float32
+            # CPU conv weights are stored channels-last; the member's own are contiguous)
+            own = torch.stack([m(x) for m in members])
+            torch.testing.assert_close(expected, own, atol=1e-12, rtol=0)
+    monkeypatch.setattr(_layers, "autotune", lambda key, cands, device: list(cands)[kernel])
+    ens = ve.Ensemble(copy.deepcopy(members), backend="fused")
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            out = ens(x)
+        torch.testing.assert_close(out, expected, atol=tol, rtol=0, msg=f"grad={grad}")
+    (program,) = ens._fused.programs.values()
+    assert not isinstance(program, str), program  # fused, not a fallback
+
+
+def _layout_flags(ens: ve.Ensemble) -> dict[str, bool]:
+    from vensemble.backends._layers import Fused
+
+    (program,) = ens._fused.programs.values()  # one call signature
+    return {k: v.layout_unseen for k, v in program.parts.items() if isinstance(v, Fused)}
+
+
+@pytest.mark.parametrize("flattened", [False, True])
+def test_a_conv_feeding_pooling_keeps_its_kernels_layout_only_where_nothing_sees_it(
+    monkeypatch, flattened
+):
     from vensemble.backends import _layers
 
     def net() -> nn.Module:
-        return nn.Sequential(
-            nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten()
-        ).double()
+        layers = [nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2)]
+        return nn.Sequential(*layers, *([nn.Flatten()] if flattened else [])).double()
 
     monkeypatch.setattr(_layers, "autotune", lambda key, cands, device: next(iter(cands)))
     torch.manual_seed(0)
     members = [net().eval() for _ in range(N)]
     ens = ve.Ensemble(copy.deepcopy(members), backend="fused")
-    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    for x in (
+        torch.randn(2, 3, 8, 8),
+        torch.randn(2, 3, 8, 8).to(memory_format=torch.channels_last),
+    ):
+        x = x.double()
+        with torch.no_grad():
+            out = ens(x)
+            expected = torch.stack([m(x) for m in members])
+        torch.testing.assert_close(out, expected, atol=1e-12, rtol=0)
+    flags = _layout_flags(ens)
+    # the flatten sees the pooling's layout, which follows the conv's: both lay out as the
+    # member's; returned as they are, neither layout can be told
+    assert (flags["0"], flags["3"]) == ((False, False) if flattened else (True, True))
+
+
+class _NarrowHeadReadAround(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(6, 16)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.head(torch.relu(self.a(x)))
+        rows = h.size(0)  # a shape query
+        return F.log_softmax(h, dim=-1) + h.mean(-1, keepdim=True) / rows  # reductions
+
+
+def test_shape_queries_and_reductions_do_not_see_a_layout():
+    torch.manual_seed(0)
+    members = [_NarrowHeadReadAround().double() for _ in range(N)]
+    ens = ve.Ensemble(copy.deepcopy(members), backend="fused")
+    x = torch.randn(40, 6, dtype=torch.float64)
     with torch.no_grad():
-        out = ens(x)
-        expected = torch.stack([m(x) for m in members])
-    torch.testing.assert_close(out, expected, atol=1e-12, rtol=0)
-    (program,) = ens._fused.programs.values()
-    conv = program.parts["0"]
-    assert conv.layout_unseen  # pooling's output is contiguous: the flatten cannot tell
+        torch.testing.assert_close(ens(x), torch.stack([m(x) for m in members]), atol=1e-12, rtol=0)
+    assert _layout_flags(ens) == {"a": True, "head": True}
 
 
 def test_columns_are_allowed_only_where_no_reader_sees_the_layout():
@@ -1055,6 +1150,69 @@ def test_a_tensor_made_from_constants_and_written_in_place_starts_afresh_each_ca
     with torch.no_grad():
         for call in range(3):  # the sums carried over from call to call
             torch.testing.assert_close(ens(x), expected, msg=f"call {call}")
+
+
+class _AugmentedAfterAView(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(8, 4)
+        self.scale = nn.Parameter(torch.rand(4) + 0.5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.a(x)
+        v = h.view(-1)  # sees every write into h below
+        h += 1
+        h *= self.scale
+        h -= 0.25
+        h /= 2
+        return v
+
+
+@pytest.mark.parametrize("backend", ["fused", "auto"])
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "autograd"])
+def test_augmented_assignments_write_in_place(backend, grad):
+    # fx records `h += 1` on a traced value as `h = h + 1`: a view taken before lost the write
+    torch.manual_seed(0)
+    members = [_AugmentedAfterAView().double() for _ in range(N)]
+    ens = ve.Ensemble(copy.deepcopy(members), backend=backend)
+    loop = ve.Ensemble(copy.deepcopy(members), backend="loop")
+    x = torch.randn(5, 8, dtype=torch.float64)
+    with torch.set_grad_enabled(grad):
+        out, expected = ens(x), loop(x)
+        torch.testing.assert_close(out, expected, atol=1e-12, rtol=0)
+        if grad:
+            out.square().sum().backward()
+            expected.square().sum().backward()
+            for (name, p), q in zip(ens.named_parameters(), loop.parameters()):
+                torch.testing.assert_close(p.grad, q.grad, atol=1e-12, rtol=0, msg=name)
+    if backend == "fused":
+        (program,) = ens._fused.programs.values()
+        assert not isinstance(program, str), program
+        assert any("iadd" in name for name in program.parts)
+
+
+class _IncrementsItsInput(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(8, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x += 1
+        return self.a(x)
+
+
+@pytest.mark.parametrize("backend", ["fused", "auto"])
+def test_an_augmented_assignment_to_the_input_reaches_the_callers_tensor(backend):
+    torch.manual_seed(0)
+    members = [_IncrementsItsInput().double() for _ in range(N)]
+    x = torch.randn(N, 5, 8, dtype=torch.float64)
+    ours, theirs = x.clone(), x.clone()
+    with torch.no_grad():
+        out = ve.Ensemble(copy.deepcopy(members), backend=backend)(ours, in_dims=0)
+        expected = ve.Ensemble(copy.deepcopy(members), backend="loop")(theirs, in_dims=0)
+    torch.testing.assert_close(out, expected, atol=1e-12, rtol=0)
+    torch.testing.assert_close(ours, x + 1, atol=0, rtol=0)
+    torch.testing.assert_close(theirs, x + 1, atol=0, rtol=0)
 
 
 class _TemperatureHead(nn.Module):

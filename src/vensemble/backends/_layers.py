@@ -8,6 +8,7 @@ member; ``tests/test_fused.py`` checks each against the loop, forward and backwa
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -36,6 +37,7 @@ __all__ = [
     "FRESH_OUTPUT",
     "FUSED_LAYERS",
     "LAYOUT_BLIND",
+    "LAYOUT_FOLLOWS_INPUT",
     "PARAM_FREE_ELEMENTWISE",
     "READS_ANY_LAYOUT",
     "ConvBatchNorm",
@@ -44,6 +46,8 @@ __all__ = [
     "fold_batchnorm",
     "foldable_batchnorm",
     "fused_layer_for",
+    "in_member_order",
+    "member_order",
 ]
 
 
@@ -59,6 +63,27 @@ def _bview(t: Tensor, ndim: int, channel_dim: int | None = None) -> Tensor:
         shape[channel_dim] = t.shape[1]
         return t.view(shape)
     return t.view(n, *([1] * (ndim - t.ndim)), *t.shape[1:])
+
+
+def member_order(t: Tensor) -> tuple[int, ...] | None:
+    """The dims of a member's tensor ``t`` from outermost to innermost in memory; ``None``
+    when ``t`` is contiguous (channels-last gives ``(0, 2, 3, 1)``)."""
+    if t.is_contiguous():
+        return None
+    strides = t.stride()
+    return tuple(sorted(range(t.ndim), key=lambda d: (-strides[d], d)))
+
+
+def in_member_order(y: Tensor, order: tuple[int, ...] | None) -> Tensor:
+    """Stacked ``y`` ``(N, *s)`` with each member's slice dense and laid out in ``order`` (see
+    :func:`member_order`), as the member's own result is: a copy only where it is not."""
+    if order is None:
+        return y.contiguous()
+    outer = (0, *(d + 1 for d in order))
+    inverse = [0] * len(outer)
+    for position, d in enumerate(outer):
+        inverse[d] = position
+    return y.permute(outer).contiguous().permute(inverse)
 
 
 class Fused(nn.Module):
@@ -89,6 +114,27 @@ class Fused(nn.Module):
     # weights, a grouped or concatenated conv); else its output is contiguous, as the
     # member's is.
     layout_unseen = False
+
+    # The layout of a member's result, learned per input shape and layout (``member_layout``)
+    _orders: dict[tuple[Any, ...], tuple[int, ...] | None] | None = None
+
+    def member_layout(
+        self, key: tuple[Any, ...], member_result: Callable[[], Tensor]
+    ) -> tuple[tuple[int, ...] | None, bool]:
+        """The memory order of a member's result for ``key`` (see :func:`member_order`), and
+        whether it is known: ``member_result()`` computes member 0's (once per key, without
+        autograd). Not where nothing may run beside the program (a trace, a fake tensor: see
+        ``measuring_allowed``) and nothing was learned before: then unknown."""
+        orders = self._orders
+        if orders is None:
+            orders = self._orders = {}
+        if key in orders:
+            return orders[key], True
+        if _is_tracing() or not measuring_allowed():
+            return None, False
+        with torch.no_grad():
+            order = orders[key] = member_order(member_result())
+        return order, True
 
     def release_views(self) -> None:
         """Drop whatever this layer caches that refers to the parameters (nothing here)."""
@@ -365,7 +411,7 @@ class _Conv(Fused):
 
                 cands["grouped"] = grouped
         cands["loop"] = loop
-        key = (
+        key: tuple[Any, ...] = (
             "conv",
             tuple(x.shape),
             batched,
@@ -376,8 +422,26 @@ class _Conv(Fused):
             x.dtype,
             x.device,
         )
-        y = cands[autotune(key, cands, x.device)]()  # grouped, concat: a transposed view
-        return y if self.layout_unseen else y.contiguous()
+        if not self.layout_unseen:  # each kernel's result laid out as the member's (timed too)
+            order = self._member_order(x, w, b, batched)
+            cands = {k: functools.partial(_laid_out, f, order) for k, f in cands.items()}
+            key = (*key, "laid out", order)
+        return cands[autotune(key, cands, x.device)]()  # grouped, concat: transposed views
+
+    def _member_order(
+        self, x: Tensor, w: Tensor, b: Tensor | None, batched: bool
+    ) -> tuple[int, ...] | None:
+        """The memory order of a member's result (channels-last for a channels-last input,
+        or for channels-last weights, on the CPU), learned from member 0's; contiguous where
+        it cannot be learned (see ``Fused.member_layout``)."""
+        x0 = x[0] if batched else x
+        key = (tuple(x0.shape), x0.stride(), tuple(w.shape[1:]), w.stride()[1:], x.dtype, x.device)
+        bias = None if b is None else b[0]
+        return self.member_layout(key, lambda: self.orig._conv_forward(x0, w[0], bias))[0]
+
+
+def _laid_out(kernel: Callable[[], Tensor], order: tuple[int, ...] | None) -> Tensor:
+    return in_member_order(kernel(), order)
 
 
 _BATCHNORM_DIMS = {nn.BatchNorm1d: (2, 3), nn.BatchNorm2d: (4,), nn.BatchNorm3d: (5,)}
@@ -665,18 +729,26 @@ class _Pool(Fused):
             y = y.unflatten(0, (self.n, x.shape[1]))
         else:
             y = self.orig(x)  # (N, C, *s): the member dim plays the batch
-        # contiguous whatever the input's layout (pooling may keep a channels-last one): what
-        # comes after sees the layout the member's pooling gives (see READS_ANY_LAYOUT)
-        return y.contiguous()
+        if self.layout_unseen:
+            return y
+        # where the layout is seen, the input has the member's (see fused.mark_unseen_layouts):
+        # the result as the member's pooling lays it out (channels-last stays channels-last)
+        x0 = x[0]
+        key = (tuple(x0.shape), x0.stride(), x.dtype, x.device)
+        order, known = self.member_layout(key, lambda: self.orig(x0))
+        return in_member_order(y, order) if known else y.contiguous()
 
 
 # Wrappers whose output is always new memory (never an input or a view of one)
 FRESH_OUTPUT: tuple[type, ...] = (_Linear, _Conv, ConvBatchNorm)
 
-# Wrappers whose output's layout does not depend on their input's, which they read in any
-# layout and never write: a Linear's and a conv's own (see ``Fused.layout_unseen``), pooling
-# (made contiguous). What comes after them cannot tell their input's layout.
-READS_ANY_LAYOUT: tuple[type, ...] = (_Linear, _Conv, _Pool)
+# Wrappers that read their input in any layout and never write it. A Linear's output layout
+# never depends on its input's: what comes after it cannot tell its input's layout. A conv's
+# and a pooling's follow their input's (channels-last stays channels-last): only when their
+# own output's layout is unseen too can nothing tell (see fused.mark_unseen_layouts); else
+# they lay out their result as the member's, learned from its input.
+READS_ANY_LAYOUT: tuple[type[Fused], ...] = (_Linear, _Conv, _Pool)
+LAYOUT_FOLLOWS_INPUT: tuple[type[Fused], ...] = (_Conv, _Pool)
 
 # Wrappers that read a batched input in whatever layout it comes, never through a view of
 # another shape, and write to it (an in-place activation) only through the tensor itself: a

@@ -20,7 +20,14 @@ from torch import Tensor, nn
 
 from ._call import autocast_linear
 
-__all__ = ["RANDOM_FUNCTIONS", "RANDOM_METHODS", "Elementwise", "Expand", "make_op"]
+__all__ = [
+    "IN_PLACE_OPERATORS",
+    "RANDOM_FUNCTIONS",
+    "RANDOM_METHODS",
+    "Elementwise",
+    "Expand",
+    "make_op",
+]
 
 Target = Callable[..., Any] | str
 
@@ -47,6 +54,13 @@ IN_PLACE_ELEMENTWISE = {
     "add", "sub", "mul", "div", "clamp", "clip", "lerp", "addcmul", "addcdiv", "copy", "fill",
     "zero", "relu", "sigmoid", "tanh", "exp", "neg", "abs", "sqrt", "pow", "masked_fill",
 }  # fmt: skip
+
+# ``h += v`` and the like, recorded as in-place operators: per element, into ``h`` itself
+IN_PLACE_OPERATORS: frozenset[Any] = frozenset({
+    operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
+    operator.imod, operator.ipow, operator.imatmul, operator.iand, operator.ior, operator.ixor,
+    operator.ilshift, operator.irshift,
+})  # fmt: skip
 
 PASSTHROUGH_METHODS = {
     "contiguous",
@@ -298,6 +312,8 @@ class _DimMethod(Op):
         handler = _dim_method(name, self.n)
         assert handler is not None
         self.handler = handler
+        # a reduction over dims (or softmax, cumsum): new memory, whatever the input's layout
+        self.reduces = name in _DIM_REDUCTIONS
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         try:
@@ -394,6 +410,10 @@ def make_op(
         if randomness == "different" and target is F.dropout and first_only:
             return Elementwise(target, is_method, *rest)
         return Op(target, is_method, *rest)
+    if not is_method and target in IN_PLACE_OPERATORS:  # h += 1 (see fused._AUGMENTED)
+        if flags and flags[0] and target is not operator.imatmul:
+            return Elementwise(target, is_method, *rest)  # into the stacked tensor itself
+        return Op(target, is_method, *rest)  # vmap knows the rules (and raises where needed)
     if is_method and isinstance(target, str) and target.endswith("_"):
         value_at = {"fill_": 1, "masked_fill_": 2}.get(target)  # takes a 0-d value only
         per_member_value = value_at is not None and (

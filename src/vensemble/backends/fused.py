@@ -31,6 +31,7 @@ from ._call import Call, hold_attributes, put_back_attributes
 from ._layers import (
     FRESH_OUTPUT,
     LAYOUT_BLIND,
+    LAYOUT_FOLLOWS_INPUT,
     READS_ANY_LAYOUT,
     ConvBatchNorm,
     Fused,
@@ -38,10 +39,19 @@ from ._layers import (
     _Conv,
     _is_compiling,
     _is_tracing,
-    _Linear,
     fused_layer_for,
 )
-from ._ops import RANDOM_FUNCTIONS, RANDOM_METHODS, Elementwise, Expand, Op, make_op
+from ._ops import (
+    IN_PLACE_OPERATORS,
+    RANDOM_FUNCTIONS,
+    RANDOM_METHODS,
+    Elementwise,
+    Expand,
+    Op,
+    _DimMethod,
+    _Logical,
+    make_op,
+)
 from .select import AutoPlan, auto_forward
 
 __all__ = [
@@ -252,6 +262,8 @@ def _guarded() -> Iterator[None]:
     factories = {name: getattr(torch, name) for name in _RANDOM_FACTORIES}
     for name, fn in factories.items():
         setattr(torch, name, _traced_only(fn, name))
+    for name in _AUGMENTED:
+        setattr(fx.Proxy, f"__{name}__", _augmented(name))
     try:
         yield
     finally:
@@ -259,6 +271,24 @@ def _guarded() -> Iterator[None]:
         torch._C._set_grad_enabled = set_grad
         for name, fn in factories.items():
             setattr(torch, name, fn)
+        for name in _AUGMENTED:
+            delattr(fx.Proxy, f"__{name}__")
+
+
+# Augmented assignments: a Proxy without ``__iadd__`` makes Python run ``h = h + 1``, which
+# fx records as an out-of-place add; a tensor's ``h += 1`` writes into ``h`` (a view taken
+# before sees the change, and so does a caller whose input it was). Recorded as
+# ``operator.iadd`` and the like, they run in place.
+_AUGMENTED = sorted(op.__name__ for op in IN_PLACE_OPERATORS)
+
+
+def _augmented(name: str) -> Callable[..., Any]:
+    target = getattr(operator, name)
+
+    def record(self: fx.Proxy, other: Any) -> fx.Proxy:
+        return self.tracer.create_proxy("call_function", target, (self, other), {})
+
+    return record
 
 
 # Random factories called without a traced input would run once at trace time and be frozen
@@ -377,13 +407,7 @@ def _trace(template: nn.Module, concrete: dict[str, Any], constants: dict[str, A
     return graph
 
 
-_IN_PLACE_OPERATORS = frozenset(
-    getattr(operator, f"i{name}")
-    for name in (
-        "add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "and", "or", "xor",
-        "lshift", "rshift", "matmul",
-    )
-) | {operator.setitem}  # fmt: skip
+_IN_PLACE_OPERATORS = frozenset(IN_PLACE_OPERATORS) | {operator.setitem}
 
 
 def _writes_in_place(node: fx.Node) -> list[Any]:
@@ -580,22 +604,25 @@ def build_program(call: Call, key: Hashable) -> FusedProgram:
 
 
 def mark_unseen_layouts(graph: fx.Graph, root: dict[str, Any]) -> None:
-    """Set ``layout_unseen`` on each Linear and convolution whose output layout nothing
-    could tell from the member's: only then may it return the transposed view its batched
+    """Set ``layout_unseen`` on each Linear, convolution and pooling whose output layout
+    nothing could tell from the member's: only then may it return the layout its batched
     kernel computes (``y^T = W x^T`` for a narrow Linear, out-major weights, a grouped or
-    concatenated conv) rather than a contiguous copy.
+    concatenated conv, pooling of such a conv's output) rather than a copy laid out as the
+    member's result is.
 
-    That holds when its output, and whatever comes of it through elementwise ops and
-    layout-blind layers (``LAYOUT_BLIND``), is read only by layers whose output layout is
-    their own (``READS_ANY_LAYOUT``) and by the program's output (made contiguous). Any other
-    reader may see the difference: a ``view``, ``reshape``, ``flatten`` or ``contiguous`` of
-    the member's output aliases it, the stacked one's would be a copy (and a write through
-    either lost to the other); a submodule run by vmap or the loop may view its input.
-    ``graph``'s modules are still ``call_module`` nodes naming ``root``'s entries.
+    That holds when its output, and whatever comes of it through elementwise ops, reductions
+    over dims and layout-blind layers (``LAYOUT_BLIND``), is read only by shape queries, by
+    Linear layers, by convolutions and poolings whose own output layout is unseen (theirs
+    follows their input's: ``LAYOUT_FOLLOWS_INPUT``), and by the program's output (made
+    contiguous). Any other reader may see the difference: a ``view``, ``reshape``,
+    ``flatten`` or ``contiguous`` of the member's output aliases it, the stacked one's would
+    be a copy (and a write through either lost to the other); a submodule run by vmap or the
+    loop may view its input. ``graph``'s modules are still ``call_module`` nodes naming
+    ``root``'s entries; the graph is walked from its end, so each reader is decided first.
     """
-    for node in graph.nodes:
+    for node in reversed(graph.nodes):
         layer = root.get(str(node.target)) if node.op == "call_module" else None
-        if isinstance(layer, (_Linear, _Conv)):
+        if isinstance(layer, READS_ANY_LAYOUT):
             layer.layout_unseen = _layout_unseen(node, root)
 
 
@@ -609,7 +636,11 @@ def _layout_unseen(source: fx.Node, root: dict[str, Any]) -> bool:
                 continue
             seen.add(user)
             reader = root.get(str(user.target)) if user.op == "call_module" else None
-            if isinstance(reader, READS_ANY_LAYOUT):
+            if isinstance(reader, LAYOUT_FOLLOWS_INPUT):
+                if reader.layout_unseen:
+                    continue
+                return False  # it lays its result out as the member's, from its input's
+            if isinstance(reader, (*READS_ANY_LAYOUT, _Logical)):
                 continue
             if (
                 isinstance(reader, Elementwise)
@@ -617,7 +648,9 @@ def _layout_unseen(source: fx.Node, root: dict[str, Any]) -> bool:
                 and reader.target == "contiguous"
             ):
                 return False  # the member's returns its input itself, the stacked one a copy
-            if not isinstance(reader, (Elementwise, *LAYOUT_BLIND)):
+            if not isinstance(reader, (Elementwise, *LAYOUT_BLIND)) and not (
+                isinstance(reader, _DimMethod) and reader.reduces
+            ):
                 return False
             todo.append(user)  # its output may keep the layout (or be the same tensor)
     return True
