@@ -563,6 +563,25 @@ def test_a_seen_conv_and_pooling_lay_out_their_result_as_the_loops_member(
     assert not isinstance(program, str), program  # fused, not a fallback
 
 
+@pytest.mark.parametrize("kind", ["contiguous", "pool-reshape", "chain-flatten"])
+def test_a_seen_conv_is_laid_out_as_the_members_under_deterministic_algorithms(kind):
+    # nothing is timed there, but a layout is not a timing: it is still learned
+    torch.manual_seed(0)
+    members = [_LayoutWritten(kind).double() for _ in range(N)]
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        expected = torch.stack([m(x) for m in members])
+    ens = ve.Ensemble(copy.deepcopy(members), backend="fused")
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        with torch.no_grad():
+            out = ens(x)
+    finally:
+        torch.use_deterministic_algorithms(before)
+    torch.testing.assert_close(out, expected, atol=1e-12, rtol=0)
+
+
 def _layout_flags(ens: ve.Ensemble) -> dict[str, bool]:
     from vensemble.backends._layers import Fused
 

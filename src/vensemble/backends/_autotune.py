@@ -4,15 +4,23 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Hashable
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.utils._pytree as pytree
 from torch import Tensor
 
-__all__ = ["autotune", "choices", "measure_paths", "measuring_allowed"]
+__all__ = [
+    "autotune",
+    "choices",
+    "decide",
+    "measure_paths",
+    "measuring_allowed",
+    "running_aside_allowed",
+]
 
 _CACHE: dict[Hashable, str] = {}
+T = TypeVar("T")
 
 
 def choices() -> dict[Hashable, str]:
@@ -44,7 +52,15 @@ def measuring_allowed() -> bool:
     choice measured before is kept there, else the first candidate is taken and nothing is
     remembered (see :func:`autotune`).
     """
-    if torch.are_deterministic_algorithms_enabled() or torch.jit.is_tracing():
+    return not torch.are_deterministic_algorithms_enabled() and running_aside_allowed()
+
+
+def running_aside_allowed() -> bool:
+    """False where a run beside the program (a timed candidate, a member's result looked at
+    for its layout) would be recorded into what is being traced, or mean nothing: under
+    ``torch.jit.trace``, a dispatch mode (``make_fx``, fake tensors, ``FlopCounterMode``) or a
+    CUDA graph capture. True under ``torch.compile``, whose measuring runs eagerly."""
+    if torch.jit.is_tracing():
         return False
     if torch.compiler.is_compiling():  # measuring itself runs eagerly (see autotune)
         return True
@@ -52,6 +68,24 @@ def measuring_allowed() -> bool:
         torch._C._len_torch_dispatch_stack() > 0
         or (torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing())
     )
+
+
+def decide(key: Hashable, memo: dict[Any, T], measure: Callable[[], T], fixed: T) -> T:
+    """A choice made by measurement, in the one order every measured choice follows.
+
+    ``fixed`` under deterministic algorithms (a fixed rule: no timing decides the bits); else
+    what ``memo`` holds for ``key`` (also under a trace or a capture, which keep what was
+    measured before); else ``fixed`` where :func:`measuring_allowed` is False (nothing
+    remembered); else ``measure()``, remembered in ``memo``.
+    """
+    if torch.are_deterministic_algorithms_enabled():
+        return fixed
+    if key in memo:
+        return memo[key]
+    if not measuring_allowed():
+        return fixed
+    memo[key] = chosen = measure()
+    return chosen
 
 
 # Measuring runs eagerly even when a call comes from inside torch.compile: dynamo would trace
@@ -66,20 +100,19 @@ def autotune(key: Hashable, candidates: dict[str, Callable[[], Any]], device: to
     :func:`measuring_allowed` is False for another reason (a trace, a capture), a choice
     measured before is kept, else the first candidate is taken and nothing remembered.
     """
-    if len(candidates) == 1 or torch.are_deterministic_algorithms_enabled():
-        return next(iter(candidates))
-    if key in _CACHE:
-        return _CACHE[key]
-    if not measuring_allowed():
-        return next(iter(candidates))
-    with torch.no_grad():
-        timings = {}
-        for cand, fn in candidates.items():
-            fn()  # warm-up
-            timings[cand] = _time(fn, device, repeats=3)
-    name = min(timings, key=timings.__getitem__)
-    _CACHE[key] = name
-    return name
+    first = next(iter(candidates))
+    if len(candidates) == 1:
+        return first
+
+    def measure() -> str:
+        with torch.no_grad():
+            timings = {}
+            for cand, fn in candidates.items():
+                fn()  # warm-up
+                timings[cand] = _time(fn, device, repeats=3)
+        return min(timings, key=timings.__getitem__)
+
+    return decide(key, _CACHE, measure, first)
 
 
 @torch.compiler.disable

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from .._layout import in_major
-from ._autotune import autotune, measuring_allowed
+from ._autotune import autotune, decide, running_aside_allowed
 
 _is_compiling = torch.compiler.is_compiling  # one lookup fewer per call (dynamo knows it)
 
@@ -124,13 +124,14 @@ class Fused(nn.Module):
         """The memory order of a member's result for ``key`` (see :func:`member_order`), and
         whether it is known: ``member_result()`` computes member 0's (once per key, without
         autograd). Not where nothing may run beside the program (a trace, a fake tensor: see
-        ``measuring_allowed``) and nothing was learned before: then unknown."""
+        ``running_aside_allowed``) and nothing was learned before: then unknown. (Under
+        deterministic algorithms too: a layout is a fact, not a timing.)"""
         orders = self._orders
         if orders is None:
             orders = self._orders = {}
         if key in orders:
             return orders[key], True
-        if _is_tracing() or not measuring_allowed():
+        if _is_tracing() or not running_aside_allowed():
             return None, False
         with torch.no_grad():
             order = orders[key] = member_order(member_result())
@@ -311,25 +312,22 @@ class _Linear(Fused):
         and device: measured once per layer and shape. A fixed ``False`` under deterministic
         algorithms, so results do not depend on a timing, and where nothing may be measured
         (a trace, a fake tensor: see ``measuring_allowed``) and nothing was measured before."""
-        if torch.are_deterministic_algorithms_enabled():
-            return False
         memo = self._columns
         if memo is None:
             memo = self._columns = {}
         # the input's layout too: shared (stride 0), or a columns layer's transposed output
         here = (x3.shape[1], x3.stride(), x3.dtype, x3.device)
-        chosen = memo.get(here)
-        if chosen is None:
-            if not measuring_allowed():
-                return False
+
+        def measure() -> bool:
             n, in_f, out_f = wt.shape
             key = ("linear-rows-or-columns", n, in_f, out_f, bu is None, *here)
             candidates = {
                 "rows": lambda: self._by_rows(x3, wt, bu),
                 "columns": lambda: self._by_columns(x3, wt, bu),
             }
-            chosen = memo[here] = autotune(key, candidates, x3.device) == "columns"
-        return chosen
+            return autotune(key, candidates, x3.device) == "columns"
+
+        return decide(here, memo, measure, False)
 
     def _out_major(self, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
         """Weights in the member's own ``(out, in)`` layout (tied or parametrized ones): the
