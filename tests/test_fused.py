@@ -582,6 +582,20 @@ def test_a_seen_conv_is_laid_out_as_the_members_under_deterministic_algorithms(k
     torch.testing.assert_close(out, expected, atol=1e-12, rtol=0)
 
 
+def test_a_seen_conv_under_compile_learns_each_new_shapes_layout():
+    # a batch size first seen inside the compiled program (the last, partial batch) had its
+    # conv and pooling results made contiguous where the loop's member lays them out
+    # channels-last (float32 CPU weights are stored so)
+    torch.manual_seed(0)
+    members = [_LayoutWritten("pool-reshape") for _ in range(N)]
+    ens = ve.Ensemble(copy.deepcopy(members), backend="fused", compile=True)
+    loop = ve.Ensemble(copy.deepcopy(members), backend="loop")
+    with torch.no_grad():
+        for batch in (2, 5):
+            x = torch.randn(batch, 3, 8, 8)
+            torch.testing.assert_close(ens(x), loop(x), atol=1e-5, rtol=0, msg=f"batch {batch}")
+
+
 def _layout_flags(ens: ve.Ensemble) -> dict[str, bool]:
     from vensemble.backends._layers import Fused
 
@@ -1232,6 +1246,103 @@ def test_an_augmented_assignment_to_the_input_reaches_the_callers_tensor(backend
     torch.testing.assert_close(out, expected, atol=1e-12, rtol=0)
     torch.testing.assert_close(ours, x + 1, atol=0, rtol=0)
     torch.testing.assert_close(theirs, x + 1, atol=0, rtol=0)
+
+
+class _CountsItsCalls(nn.Module):
+    def __init__(self, augmented: bool) -> None:
+        super().__init__()
+        self.augmented = augmented
+        self.a = nn.Linear(4, 3)
+        self.register_buffer("count", torch.zeros(()))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.augmented:
+            self.count += 1  # in place, then assigned back: the same tensor
+        else:
+            self.count = self.count + 1  # a new tensor: fx keeps no assignment
+        return self.a(x) * self.count
+
+
+@pytest.mark.parametrize("augmented", [True, False], ids=["+=", "= +"])
+def test_a_forward_that_assigns_a_buffer_counts_as_the_loop_does(augmented):
+    # fx's trace assigned a Proxy into the buffer slot, which stayed there: fused returned a
+    # Proxy, and so did every later call
+    torch.manual_seed(0)
+    members = [_CountsItsCalls(augmented).double() for _ in range(N)]
+    ens = ve.Ensemble(copy.deepcopy(members), backend="fused")
+    loop = ve.Ensemble(copy.deepcopy(members), backend="loop")
+    x = torch.randn(5, 4, dtype=torch.float64)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for call in range(3):
+            torch.testing.assert_close(ens(x), loop(x), atol=1e-12, rtol=0, msg=f"call {call}")
+    torch.testing.assert_close(ens.count, loop.count, atol=0, rtol=0)
+    # (a new tensor assigned to a member's slot is dropped when the loop puts the stack back)
+    assert loop.count.tolist() == ([3.0] * N if augmented else [0.0] * N)
+    (program,) = ens._fused.programs.values()
+    if augmented:  # fused as written
+        assert not isinstance(program, str), program
+        assert not caught
+    else:  # refused, run by vmap; explain() gives the reason
+        assert "stores 'count'" in program
+        assert "stores 'count'" in str(ens.explain())
+
+
+class _Accumulator(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = torch.zeros_like(x)  # the same for every member (x is shared)
+        out += self.a(x)  # ... until a member's value is added
+        out += self.b(x)
+        return out
+
+
+def test_a_shared_value_the_forward_made_takes_a_per_member_augmented_assignment():
+    torch.manual_seed(0)
+    members = [_Accumulator().double() for _ in range(N)]
+    ens = ve.Ensemble(copy.deepcopy(members), backend="fused")
+    x = torch.randn(5, 4, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # fused, no fallback
+        out = ens(x)
+    torch.testing.assert_close(out, torch.stack([m(x) for m in members]), atol=1e-12, rtol=0)
+
+
+class _WritesThroughAFormat(nn.Module):
+    def __init__(self, method: str, fmt: torch.memory_format) -> None:
+        super().__init__()
+        self.method, self.fmt = method, fmt
+        self.c = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.c(x)
+        getattr(h, self.method)(memory_format=self.fmt).mul_(0)  # a copy, or h itself
+        return h
+
+
+@pytest.mark.parametrize("method", ["to", "contiguous"])
+@pytest.mark.parametrize(
+    "fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"]
+)
+@pytest.mark.parametrize("layout", ["contiguous", "channels-last"])
+def test_a_memory_format_change_copies_where_the_members_does(method, fmt, layout):
+    # torch decides on the stacked tensor, one dim more, otherwise: to() never copies a 5-d
+    # tensor for contiguous_format, contiguous() refuses channels_last
+    torch.manual_seed(0)
+    members = [_WritesThroughAFormat(method, fmt).double() for _ in range(N)]
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    if layout == "channels-last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        expected = torch.stack([m(x) for m in members])
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # fused, no fallback
+            out = ve.Ensemble(copy.deepcopy(members), backend="fused")(x)
+    torch.testing.assert_close(out, expected, atol=1e-12, rtol=0)
 
 
 class _TemperatureHead(nn.Module):

@@ -229,15 +229,18 @@ def under(path: str, roots: Iterable[str]) -> bool:
     return any(path == r or path.startswith(r + ".") for r in roots)
 
 
-def hold_attributes(template: nn.Module, skip: Iterable[str] = ()) -> HeldAttributes:
+def hold_attributes(
+    template: nn.Module, skip: Iterable[str] = (), slots: bool = False
+) -> HeldAttributes:
     """Every module's attributes now (those under the ``skip`` paths aside), to put back what
-    a forward assigns on its modules (see :func:`put_back_attributes`)."""
+    a forward assigns on its modules (see :func:`put_back_attributes`). With ``slots``, its
+    parameter and buffer slots too (``self.count = ...`` on a buffer assigns into them)."""
     skip = tuple(skip)
-    return [
-        (path, m.__dict__, dict(m.__dict__))
-        for path, m in template.named_modules()
-        if not under(path, skip)
-    ]
+    modules = [(path, m) for path, m in template.named_modules() if not under(path, skip)]
+    held = [(path, m.__dict__, dict(m.__dict__)) for path, m in modules]
+    if slots:
+        held += [(path, d, dict(d)) for path, m in modules for d in (m._parameters, m._buffers)]
+    return held
 
 
 def put_back_attributes(

@@ -125,17 +125,16 @@ class Fused(nn.Module):
         whether it is known: ``member_result()`` computes member 0's (once per key, without
         autograd). Not where nothing may run beside the program (a trace, a fake tensor: see
         ``running_aside_allowed``) and nothing was learned before: then unknown. (Under
-        deterministic algorithms too: a layout is a fact, not a timing.)"""
+        deterministic algorithms too: a layout is a fact, not a timing; and under
+        torch.compile, where it is learned eagerly.)"""
         orders = self._orders
         if orders is None:
             orders = self._orders = {}
         if key in orders:
             return orders[key], True
-        if _is_tracing() or not running_aside_allowed():
+        if not running_aside_allowed():
             return None, False
-        with torch.no_grad():
-            order = orders[key] = member_order(member_result())
-        return order, True
+        return _learn_order(orders, key, member_result), True
 
     def release_views(self) -> None:
         """Drop whatever this layer caches that refers to the parameters (nothing here)."""
@@ -436,6 +435,20 @@ class _Conv(Fused):
         key = (tuple(x0.shape), x0.stride(), tuple(w.shape[1:]), w.stride()[1:], x.dtype, x.device)
         bias = None if b is None else b[0]
         return self.member_layout(key, lambda: self.orig._conv_forward(x0, w[0], bias))[0]
+
+
+# Learned eagerly even when the call comes from inside torch.compile (as autotune measures):
+# dynamo's fake tensors carry the strides of torch's meta kernels, which need not be the
+# CPU kernels' (a conv with channels-last weights on a contiguous input)
+@torch.compiler.disable
+def _learn_order(
+    orders: dict[tuple[Any, ...], tuple[int, ...] | None],
+    key: tuple[Any, ...],
+    member_result: Callable[[], Tensor],
+) -> tuple[int, ...] | None:
+    with torch.no_grad():
+        order = orders[key] = member_order(member_result())
+    return order
 
 
 def _laid_out(kernel: Callable[[], Tensor], order: tuple[int, ...] | None) -> Tensor:

@@ -19,6 +19,7 @@ import torch.utils._pytree as pytree
 from torch import Tensor, nn
 
 from ._call import autocast_linear
+from ._layers import in_member_order, member_order
 
 __all__ = [
     "IN_PLACE_OPERATORS",
@@ -304,6 +305,26 @@ class _FillPerMember(Elementwise):
         return x.copy_(torch.where(mask, value, x))
 
 
+class _MemoryFormat(Op):
+    """``to(..., memory_format=f)`` and ``contiguous(memory_format=f)``: what each member's
+    call returns, its input itself or a copy laid out in ``f``. (On the stacked tensor, one
+    dim more, torch would decide differently: ``to`` never copies a 5-d tensor for
+    ``contiguous_format``, and ``contiguous`` refuses ``channels_last``.) Member 0's call
+    decides; a member's slices are laid out alike."""
+
+    how = "fused: the member's memory format, member by member's layout"
+
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        member = x[0]
+        theirs = self.call(member, *args, **kwargs)
+        if theirs.data_ptr() == member.data_ptr() and theirs.dtype == member.dtype:
+            return x  # the member's call returned its input (or a view of the same memory)
+        rest = {k: v for k, v in kwargs.items() if k != "memory_format"}
+        y = x.to(*args, **rest) if self.target == "to" else x
+        y = in_member_order(y, member_order(theirs))
+        return y.clone() if y.data_ptr() == x.data_ptr() else y  # a copy, as the member's
+
+
 class _DimMethod(Op):
     how = "fused: dims shifted past the member dim"
 
@@ -425,6 +446,8 @@ def make_op(
             # into the stacked tensor itself, the others aligned (an EMA updated in forward)
             return Elementwise(target, is_method, *rest)
         return Op(target, is_method, *rest)  # in-place: vmap knows the rules
+    if first_only and name in ("to", "contiguous") and "memory_format" in kwflags:
+        return _MemoryFormat(name, True, *rest)
     if first_only and isinstance(name, str):
         if name in ("size", "dim", "ndimension", "numel"):
             return _Logical(name, True, *rest)

@@ -383,7 +383,7 @@ def _trace(template: nn.Module, concrete: dict[str, Any], constants: dict[str, A
         graph.output(graph.call_module("", tuple(args), kwargs))
         return graph
     before = set(template.__dict__)
-    held = hold_attributes(template)
+    held = hold_attributes(template, slots=True)
     try:
         with _guarded():
             graph = tracer.trace(template, concrete_args=concrete)
@@ -399,7 +399,8 @@ def _trace(template: nn.Module, concrete: dict[str, Any], constants: dict[str, A
         # what the forwards stored on their modules while tracing (``self.last = h``: a Proxy)
         stored = put_back_attributes(held)
     for path, name, value in stored:
-        if isinstance(value, fx.Proxy):  # a side effect the program would drop
+        if isinstance(value, fx.Proxy) and not _written_back(value, f"{path}.{name}".lstrip(".")):
+            # a side effect the program would drop
             raise Untraceable(
                 f"the forward of '{path or type(template).__name__}' stores '{name}' on the "
                 "module (fx keeps no such assignment)"
@@ -408,6 +409,35 @@ def _trace(template: nn.Module, concrete: dict[str, Any], constants: dict[str, A
 
 
 _IN_PLACE_OPERATORS = frozenset(IN_PLACE_OPERATORS) | {operator.setitem}
+
+
+_OUT_OF_PLACE = {
+    operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
+    operator.itruediv: operator.truediv, operator.ifloordiv: operator.floordiv,
+    operator.imod: operator.mod, operator.ipow: operator.pow, operator.iand: operator.and_,
+    operator.ior: operator.or_, operator.ixor: operator.xor, operator.ilshift: operator.lshift,
+    operator.irshift: operator.rshift, operator.imatmul: operator.matmul,
+}  # fmt: skip
+
+
+def _made_here(value: Any) -> bool:
+    """Whether ``value`` is a tensor the forward computed (not an input, a parameter or a
+    buffer: a write into those must reach them)."""
+    return isinstance(value, fx.Node) and value.op in ("call_function", "call_method")
+
+
+def _written_back(value: fx.Proxy, target: str) -> bool:
+    """Whether ``value``, assigned to the module attribute ``target``, is that attribute
+    itself, modified in place (``self.count += 1``: Python assigns the result back). The
+    in-place op is in the program; the assignment changes nothing."""
+    node = value.node
+    first = node.args[0] if node.op == "call_function" and node.args else None
+    return (
+        node.target in IN_PLACE_OPERATORS
+        and isinstance(first, fx.Node)
+        and first.op == "get_attr"
+        and first.target == target
+    )
 
 
 def _writes_in_place(node: fx.Node) -> list[Any]:
@@ -535,7 +565,13 @@ def build_program(call: Call, key: Hashable) -> FusedProgram:
                 flag[node] = False
                 continue
             attr = args[1] if node.target is getattr and len(args) > 1 else None
-            op = make_op(node.target, node.op == "call_method", flags, kwflags, n, randomness, attr)
+            target = node.target
+            if target in _OUT_OF_PLACE and not flags[0] and _made_here(args[0]):
+                # a value the forward made, the same for every member, meets a per-member one
+                # (out = zeros_like(x); out += layer(x)): each member's would be its own
+                # tensor, so the stacked result is new memory too
+                target = _OUT_OF_PLACE[target]
+            op = make_op(target, node.op == "call_method", flags, kwflags, n, randomness, attr)
             if (
                 isinstance(op, Elementwise)
                 and node.op == "call_function"
@@ -543,7 +579,7 @@ def build_program(call: Call, key: Hashable) -> FusedProgram:
                 and args
                 and nodes_in((args, kwargs)) == [args[0]]
             ):  # one tensor (the batched first argument): nothing to align, call the function
-                op.direct = node.target
+                op.direct = target
             target = add(op, "_op")
             env[node] = new.call_module(
                 target, tuple(mapped(a) for a in args), {k: mapped(v) for k, v in kwargs.items()}
@@ -642,12 +678,11 @@ def _layout_unseen(source: fx.Node, root: dict[str, Any]) -> bool:
                 return False  # it lays its result out as the member's, from its input's
             if isinstance(reader, (*READS_ANY_LAYOUT, _Logical)):
                 continue
-            if (
-                isinstance(reader, Elementwise)
-                and reader.is_method
-                and reader.target == "contiguous"
+            if isinstance(reader, Elementwise) and (
+                (reader.is_method and reader.target == "contiguous")
+                or "memory_format" in user.kwargs  # .to(memory_format=...)
             ):
-                return False  # the member's returns its input itself, the stacked one a copy
+                return False  # the member's may return its input itself, the stacked one a copy
             if not isinstance(reader, (Elementwise, *LAYOUT_BLIND)) and not (
                 isinstance(reader, _DimMethod) and reader.reduces
             ):
