@@ -591,9 +591,23 @@ def test_a_seen_conv_under_compile_learns_each_new_shapes_layout():
     ens = ve.Ensemble(copy.deepcopy(members), backend="fused", compile=True)
     loop = ve.Ensemble(copy.deepcopy(members), backend="loop")
     with torch.no_grad():
-        for batch in (2, 5):
+        for batch in (2, 5, 1):  # (a compiled batch of 1 has any stride on its size-1 dim)
             x = torch.randn(batch, 3, 8, 8)
             torch.testing.assert_close(ens(x), loop(x), atol=1e-5, rtol=0, msg=f"batch {batch}")
+
+
+def test_a_jit_trace_keeps_the_layout_learned_before():
+    torch.manual_seed(0)
+    members = [_LayoutWritten("contiguous").double() for _ in range(N)]
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    ens = ve.Ensemble(copy.deepcopy(members), backend="fused")
+    with torch.no_grad():
+        expected = torch.stack([m(x) for m in members])
+        torch.testing.assert_close(ens(x), expected, atol=1e-12, rtol=0)  # learned here
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # (the tracer's own warnings)
+            traced = torch.jit.trace(ens, (x,), check_trace=False)
+        torch.testing.assert_close(traced(x), expected, atol=1e-12, rtol=0)
 
 
 def _layout_flags(ens: ve.Ensemble) -> dict[str, bool]:
@@ -1310,6 +1324,76 @@ def test_a_shared_value_the_forward_made_takes_a_per_member_augmented_assignment
         warnings.simplefilter("error")  # fused, no fallback
         out = ens(x)
     torch.testing.assert_close(out, torch.stack([m(x) for m in members]), atol=1e-12, rtol=0)
+
+
+class _AccumulatesInto(nn.Module):
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.a = nn.Linear(4, 4).double()
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.kind == "float32":  # the in-place op keeps the left side's dtype
+            acc = torch.zeros_like(x, dtype=torch.float32)
+            acc += self.a(x)
+            return acc
+        if self.kind == "viewed":  # a view taken before sees the write
+            y = x * 2
+            z = y.view(-1)
+            y += self.a(x)
+            return z.view(x.shape) * 1
+        acc = x[0] * 0  # "broadcast": in place, (4,) cannot take (5, 4): raises
+        acc += self.a(x)
+        return acc
+
+
+@pytest.mark.parametrize("kind", ["float32", "viewed", "broadcast"])
+def test_a_per_member_augmented_assignment_into_a_shared_value_follows_the_in_place_rules(kind):
+    torch.manual_seed(0)
+    members = [_AccumulatesInto(kind) for _ in range(N)]
+    x = torch.randn(5, 4, dtype=torch.float64)
+    ens = ve.Ensemble(copy.deepcopy(members), backend="fused")
+    if kind == "broadcast":
+        with pytest.raises(RuntimeError, match="doesn't match the broadcast shape"):
+            members[0](x)
+        with pytest.raises(RuntimeError, match="doesn't match the broadcast shape"):
+            ens(x)
+        return
+    expected = torch.stack([m(x) for m in members])
+    if kind == "viewed":  # the view would have to be per member too: the members run alone
+        with pytest.warns(ve.FallbackWarning):
+            out = ens(x)
+    else:
+        out = ens(x)
+    assert out.dtype == expected.dtype
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=0)
+    if kind == "viewed":  # and the gradients reach the members' weights
+        out.sum().backward()
+        expected.sum().backward()
+        for i, m in enumerate(members):
+            torch.testing.assert_close(ens.a.weight.grad[i], m.a.weight.grad, atol=1e-12, rtol=0)
+
+
+class _OverwritesWhatSigmoidSaved(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.sigmoid(self.a(x))
+        h += 1  # sigmoid's backward needs h: a backward raises, the forward is fine
+        return h
+
+
+def test_auto_runs_a_forward_whose_backward_would_raise_as_the_member_does():
+    torch.manual_seed(0)
+    members = [_OverwritesWhatSigmoidSaved() for _ in range(N)]
+    ens = ve.Ensemble(copy.deepcopy(members), backend="auto")
+    x = torch.randn(5, 4)
+    out = ens(x)  # with autograd on: auto times forward and backward, which raised
+    torch.testing.assert_close(out, torch.stack([m(x) for m in members]))
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
 
 
 class _WritesThroughAFormat(nn.Module):

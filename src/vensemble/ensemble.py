@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import operator
 import textwrap
@@ -756,11 +757,11 @@ class Ensemble(nn.Module):
             folded = folded_program(call, self._folded)
             if folded is not None:  # inference with an eval-mode conv -> BatchNorm pair
                 paths["folded"] = lambda: loop_forward(call, folded.module)
-            timings = measure_paths(
+            measure = functools.partial(
+                measure_paths,
                 paths,
                 restore=restore,
                 device=state_device(call.state),
-                backward_to=trainable if torch.is_grad_enabled() else None,
                 # compiled: an eager call, the compile with its first call, then a warm one
                 warmups={"vectorized": 3} if self.compile_options is not None else None,
                 # a rewrite that fails is simply not taken; nor is a loop that raises where
@@ -768,6 +769,15 @@ class Ensemble(nn.Module):
                 # breaks the loop's autograd: each member modifies what the last one saved)
                 optional=frozenset({"folded", "loop"}),
             )
+            try:
+                timings = measure(backward_to=trainable if torch.is_grad_enabled() else None)
+            except Exception:
+                if not torch.is_grad_enabled():
+                    raise
+                # a backward the member's own forward would break too (h = sigmoid(z);
+                # h += 1 overwrites what sigmoid saved): the call asks for the forward only,
+                # and the forwards are timed alone (a forward's own error is raised here)
+                timings = measure(backward_to=None)
             timings.setdefault("loop", math.inf)  # explain() says it raised
             device = state_device(call.state) or torch.device("cpu")
             loop = "folded" if timings.get("folded", math.inf) < timings["loop"] else "loop"

@@ -9,6 +9,7 @@ member; ``tests/test_fused.py`` checks each against the loop, forward and backwa
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -25,6 +26,16 @@ _is_compiling = torch.compiler.is_compiling  # one lookup fewer per call (dynamo
 
 # torch.jit.is_tracing without its Python frame; not traceable by dynamo: ask _is_compiling first
 _jit_tracing = torch._C._is_tracing
+
+
+def sizes(t: Tensor) -> tuple[int, ...]:
+    """``t``'s shape as ints, for a key: under ``torch.jit.trace`` sizes are 0-d tensors,
+    which hash by identity (a key with them never matches what was learned before)."""
+    if not _jit_tracing():
+        return tuple(t.shape)
+    with warnings.catch_warnings():  # (the trace is specialised to these sizes anyway)
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        return tuple(int(d) for d in t.shape)
 
 
 def _is_tracing() -> bool:
@@ -84,6 +95,32 @@ def in_member_order(y: Tensor, order: tuple[int, ...] | None) -> Tensor:
     for position, d in enumerate(outer):
         inverse[d] = position
     return y.permute(outer).contiguous().permute(inverse)
+
+
+def settled(t: Tensor) -> Tensor:
+    """``t`` with each size-1 dim's stride what a dense tensor in ``t``'s memory order gives
+    it (a copy only where one differs). Such a stride changes no element's place, but torch's
+    layout rules read it: a compiled program may give a batch of 1 any stride there, where
+    the eager member's tensor has the dense one (pooling it would pick another layout)."""
+    shape = t.shape
+    if 1 not in shape or t.ndim < 2:
+        return t
+    stride = t.stride()
+    real = sorted((d for d in range(t.ndim) if shape[d] != 1), key=lambda d: (-stride[d], d))
+    order: list[int] = []
+    ones = [d for d in range(t.ndim) if shape[d] == 1]
+    for d in real:  # each size-1 dim goes before the first real dim after it in index order
+        order += [o for o in ones if o < d and o not in order]
+        order.append(d)
+    order += [o for o in ones if o not in order]
+    dense = [0] * t.ndim
+    step = 1
+    for d in reversed(order):
+        dense[d] = step
+        step *= shape[d]
+    if tuple(dense) == stride:
+        return t
+    return torch.empty_strided(shape, dense, dtype=t.dtype, device=t.device).copy_(t)
 
 
 class Fused(nn.Module):
@@ -315,7 +352,7 @@ class _Linear(Fused):
         if memo is None:
             memo = self._columns = {}
         # the input's layout too: shared (stride 0), or a columns layer's transposed output
-        here = (x3.shape[1], x3.stride(), x3.dtype, x3.device)
+        here = (sizes(x3)[1], x3.stride(), x3.dtype, x3.device)
 
         def measure() -> bool:
             n, in_f, out_f = wt.shape
@@ -357,7 +394,8 @@ class _Linear(Fused):
             return yt.transpose(1, 2)  # (N, M, out)
 
         cands = {"wide": wide, "bmm": bmm}
-        key = ("linear-shared", n, rows, in_f, out_f, b is None, x.dtype, x.device)
+        sn, sout, sin = sizes(w)
+        key = ("linear-shared", sn, sizes(x2)[0], sin, sout, b is None, x.dtype, x.device)
         y = cands[autotune(key, cands, x.device)]()
         return y if x.ndim == 2 else y.reshape(n, *x.shape[:-1], out_f)
 
@@ -410,9 +448,9 @@ class _Conv(Fused):
         cands["loop"] = loop
         key: tuple[Any, ...] = (
             "conv",
-            tuple(x.shape),
+            sizes(x),
             batched,
-            tuple(w.shape),
+            sizes(w),
             m.stride,
             m.padding,
             m.groups,
@@ -431,8 +469,8 @@ class _Conv(Fused):
         """The memory order of a member's result (channels-last for a channels-last input,
         or for channels-last weights, on the CPU), learned from member 0's; contiguous where
         it cannot be learned (see ``Fused.member_layout``)."""
-        x0 = x[0] if batched else x
-        key = (tuple(x0.shape), x0.stride(), tuple(w.shape[1:]), w.stride()[1:], x.dtype, x.device)
+        x0 = settled(x[0] if batched else x)
+        key = (sizes(x0), x0.stride(), sizes(w)[1:], w.stride()[1:], x.dtype, x.device)
         bias = None if b is None else b[0]
         return self.member_layout(key, lambda: self.orig._conv_forward(x0, w[0], bias))[0]
 
@@ -744,8 +782,8 @@ class _Pool(Fused):
             return y
         # where the layout is seen, the input has the member's (see fused.mark_unseen_layouts):
         # the result as the member's pooling lays it out (channels-last stays channels-last)
-        x0 = x[0]
-        key = (tuple(x0.shape), x0.stride(), x.dtype, x.device)
+        x0 = settled(x[0])
+        key = (sizes(x0), x0.stride(), x.dtype, x.device)
         order, known = self.member_layout(key, lambda: self.orig(x0))
         return in_member_order(y, order) if known else y.contiguous()
 

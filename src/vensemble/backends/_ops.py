@@ -27,6 +27,7 @@ __all__ = [
     "RANDOM_METHODS",
     "Elementwise",
     "Expand",
+    "IntoMemberCopies",
     "make_op",
 ]
 
@@ -303,6 +304,20 @@ class _FillPerMember(Elementwise):
         mask = args[0] if args else kwargs["mask"]
         value = args[1] if len(args) > 1 else kwargs["value"]
         return x.copy_(torch.where(mask, value, x))
+
+
+class IntoMemberCopies(Elementwise):
+    """An augmented assignment (``out += v``) into a value the forward made, the same for
+    every member, with a per-member right side: each member's value is its own tensor, so it
+    is copied per member first (the caller makes sure nothing else refers to it), then
+    written in place, with the in-place op's rules (its dtype kept, its shape not broadcast)."""
+
+    how = "fused: the shared value copied per member, then written in place"
+
+    def forward(self, left: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(left, Tensor):
+            left = left.unsqueeze(0).expand(self.n, *left.shape).clone()
+        return super().forward(left, *args, **kwargs)
 
 
 class _MemoryFormat(Op):

@@ -47,6 +47,7 @@ from ._ops import (
     RANDOM_METHODS,
     Elementwise,
     Expand,
+    IntoMemberCopies,
     Op,
     _DimMethod,
     _Logical,
@@ -411,19 +412,27 @@ def _trace(template: nn.Module, concrete: dict[str, Any], constants: dict[str, A
 _IN_PLACE_OPERATORS = frozenset(IN_PLACE_OPERATORS) | {operator.setitem}
 
 
-_OUT_OF_PLACE = {
-    operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
-    operator.itruediv: operator.truediv, operator.ifloordiv: operator.floordiv,
-    operator.imod: operator.mod, operator.ipow: operator.pow, operator.iand: operator.and_,
-    operator.ior: operator.or_, operator.ixor: operator.xor, operator.ilshift: operator.lshift,
-    operator.irshift: operator.rshift, operator.imatmul: operator.matmul,
-}  # fmt: skip
+# What makes new memory that nothing else refers to yet: a shared value made by one of these,
+# written in place only by a per-member augmented assignment (its one reader), may be copied
+# per member first (out = torch.zeros_like(x); out += layer(x)): each member's is its own
+_FRESH_FUNCTIONS = frozenset({
+    torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like, torch.zeros,
+    torch.ones, torch.full, torch.empty, torch.clone, torch.add, torch.sub, torch.mul, torch.div,
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.floordiv, operator.mod,
+    operator.pow, operator.neg, operator.matmul,
+})  # fmt: skip
+_FRESH_METHODS = frozenset({"clone", "new_zeros", "new_ones", "new_full", "new_empty", "add",
+                            "sub", "mul", "div"})  # fmt: skip
 
 
-def _made_here(value: Any) -> bool:
-    """Whether ``value`` is a tensor the forward computed (not an input, a parameter or a
-    buffer: a write into those must reach them)."""
-    return isinstance(value, fx.Node) and value.op in ("call_function", "call_method")
+def _fresh_for(value: Any, writer: fx.Node) -> bool:
+    """Whether ``value`` is new memory that only ``writer`` reads (see ``_FRESH_FUNCTIONS``):
+    not an input or a view of one, and no alias of it taken before the write."""
+    if not isinstance(value, fx.Node) or set(value.users) != {writer}:
+        return False
+    if value.op == "call_function":
+        return value.target in _FRESH_FUNCTIONS
+    return value.op == "call_method" and value.target in _FRESH_METHODS
 
 
 def _written_back(value: fx.Proxy, target: str) -> bool:
@@ -565,13 +574,11 @@ def build_program(call: Call, key: Hashable) -> FusedProgram:
                 flag[node] = False
                 continue
             attr = args[1] if node.target is getattr and len(args) > 1 else None
-            target = node.target
-            if target in _OUT_OF_PLACE and not flags[0] and _made_here(args[0]):
-                # a value the forward made, the same for every member, meets a per-member one
-                # (out = zeros_like(x); out += layer(x)): each member's would be its own
-                # tensor, so the stacked result is new memory too
-                target = _OUT_OF_PLACE[target]
-            op = make_op(target, node.op == "call_method", flags, kwflags, n, randomness, attr)
+            op = make_op(node.target, node.op == "call_method", flags, kwflags, n, randomness, attr)
+            if node.target in IN_PLACE_OPERATORS and not flags[0] and _fresh_for(args[0], node):
+                op = IntoMemberCopies(
+                    node.target, False, (True, *flags[1:]), kwflags, n, randomness
+                )
             if (
                 isinstance(op, Elementwise)
                 and node.op == "call_function"
@@ -579,7 +586,7 @@ def build_program(call: Call, key: Hashable) -> FusedProgram:
                 and args
                 and nodes_in((args, kwargs)) == [args[0]]
             ):  # one tensor (the batched first argument): nothing to align, call the function
-                op.direct = target
+                op.direct = node.target
             target = add(op, "_op")
             env[node] = new.call_module(
                 target, tuple(mapped(a) for a in args), {k: mapped(v) for k, v in kwargs.items()}
