@@ -400,7 +400,11 @@ def _trace(template: nn.Module, concrete: dict[str, Any], constants: dict[str, A
         # what the forwards stored on their modules while tracing (``self.last = h``: a Proxy)
         stored = put_back_attributes(held)
     for path, name, value in stored:
-        if isinstance(value, fx.Proxy) and not _written_back(value, f"{path}.{name}".lstrip(".")):
+        module = template.get_submodule(path)
+        own = name in module._buffers or name in module._parameters  # stacked: per member
+        if isinstance(value, fx.Proxy) and not (
+            own and _written_back(value, f"{path}.{name}".lstrip("."))
+        ):
             # a side effect the program would drop
             raise Untraceable(
                 f"the forward of '{path or type(template).__name__}' stores '{name}' on the "
@@ -428,7 +432,7 @@ _FRESH_METHODS = frozenset({"clone", "new_zeros", "new_ones", "new_full", "new_e
 def _fresh_for(value: Any, writer: fx.Node) -> bool:
     """Whether ``value`` is new memory that only ``writer`` reads (see ``_FRESH_FUNCTIONS``):
     not an input or a view of one, and no alias of it taken before the write."""
-    if not isinstance(value, fx.Node) or set(value.users) != {writer}:
+    if not isinstance(value, fx.Node) or set(value.users) != {writer} or "out" in value.kwargs:
         return False
     if value.op == "call_function":
         return value.target in _FRESH_FUNCTIONS
