@@ -610,6 +610,34 @@ def test_a_jit_trace_keeps_the_layout_learned_before():
         torch.testing.assert_close(traced(x), expected, atol=1e-12, rtol=0)
 
 
+class _ExpandsThenWrites(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.c(x.expand(-1, 3, -1, -1))  # one channel to three: stride 0
+        h.contiguous().mul_(0)  # a view only if h is contiguous
+        return h
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("kind", ["expanded", "transposed"])
+def test_a_batch_of_one_with_an_odd_layout_is_laid_out_as_the_members(kind, batch):
+    # size-1 dims and stride-0 dims: torch's layout rules read their strides
+    torch.manual_seed(0)
+    if kind == "expanded":
+        members = [_ExpandsThenWrites().double() for _ in range(N)]
+        x = torch.randn(batch, 1, 8, 8, dtype=torch.float64)
+    else:
+        members = [_LayoutWritten("contiguous").double() for _ in range(N)]
+        x = torch.randn(batch, 8, 8, 3, dtype=torch.float64).transpose(1, 3)
+    with torch.no_grad():
+        expected = torch.stack([m(x) for m in members])
+        out = ve.Ensemble(copy.deepcopy(members), backend="fused")(x)
+    torch.testing.assert_close(out, expected, atol=1e-12, rtol=0)
+
+
 def _layout_flags(ens: ve.Ensemble) -> dict[str, bool]:
     from vensemble.backends._layers import Fused
 
@@ -1372,6 +1400,60 @@ def test_a_per_member_augmented_assignment_into_a_shared_value_follows_the_in_pl
         expected.sum().backward()
         for i, m in enumerate(members):
             torch.testing.assert_close(ens.a.weight.grad[i], m.a.weight.grad, atol=1e-12, rtol=0)
+
+
+class _PowThenAccumulates(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = 2**x  # pow saves its result for the backward
+        out += self.a(x)  # ... which this overwrites: the member's backward raises
+        return out
+
+
+@pytest.mark.parametrize("backend", ["fused", "auto"])
+def test_a_write_into_what_pow_saved_breaks_the_backward_as_in_the_member(backend):
+    torch.manual_seed(0)
+    members = [_PowThenAccumulates() for _ in range(N)]
+    x = torch.randn(5, 4, requires_grad=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        members[0](x).sum().backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ve.FallbackWarning)
+        out = ve.Ensemble(copy.deepcopy(members), backend=backend)(x)
+    torch.testing.assert_close(out, torch.stack([m(x) for m in members]))
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
+
+
+class _BumpsItsBias(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.a.bias.add_(1.0)  # raises under autograd (a leaf), runs without
+        return self.a(x)
+
+
+def test_auto_does_not_time_forwards_alone_after_a_forward_raised_under_autograd():
+    # only a backward's failure is retried without autograd: here the forward itself raised,
+    # and timing it without autograd wrote into the parameters again and again
+    torch.manual_seed(0)
+    members = [_BumpsItsBias() for _ in range(N)]
+    x = torch.randn(8, 4)
+    changes = {}
+    for backend in ("fused", "auto"):
+        ens = ve.Ensemble(copy.deepcopy(members), backend=backend)
+        before = ens.a.bias.detach().clone()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ve.FallbackWarning)
+            with pytest.raises(RuntimeError):  # (the loop's: a view of the stacked bias)
+                ens(x)
+        changes[backend] = (ens.a.bias.detach() - before).unique().tolist()
+    assert changes["auto"] == changes["fused"]
 
 
 class _OverwritesWhatSigmoidSaved(nn.Module):

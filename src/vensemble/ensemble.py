@@ -27,7 +27,7 @@ from .backends import (
     loop_forward,
     strict_vmap_forward,
 )
-from .backends._autotune import measure_paths, measuring_allowed
+from .backends._autotune import BackwardFailed, measure_paths, measuring_allowed
 from .backends._call import copy_buffers, restore_buffers, rng_snapshot, state_device
 from .backends._layers import _is_compiling, _jit_tracing
 from .backends.folded import FoldedPlan, folded_program
@@ -771,12 +771,10 @@ class Ensemble(nn.Module):
             )
             try:
                 timings = measure(backward_to=trainable if torch.is_grad_enabled() else None)
-            except Exception:
-                if not torch.is_grad_enabled():
-                    raise
+            except BackwardFailed:
                 # a backward the member's own forward would break too (h = sigmoid(z);
-                # h += 1 overwrites what sigmoid saved): the call asks for the forward only,
-                # and the forwards are timed alone (a forward's own error is raised here)
+                # h += 1 overwrites what sigmoid saved), where the forward ran: the call asks
+                # for the forward only, so the forwards are timed alone
                 timings = measure(backward_to=None)
             timings.setdefault("loop", math.inf)  # explain() says it raised
             device = state_device(call.state) or torch.device("cpu")

@@ -11,6 +11,7 @@ import torch.utils._pytree as pytree
 from torch import Tensor
 
 __all__ = [
+    "BackwardFailed",
     "autotune",
     "choices",
     "decide",
@@ -176,13 +177,21 @@ def measure_paths(
 _FAR_BEHIND = 3.0  # a path this many times slower than the best in one run is out
 
 
+class BackwardFailed(Exception):
+    """A timed run's backward raised where its forward ran (``h = sigmoid(z); h += 1``
+    overwrites what sigmoid saved): the call itself may ask for the forward only."""
+
+
 def _with_backward(fn: Callable[[], Any], inputs: list[Tensor]) -> Callable[[], Any]:
     def run() -> Any:
         out = fn()
         outs = [t for t in pytree.tree_leaves(out) if isinstance(t, Tensor) and t.requires_grad]
         if outs:
             ones = [torch.ones_like(t) for t in outs]
-            torch.autograd.grad(outs, inputs, grad_outputs=ones, allow_unused=True)
+            try:
+                torch.autograd.grad(outs, inputs, grad_outputs=ones, allow_unused=True)
+            except Exception as err:
+                raise BackwardFailed(f"{type(err).__name__}: {err}") from err
         return out
 
     return run

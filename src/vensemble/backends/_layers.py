@@ -98,29 +98,19 @@ def in_member_order(y: Tensor, order: tuple[int, ...] | None) -> Tensor:
 
 
 def settled(t: Tensor) -> Tensor:
-    """``t`` with each size-1 dim's stride what a dense tensor in ``t``'s memory order gives
-    it (a copy only where one differs). Such a stride changes no element's place, but torch's
-    layout rules read it: a compiled program may give a batch of 1 any stride there, where
-    the eager member's tensor has the dense one (pooling it would pick another layout)."""
-    shape = t.shape
-    if 1 not in shape or t.ndim < 2:
+    """``t`` as the eager program would hold it, where a compiled one may differ: the stride
+    of a size-1 dim (which moves no element, but torch's layout rules read it: a compiled
+    batch of 1 can carry a stride there that makes pooling pick another layout). Under
+    ``torch.compile`` each size-1 dim gets the stride a dense tensor gives it, the span of
+    the dims after it (a view: no copy); eager tensors are returned as they are."""
+    if not _is_compiling() or t.ndim < 2 or 1 not in t.shape:
         return t
-    stride = t.stride()
-    real = sorted((d for d in range(t.ndim) if shape[d] != 1), key=lambda d: (-stride[d], d))
-    order: list[int] = []
-    ones = [d for d in range(t.ndim) if shape[d] == 1]
-    for d in real:  # each size-1 dim goes before the first real dim after it in index order
-        order += [o for o in ones if o < d and o not in order]
-        order.append(d)
-    order += [o for o in ones if o not in order]
-    dense = [0] * t.ndim
-    step = 1
-    for d in reversed(order):
-        dense[d] = step
-        step *= shape[d]
-    if tuple(dense) == stride:
-        return t
-    return torch.empty_strided(shape, dense, dtype=t.dtype, device=t.device).copy_(t)
+    shape, stride = t.shape, list(t.stride())
+    for d in range(t.ndim):
+        if shape[d] == 1:
+            spans = [stride[r] * shape[r] for r in range(d + 1, t.ndim) if shape[r] != 1]
+            stride[d] = max(spans, default=1)
+    return t.as_strided(shape, stride)
 
 
 class Fused(nn.Module):

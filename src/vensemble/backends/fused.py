@@ -419,11 +419,12 @@ _IN_PLACE_OPERATORS = frozenset(IN_PLACE_OPERATORS) | {operator.setitem}
 # What makes new memory that nothing else refers to yet: a shared value made by one of these,
 # written in place only by a per-member augmented assignment (its one reader), may be copied
 # per member first (out = torch.zeros_like(x); out += layer(x)): each member's is its own
+# (not pow: 2 ** x saves its result for the backward, which the member's write would break)
 _FRESH_FUNCTIONS = frozenset({
     torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like, torch.zeros,
     torch.ones, torch.full, torch.empty, torch.clone, torch.add, torch.sub, torch.mul, torch.div,
     operator.add, operator.sub, operator.mul, operator.truediv, operator.floordiv, operator.mod,
-    operator.pow, operator.neg, operator.matmul,
+    operator.neg, operator.matmul,
 })  # fmt: skip
 _FRESH_METHODS = frozenset({"clone", "new_zeros", "new_ones", "new_full", "new_empty", "add",
                             "sub", "mul", "div"})  # fmt: skip
