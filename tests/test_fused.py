@@ -1478,6 +1478,34 @@ def test_auto_runs_a_forward_whose_backward_would_raise_as_the_member_does():
         out.sum().backward()
 
 
+class _NormalisesObservations(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 3)
+        self.register_buffer("mu", torch.randn(4))
+        self.register_buffer("sd", torch.rand(4) + 0.5)
+
+    def forward(self, obs: Tensor) -> Tensor:
+        x = obs.float()  # uint8 observations: new memory
+        x -= self.mu  # per-member statistics, written in place
+        x /= self.sd
+        return self.a(x)
+
+
+def test_a_conversion_of_a_shared_input_takes_per_member_augmented_assignments_fused():
+    # after fe5033d this fell back to a per-member loop (4.5x slower): the conversion's new
+    # memory is copied per member, as each member's own conversion is its own tensor
+    torch.manual_seed(0)
+    members = [_NormalisesObservations() for _ in range(N)]
+    obs = torch.randint(0, 255, (6, 4), dtype=torch.uint8)
+    ens = ve.Ensemble(copy.deepcopy(members), backend="fused")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # fused, no fallback
+        out = ens(obs)
+    torch.testing.assert_close(out, torch.stack([m(obs) for m in members]))
+    assert "IntoMemberCopies" in str(ens._fused.programs)
+
+
 class _WritesThroughAFormat(nn.Module):
     def __init__(self, method: str, fmt: torch.memory_format) -> None:
         super().__init__()

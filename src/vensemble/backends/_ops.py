@@ -314,8 +314,20 @@ class IntoMemberCopies(Elementwise):
 
     how = "fused: the shared value copied per member, then written in place"
 
-    def forward(self, left: Any, *args: Any, **kwargs: Any) -> Any:
+    def forward(self, left: Any, *args: Any, _sources: Any = (), **kwargs: Any) -> Any:
+        """``_sources``: where ``left`` is a conversion, what it converted: if it returned
+        one of them itself (no copy), the write must reach that shared tensor once per
+        member, as the loop's does: this path refuses (the fallback decides)."""
         if isinstance(left, Tensor):
+            storage = left.untyped_storage().data_ptr()
+            if any(
+                isinstance(t, Tensor) and t.untyped_storage().data_ptr() == storage
+                for t in _sources
+            ):
+                raise RuntimeError(
+                    "an augmented assignment with a per-member value into a shared tensor "
+                    "(a conversion returned its input itself)"
+                )
             left = left.unsqueeze(0).expand(self.n, *left.shape).clone()
         return super().forward(left, *args, **kwargs)
 

@@ -440,6 +440,21 @@ def _fresh_for(value: Any, writer: fx.Node) -> bool:
     return value.op == "call_method" and value.target in _FRESH_METHODS
 
 
+# Conversions that make new memory, saved by no backward, unless they return their input
+# itself (x.float() of a float tensor): checked when the program runs (see IntoMemberCopies)
+_CONVERSIONS = frozenset({"float", "double", "half", "bfloat16", "to", "type_as", "contiguous"})
+
+
+def _converted_for(value: Any, writer: fx.Node) -> bool:
+    """Whether ``value`` is a conversion (``x = obs.float()``) that only ``writer`` reads."""
+    return (
+        isinstance(value, fx.Node)
+        and set(value.users) == {writer}
+        and value.op == "call_method"
+        and value.target in _CONVERSIONS
+    )
+
+
 def _written_back(value: fx.Proxy, target: str) -> bool:
     """Whether ``value``, assigned to the module attribute ``target``, is that attribute
     itself, modified in place (``self.count += 1``: Python assigns the result back). The
@@ -580,10 +595,19 @@ def build_program(call: Call, key: Hashable) -> FusedProgram:
                 continue
             attr = args[1] if node.target is getattr and len(args) > 1 else None
             op = make_op(node.target, node.op == "call_method", flags, kwflags, n, randomness, attr)
-            if node.target in IN_PLACE_OPERATORS and not flags[0] and _fresh_for(args[0], node):
+            sources: tuple[Any, ...] | None = None
+            if node.target in IN_PLACE_OPERATORS and not flags[0]:
+                if _fresh_for(args[0], node):
+                    sources = ()
+                elif _converted_for(args[0], node):  # new memory unless it returned its input
+                    sources = tuple(env[x] for x in nodes_in(args[0].args))
+            if sources is not None:
                 op = IntoMemberCopies(
                     node.target, False, (True, *flags[1:]), kwflags, n, randomness
                 )
+                if sources:
+                    kwargs = {**kwargs, "_sources": sources}
+                    op.kwflags = {**kwflags, "_sources": False}
             if (
                 isinstance(op, Elementwise)
                 and node.op == "call_function"
@@ -594,7 +618,9 @@ def build_program(call: Call, key: Hashable) -> FusedProgram:
                 op.direct = node.target
             target = add(op, "_op")
             env[node] = new.call_module(
-                target, tuple(mapped(a) for a in args), {k: mapped(v) for k, v in kwargs.items()}
+                target,
+                tuple(mapped(a) for a in args),
+                {k: v if k == "_sources" else mapped(v) for k, v in kwargs.items()},
             )
             flag[node] = op.batched_output
             parts[f"{getattr(node.target, '__name__', node.target)} ({node.name})"] = op
