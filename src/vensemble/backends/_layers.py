@@ -108,8 +108,11 @@ def settled(t: Tensor) -> Tensor:
     shape, stride = t.shape, list(t.stride())
     for d in range(t.ndim):
         if shape[d] == 1:
-            spans = [stride[r] * shape[r] for r in range(d + 1, t.ndim) if shape[r] != 1]
-            stride[d] = max(spans, default=1)
+            span = 1  # (a plain loop: dynamo does not take max(..., default=))
+            for r in range(d + 1, t.ndim):
+                if shape[r] != 1 and stride[r] * shape[r] > span:
+                    span = stride[r] * shape[r]
+            stride[d] = span
     return t.as_strided(shape, stride)
 
 
