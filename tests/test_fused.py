@@ -16,6 +16,13 @@ import vensemble as ve
 N = 3
 
 
+def _call_without_fallback(ens: ve.Ensemble, *args: Tensor) -> Tensor:
+    """``ens(*args)``, failing on any warning: the fused program ran, nothing fell back."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        return ens(*args)
+
+
 def _layer_cases() -> list:
     c = pytest.param
     return [
@@ -1109,9 +1116,7 @@ def test_dropout_in_eval_mode_on_a_shared_input_keeps_the_member_dim(shape):
     ens = ve.Ensemble.from_factory(make, 3, backend="fused").eval()
     alone = ens.unstack()
     x = torch.randn(shape)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # fused, no fallback
-        out = ens(x)
+    out = _call_without_fallback(ens, x)
     torch.testing.assert_close(out, torch.stack([m(x) for m in alone]), atol=1e-6, rtol=1e-5)
 
 
@@ -1147,9 +1152,7 @@ def test_tensor_ops_with_new_dims_or_keyword_names_stay_fused_and_exact(which):
     ens = ve.Ensemble.from_factory(lambda: _OpsByName(which), 2, backend="fused").double()
     alone = ens.unstack()
     x = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # fused, no fallback to vmap
-        out = ens(x)
+    out = _call_without_fallback(ens, x)
     expected = torch.stack([m(x) for m in alone])
     torch.testing.assert_close(out, expected, atol=1e-12, rtol=1e-12)
     grads = torch.autograd.grad(out.square().sum(), [x, ens.get_parameter("lin.weight")])
@@ -1348,9 +1351,7 @@ def test_a_shared_value_the_forward_made_takes_a_per_member_augmented_assignment
     members = [_Accumulator().double() for _ in range(N)]
     ens = ve.Ensemble(copy.deepcopy(members), backend="fused")
     x = torch.randn(5, 4, dtype=torch.float64)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # fused, no fallback
-        out = ens(x)
+    out = _call_without_fallback(ens, x)
     torch.testing.assert_close(out, torch.stack([m(x) for m in members]), atol=1e-12, rtol=0)
 
 
@@ -1499,9 +1500,7 @@ def test_a_conversion_of_a_shared_input_takes_per_member_augmented_assignments_f
     members = [_NormalisesObservations() for _ in range(N)]
     obs = torch.randint(0, 255, (6, 4), dtype=torch.uint8)
     ens = ve.Ensemble(copy.deepcopy(members), backend="fused")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # fused, no fallback
-        out = ens(obs)
+    out = _call_without_fallback(ens, obs)
     torch.testing.assert_close(out, torch.stack([m(obs) for m in members]))
     assert "IntoMemberCopies" in str(ens._fused.programs)
 
@@ -1533,9 +1532,7 @@ def test_a_memory_format_change_copies_where_the_members_does(method, fmt, layou
         x = x.contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         expected = torch.stack([m(x) for m in members])
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")  # fused, no fallback
-            out = ve.Ensemble(copy.deepcopy(members), backend="fused")(x)
+        out = _call_without_fallback(ve.Ensemble(copy.deepcopy(members), backend="fused"), x)
     torch.testing.assert_close(out, expected, atol=1e-12, rtol=0)
 
 

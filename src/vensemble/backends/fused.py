@@ -430,29 +430,25 @@ _FRESH_METHODS = frozenset({"clone", "new_zeros", "new_ones", "new_full", "new_e
                             "sub", "mul", "div"})  # fmt: skip
 
 
-def _fresh_for(value: Any, writer: fx.Node) -> bool:
-    """Whether ``value`` is new memory that only ``writer`` reads (see ``_FRESH_FUNCTIONS``):
-    not an input or a view of one, and no alias of it taken before the write."""
-    if not isinstance(value, fx.Node) or set(value.users) != {writer} or "out" in value.kwargs:
-        return False
-    if value.op == "call_function":
-        return value.target in _FRESH_FUNCTIONS
-    return value.op == "call_method" and value.target in _FRESH_METHODS
-
-
 # Conversions that make new memory, saved by no backward, unless they return their input
 # itself (x.float() of a float tensor): checked when the program runs (see IntoMemberCopies)
 _CONVERSIONS = frozenset({"float", "double", "half", "bfloat16", "to", "type_as", "contiguous"})
 
 
-def _converted_for(value: Any, writer: fx.Node) -> bool:
-    """Whether ``value`` is a conversion (``x = obs.float()``) that only ``writer`` reads."""
-    return (
-        isinstance(value, fx.Node)
-        and set(value.users) == {writer}
-        and value.op == "call_method"
-        and value.target in _CONVERSIONS
-    )
+def _fresh_for(value: Any, writer: fx.Node) -> str | None:
+    """Whether ``value`` is new memory that only ``writer`` reads: ``"fresh"`` for one of
+    ``_FRESH_FUNCTIONS`` / ``_FRESH_METHODS`` (not an input or a view of one, no alias of it
+    taken before the write), ``"conversion"`` for one of ``_CONVERSIONS`` (``x = obs.float()``:
+    new memory unless it returned its input, checked when the program runs), else ``None``."""
+    if not isinstance(value, fx.Node) or set(value.users) != {writer} or "out" in value.kwargs:
+        return None
+    if value.op == "call_function":
+        return "fresh" if value.target in _FRESH_FUNCTIONS else None
+    if value.op != "call_method":
+        return None
+    if value.target in _FRESH_METHODS:
+        return "fresh"
+    return "conversion" if value.target in _CONVERSIONS else None
 
 
 def _written_back(value: fx.Proxy, target: str) -> bool:
@@ -595,18 +591,13 @@ def build_program(call: Call, key: Hashable) -> FusedProgram:
                 continue
             attr = args[1] if node.target is getattr and len(args) > 1 else None
             op = make_op(node.target, node.op == "call_method", flags, kwflags, n, randomness, attr)
-            sources: tuple[Any, ...] | None = None
-            if node.target in IN_PLACE_OPERATORS and not flags[0]:
-                if _fresh_for(args[0], node):
-                    sources = ()
-                elif _converted_for(args[0], node):  # new memory unless it returned its input
-                    sources = tuple(env[x] for x in nodes_in(args[0].args))
-            if sources is not None:
+            fresh = _fresh_for(args[0], node) if node.target in IN_PLACE_OPERATORS else None
+            if fresh is not None and not flags[0]:
                 op = IntoMemberCopies(
                     node.target, False, (True, *flags[1:]), kwflags, n, randomness
                 )
-                if sources:
-                    kwargs = {**kwargs, "_sources": sources}
+                if fresh == "conversion":  # new memory unless it returned its input
+                    kwargs = {**kwargs, "_sources": tuple(env[x] for x in nodes_in(args[0].args))}
                     op.kwflags = {**kwflags, "_sources": False}
             if (
                 isinstance(op, Elementwise)
@@ -716,9 +707,10 @@ def _layout_unseen(source: fx.Node, root: dict[str, Any]) -> bool:
                 return False  # it lays its result out as the member's, from its input's
             if isinstance(reader, (*READS_ANY_LAYOUT, _Logical)):
                 continue
-            if isinstance(reader, Elementwise) and (
-                (reader.is_method and reader.target == "contiguous")
-                or "memory_format" in user.kwargs  # .to(memory_format=...)
+            if (
+                isinstance(reader, Elementwise)
+                and reader.is_method
+                and reader.target == "contiguous"
             ):
                 return False  # the member's may return its input itself, the stacked one a copy
             if not isinstance(reader, (Elementwise, *LAYOUT_BLIND)) and not (
