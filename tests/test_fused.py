@@ -555,10 +555,10 @@ def test_a_seen_conv_and_pooling_lay_out_their_result_as_the_loops_member(
         x = x.contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         expected = ve.Ensemble(copy.deepcopy(members), backend="loop")(x)
-        if dtype == torch.float64 or layout != "contiguous":  # (see the README: float32
-            # CPU conv weights are stored channels-last; the member's own are contiguous)
-            own = torch.stack([m(x) for m in members])
-            torch.testing.assert_close(expected, own, atol=1e-12, rtol=0)
+        own = torch.stack([m(x) for m in members])  # the loop runs each member as it runs alone
+        torch.testing.assert_close(
+            expected, own, atol=1e-12 if dtype == torch.float64 else 1e-5, rtol=0
+        )
     monkeypatch.setattr(_layers, "autotune", lambda key, cands, device: list(cands)[kernel])
     ens = ve.Ensemble(copy.deepcopy(members), backend="fused")
     tol = 1e-12 if dtype == torch.float64 else 1e-5
@@ -592,9 +592,11 @@ def test_a_seen_conv_is_laid_out_as_the_members_under_deterministic_algorithms(k
 def test_a_seen_conv_under_compile_learns_each_new_shapes_layout():
     # a batch size first seen inside the compiled program (the last, partial batch) had its
     # conv and pooling results made contiguous where the loop's member lays them out
-    # channels-last (float32 CPU weights are stored so)
+    # channels-last (the members' weights are)
     torch.manual_seed(0)
-    members = [_LayoutWritten("pool-reshape") for _ in range(N)]
+    members = [
+        _LayoutWritten("pool-reshape").to(memory_format=torch.channels_last) for _ in range(N)
+    ]
     ens = ve.Ensemble(copy.deepcopy(members), backend="fused", compile=True)
     loop = ve.Ensemble(copy.deepcopy(members), backend="loop")
     with torch.no_grad():

@@ -162,27 +162,67 @@ def _cnn() -> nn.Module:
     )
 
 
-def test_conv2d_weights_are_channels_last_per_member_on_the_cpu():
+def _channels_last_cnn() -> nn.Module:
+    return _cnn().to(memory_format=torch.channels_last)
+
+
+def test_conv2d_weights_keep_the_members_memory_format():
     from vensemble._layout import channels_last_members
 
-    ens = ve.Ensemble.from_factory(_cnn, 3)
+    plain = ve.Ensemble.from_factory(_cnn, 3)
+    for name in ("0.weight", "3.weight"):  # float32 on the CPU included: the member's layout
+        assert plain.get_parameter(name).is_contiguous(), name
+    assert all(p.is_contiguous() for m in plain.unstack() for p in m.parameters())
+
+    ens = ve.Ensemble.from_factory(_channels_last_cnn, 3)
     for name in ("0.weight", "3.weight"):
         w = ens.get_parameter(name)
         assert channels_last_members(w) and not w.is_contiguous(), name
         assert w[1].is_contiguous(memory_format=torch.channels_last)
-    members = ens.unstack()
-    assert all(p.is_contiguous() for m in members for p in m.parameters())
+    members = ens.unstack()  # members taken out are laid out as they went in
+    assert members[0][0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert not members[0][0].weight.is_contiguous()
     torch.testing.assert_close(
         ens.get_parameter("0.weight"), torch.stack([m[0].weight for m in members]), atol=0, rtol=0
     )
-    # float64 (mkldnn's fast channels-last path is float32) keeps the member's layout
-    double = ve.Ensemble([m.double() for m in ens.unstack()])
-    assert double.get_parameter("0.weight").is_contiguous()
+    picked = ens.select([2, 0]).get_parameter("0.weight")
+    assert channels_last_members(picked) and not picked.is_contiguous()
+    torch.testing.assert_close(picked, ens.get_parameter("0.weight")[[2, 0]], atol=0, rtol=0)
+    # a mix of layouts stacks in the default one
+    mixed = ve.Ensemble([_cnn(), _channels_last_cnn()])
+    assert mixed.get_parameter("0.weight").is_contiguous()
 
 
+class _ViewAfterConv(nn.Module):
+    """The classic CNN idiom: ``x.view(x.size(0), -1)`` after a conv and pooling, which
+    raises for a channels-last result."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.fc = nn.Linear(8 * 3 * 3, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.max_pool2d(torch.relu(self.conv(x)), 2)
+        return self.fc(x.view(x.size(0), -1))
+
+
+@pytest.mark.parametrize("backend", ["loop", "vmap", "fused", "auto"])
+def test_a_view_of_a_conv_result_runs_as_in_the_member(backend: str):
+    torch.manual_seed(0)
+    members = [_ViewAfterConv() for _ in range(3)]
+    x = torch.randn(5, 3, 8, 8)
+    with torch.no_grad():
+        expected = torch.stack([m(x) for m in members])
+        out = ve.Ensemble(members, backend=backend)(x)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels-last"])
 @pytest.mark.parametrize("backend", ["loop", "fused", "auto"])
-def test_channels_last_convs_train_like_the_members_alone(backend: str):
-    ens = ve.Ensemble.from_factory(_cnn, 3, backend=backend)
+def test_convs_train_like_the_members_alone(backend: str, layout: str):
+    factory = _cnn if layout == "contiguous" else _channels_last_cnn
+    ens = ve.Ensemble.from_factory(factory, 3, backend=backend)
     members = ens.unstack()
     lrs = [1e-2, 3e-3, 1e-3]
     opt = ve.MemberOptimizer(torch.optim.Adam, ens, lr=lrs)
@@ -205,7 +245,11 @@ def test_channels_last_convs_train_like_the_members_alone(backend: str):
             torch.testing.assert_close(ens.state_dict()[name][i], t, atol=1e-5, rtol=0, msg=name)
     from vensemble._layout import channels_last_members
 
-    assert channels_last_members(ens.get_parameter("0.weight"))  # the layout survived training
+    w = ens.get_parameter("0.weight")  # the layout survived training
+    if layout == "contiguous":
+        assert w.is_contiguous()
+    else:
+        assert channels_last_members(w) and not w.is_contiguous()
 
 
 def test_conversion_that_swaps_parameters_after_inference_calls():

@@ -11,12 +11,13 @@ parameter is its transposed view (strides ``(in * out, 1, out)``). Shapes, names
 ``torch.optim`` preserve strides), files are written contiguous, and members taken out with
 ``Ensemble.member`` are ordinary contiguous modules.
 
-Stacked ``nn.Conv2d`` weights (float32, on the CPU) are stored with each member's slice
-channels-last: the CPU conv kernels (oneDNN) then run every member's convolution, and the
-layers after it, in the channels-last format, which measured 5-10% faster for the benchmark CNN
-(8 members, two 3x3 convs with BatchNorm, batch 32, 32x32) than the same loop over the members'
-own weights; results agree with the members' to float rounding (a different conv algorithm).
-A CUDA or float64 ensemble keeps the member's layout.
+Stacked ``nn.Conv2d`` weights keep the members' own memory format: each member's slice is
+channels-last when the members' weights are (``model.to(memory_format=torch.channels_last)``
+before stacking), contiguous otherwise. The format decides the format of the convolution's
+output inside the forward, and with it whether a ``view`` of that output works (the classic
+``x.view(x.size(0), -1)`` raises on a channels-last result): the ensemble must run every
+member as the member runs alone. (Storing float32 CPU weights channels-last regardless made
+the benchmark CNN 5-10% faster and broke that idiom in the loop and vmap backends.)
 
 Weights tied to another module (an embedding shared with an output layer, say), parametrized
 weights and large weights keep the ordinary layout; the batched ``Linear`` handles both. Large:
@@ -39,7 +40,11 @@ __all__ = [
     "channels_last_members",
     "contiguous_order",
     "in_major",
+    "in_member_format",
+    "member_format",
     "member_rows",
+    "restacked_like",
+    "stacked_like",
     "use_kernel_layout",
 ]
 
@@ -76,7 +81,77 @@ def _channels_last_copy(w: Tensor) -> Tensor:
     _, o, c, kh, kw = w.shape
     strides = (o * c * kh * kw, c * kh * kw, 1, kw * c, c)
     new = torch.empty_strided(w.shape, strides, dtype=w.dtype, device=w.device)
-    return new.copy_(w)
+    return new.copy_(w) if w.device.type != "meta" else new
+
+
+def stacked_like(members: list[Tensor]) -> Tensor:
+    """The members' tensors stacked along a new leading dim, each slice in the members' own
+    memory format where all of them share a non-default one (channels-last conv weights);
+    contiguous otherwise.
+
+    Example:
+        >>> w = torch.zeros(4, 3, 3, 3).contiguous(memory_format=torch.channels_last)
+        >>> channels_last_members(stacked_like([w, w])), stacked_like([w, w]).shape
+        (True, torch.Size([2, 4, 3, 3, 3]))
+    """
+    stacked = torch.stack(members)
+    if all(_is_channels_last(t) for t in members) and stacked.device.type != "meta":
+        return _channels_last_copy(stacked)
+    return stacked
+
+
+def restacked_like(t: Tensor, like: Tensor) -> Tensor:
+    """``t`` (stacked members, e.g. some of ``like``'s) in ``like``'s per-member format."""
+    if member_format(like) == torch.channels_last and member_format(t) != torch.channels_last:
+        return _channels_last_copy(t)
+    return t
+
+
+def in_member_format(t: Tensor, fmt: torch.memory_format) -> Tensor:
+    """Stacked ``t`` with each member's slice in memory format ``fmt`` (``t`` itself when it is
+    so already), as ``nn.Module.to(memory_format=fmt)`` lays out one model's tensors: only
+    members' 4-d and 5-d tensors are converted; ``channels_last`` wants 4-d, ``channels_last_3d``
+    5-d.
+
+    Example:
+        >>> w = in_member_format(torch.zeros(2, 4, 3, 5, 5), torch.channels_last)
+        >>> w.shape, w[1].is_contiguous(memory_format=torch.channels_last)
+        (torch.Size([2, 4, 3, 5, 5]), True)
+    """
+    rank = t.ndim - 1
+    if rank not in (4, 5) or fmt == torch.preserve_format:
+        return t
+    if fmt == torch.contiguous_format:
+        return t.contiguous()
+    want = {torch.channels_last: 4, torch.channels_last_3d: 5}.get(fmt)
+    if want != rank:
+        raise ValueError(
+            f"memory_format={fmt} wants members' tensors of rank {want}, got one of shape "
+            f"{tuple(t.shape[1:])}"
+        )
+    # members' channels (dim 2 of the stack) innermost, then the member's dims in order
+    order = (0, 1, *range(3, t.ndim), 2)
+    back = (0, 1, t.ndim - 1, *range(2, t.ndim - 1))
+    if t.permute(order).is_contiguous():
+        return t
+    return t.permute(order).contiguous().permute(back)
+
+
+def _is_channels_last(t: Tensor) -> bool:
+    """A 4-d tensor laid out channels-last and not also contiguous (a size-1 dim can make
+    both hold: then the default format is kept)."""
+    return (
+        t.ndim == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+    )
+
+
+def member_format(t: Tensor) -> torch.memory_format:
+    """The memory format a member's copy of stacked ``t``'s slice takes: channels-last for a
+    conv weight stacked so (see ``stacked_like``), contiguous for everything else (in-major
+    ``Linear`` weights included: members taken out are ordinary modules)."""
+    if channels_last_members(t) and not t[0].is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 def channels_last_members(w: Tensor) -> bool:
@@ -91,8 +166,8 @@ def channels_last_members(w: Tensor) -> bool:
 
 def use_kernel_layout(template: nn.Module) -> None:
     """Store the stacked template's ``nn.Linear`` weights in-major, in place (up to
-    ``IN_MAJOR_MAX_ELEMENTS`` per member), and its float32 CPU ``nn.Conv2d`` weights with
-    channels-last member slices.
+    ``IN_MAJOR_MAX_ELEMENTS`` per member). ``nn.Conv2d`` weights keep the layout they were
+    stacked in (see ``stacked_like``).
 
     The parameters stay the same objects (their ``.data`` is replaced), so nothing that holds
     them is left pointing at stale tensors. Weights that are tied to another module, are
@@ -109,19 +184,13 @@ def use_kernel_layout(template: nn.Module) -> None:
     uses = Counter(id(p) for _, p in template.named_parameters(remove_duplicate=False))
     with torch.no_grad():
         for m in template.modules():
-            if type(m) not in (nn.Linear, nn.Conv2d) or parametrize.is_parametrized(m):
+            if type(m) is not nn.Linear or parametrize.is_parametrized(m):
                 continue
             w = _own_weight(m, uses)
-            if w is None:
+            if w is None or w.ndim != 3 or w.shape[1] * w.shape[2] > IN_MAJOR_MAX_ELEMENTS:
                 continue
-            if type(m) is nn.Linear:
-                small = w.ndim == 3 and w.shape[1] * w.shape[2] <= IN_MAJOR_MAX_ELEMENTS
-                if small and not in_major(w):
-                    w.data = _in_major_copy(w)
-                continue
-            cpu_float = w.device.type == "cpu" and w.dtype == torch.float32  # oneDNN's fast case
-            if w.ndim == 5 and cpu_float and not channels_last_members(w):
-                w.data = _channels_last_copy(w)
+            if not in_major(w):
+                w.data = _in_major_copy(w)
 
 
 def _own_weight(m: nn.Module, uses: Counter[int]) -> nn.Parameter | None:

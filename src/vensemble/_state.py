@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from torch.nn.parameter import is_lazy
 
 from ._errors import EnsembleError
+from ._layout import member_format, restacked_like, stacked_like
 
 __all__ = [
     "fingerprint",
@@ -345,7 +346,7 @@ def stack_members(models: Sequence[nn.Module]) -> nn.Module:
     with torch.no_grad():
         for t in [*first.parameters(), *first.buffers()]:
             name = names[id(t)]
-            stacked[id(t)] = torch.stack([o[name].detach() for o in others])
+            stacked[id(t)] = stacked_like([o[name].detach() for o in others])
 
     def make_param(p: nn.Parameter) -> nn.Parameter:
         return nn.Parameter(stacked[id(p)], requires_grad=p.requires_grad)
@@ -354,22 +355,30 @@ def stack_members(models: Sequence[nn.Module]) -> nn.Module:
 
 
 def reindex_template(template: nn.Module, index: Tensor) -> nn.Module:
-    """A copy of a stacked template holding only the members in ``index`` (copied, no grad)."""
+    """A copy of a stacked template holding only the members in ``index`` (copied, no grad;
+    channels-last conv weights stay so)."""
+
+    def pick(t: Tensor) -> Tensor:
+        picked = t.detach()[index].clone()
+        return restacked_like(picked, t)
 
     def make_param(p: nn.Parameter) -> nn.Parameter:
-        return nn.Parameter(p.detach()[index].clone(), requires_grad=p.requires_grad)
+        return nn.Parameter(pick(p), requires_grad=p.requires_grad)
 
-    return _replace_state(template, make_param, lambda b: b.detach()[index].clone())
+    return _replace_state(template, make_param, pick)
 
 
 def member_module(template: nn.Module, i: int) -> nn.Module:
-    """A standalone module with member ``i``'s current weights and buffers (copied, contiguous)."""
-    fmt = torch.contiguous_format  # the template may keep some weights in a kernel's layout
+    """A standalone module with member ``i``'s current weights and buffers (copied; contiguous,
+    but for conv weights the members had channels-last: see ``vensemble._layout``)."""
 
     def make_param(p: nn.Parameter) -> nn.Parameter:
-        return nn.Parameter(p.detach()[i].clone(memory_format=fmt), requires_grad=p.requires_grad)
+        own = p.detach()[i].clone(memory_format=member_format(p))
+        return nn.Parameter(own, requires_grad=p.requires_grad)
 
-    return _replace_state(template, make_param, lambda b: b.detach()[i].clone(memory_format=fmt))
+    return _replace_state(
+        template, make_param, lambda b: b.detach()[i].clone(memory_format=member_format(b))
+    )
 
 
 def meta_skeleton(module: nn.Module) -> nn.Module:
