@@ -815,6 +815,46 @@ def test_compile_gives_the_same_answer_and_reports_its_warm_up():
         ve.Ensemble(members, compile="yes")
 
 
+class _ResidualCNN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+        self.c1 = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+        self.b1 = nn.BatchNorm2d(4)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.stem(x)
+        h = torch.relu(h + self.b1(self.c1(h)))
+        return self.head(h.mean(dim=(2, 3)))
+
+
+def test_compile_runs_a_cnn_as_one_graph_for_each_batch_size():
+    """Each layer's measured choices (kernel, result layout) are made by an eager call per
+    new input signature, so the compiled program only reads them. Before, each conv broke the
+    graph to measure, dynamo made every layer's shapes dynamic at the shared resume points,
+    and inductor failed on a new batch size ("cannot determine truth value of Relational"):
+    the call fell back to vmap."""
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    members = [_ResidualCNN() for _ in range(N)]
+    ens = ve.Ensemble(copy.deepcopy(members), backend="fused", compile=True)
+    counters.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ve.FallbackWarning)
+        for batch in (4, 3, 4, 3):
+            x = torch.randn(batch, 3, 6, 6)
+            out = ens(x)
+            expected = torch.stack([m(x) for m in members])  # train mode: stats move alike
+            torch.testing.assert_close(out, expected, atol=1e-5, rtol=0, msg=f"batch {batch}")
+            out.sum().backward()
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert "warm-up" in ens.explain()["(compile)"]
+    for name, t in ens.state_dict().items():  # running statistics updated as the members'
+        torch.testing.assert_close(t, torch.stack([m.state_dict()[name] for m in members]))
+
+
 def test_a_used_ensemble_deep_copies_and_pickles_with_fresh_programs(tmp_path):
     ens = ve.Ensemble.from_factory(lambda: nn.Sequential(nn.Linear(4, 4), nn.ReLU()), 3)
     x = torch.randn(2, 4)

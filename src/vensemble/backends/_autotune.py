@@ -89,9 +89,6 @@ def decide(key: Hashable, memo: dict[Any, T], measure: Callable[[], T], fixed: T
     return chosen
 
 
-# Measuring runs eagerly even when a call comes from inside torch.compile: dynamo would trace
-# the timed runs into the graph (and cannot trace the clock).
-@torch.compiler.disable
 def autotune(key: Hashable, candidates: dict[str, Callable[[], Any]], device: torch.device) -> str:
     """The name of the fastest candidate for ``key``; measured once (best of 3 after a warm-up).
 
@@ -100,11 +97,28 @@ def autotune(key: Hashable, candidates: dict[str, Callable[[], Any]], device: to
     and the first candidate is taken (a fixed rule: the order is the preference); where
     :func:`measuring_allowed` is False for another reason (a trace, a capture), a choice
     measured before is kept, else the first candidate is taken and nothing remembered.
+
+    Under ``torch.compile`` a choice made before is read where dynamo traces it (a guard on
+    that entry, no graph break); only a key not seen yet leaves the graph to be measured.
     """
     first = next(iter(candidates))
     if len(candidates) == 1:
         return first
+    if torch.compiler.is_compiling():
+        if torch.are_deterministic_algorithms_enabled():
+            return first
+        chosen = _CACHE.get(key)
+        if chosen is not None:
+            return chosen
+    return _measured(key, candidates, device, first)
 
+
+# Measuring runs eagerly even when a call comes from inside torch.compile: dynamo would trace
+# the timed runs into the graph (and cannot trace the clock).
+@torch.compiler.disable
+def _measured(
+    key: Hashable, candidates: dict[str, Callable[[], Any]], device: torch.device, first: str
+) -> str:
     def measure() -> str:
         with torch.no_grad():
             timings = {}

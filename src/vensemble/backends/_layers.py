@@ -31,7 +31,7 @@ _jit_tracing = torch._C._is_tracing
 def sizes(t: Tensor) -> tuple[int, ...]:
     """``t``'s shape as ints, for a key: under ``torch.jit.trace`` sizes are 0-d tensors,
     which hash by identity (a key with them never matches what was learned before)."""
-    if not _jit_tracing():
+    if _is_compiling() or not _jit_tracing():  # (dynamo cannot trace the second)
         return tuple(t.shape)
     with warnings.catch_warnings():  # (the trace is specialised to these sizes anyway)
         warnings.simplefilter("ignore", torch.jit.TracerWarning)

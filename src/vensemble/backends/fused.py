@@ -115,6 +115,19 @@ class _Submodule(nn.Module):
         return auto_forward(call, self.plan)
 
 
+def _signature(args: tuple[Any, ...]) -> tuple[Any, ...]:
+    """What decides the layers' measured choices for a call: each tensor input's shape,
+    strides, dtype and device, other inputs' types, and the autograd mode."""
+    leaves = pytree.tree_leaves(args)
+    return (
+        torch.is_grad_enabled(),
+        *[
+            (t.shape, t.stride(), t.dtype, t.device) if isinstance(t, Tensor) else type(t)
+            for t in leaves
+        ],
+    )
+
+
 def contiguous_outputs(out: Any) -> Any:
     """Outputs laid out as the loop's are (batched kernels may return transposed views)."""
     if isinstance(out, Tensor):
@@ -131,6 +144,8 @@ class FusedProgram:
     compiled: Any = None
     warmup_s: float | None = None
     no_grad: fx.GraphModule | None = None  # ``module`` with each layer's no-autograd entry
+    # the input shapes, strides and dtypes (and autograd modes) run eagerly before compiling
+    settled_for: set[Any] = field(default_factory=set)
 
     @property
     def routes(self) -> dict[str, str]:
@@ -156,10 +171,22 @@ class FusedProgram:
         return self.module.forward  # forward: GraphModule.__call__ adds nothing we need
 
     def _run_compiled(self, compile_options: dict[str, Any], *dynamic: Any) -> Any:
-        if self.compiled is None:
-            out = self.module(*dynamic)
-            self.compiled = torch.compile(self.module, **compile_options)
-            return out
+        """The compiled program; each new input signature (shapes, strides, dtypes, autograd
+        mode) first runs eagerly once. That call makes every choice the layers make by
+        measurement (a kernel, a result's layout) for those shapes, so the compiled program
+        only reads them: one graph, where a choice made inside it would break the graph at
+        each layer (and dynamo, seeing each layer's shapes at the same resume points, made them
+        all dynamic, which inductor could fail to compile)."""
+        if not _is_compiling():
+            signature = _signature(dynamic)
+            if signature not in self.settled_for:
+                self.settled_for.add(signature)
+                out = self.module(*dynamic)
+                if self.compiled is None:
+                    self.compiled = torch.compile(self.module, **compile_options)
+                return out
+        if self.compiled is None:  # (inside the caller's own torch.compile: traced through)
+            return self.module(*dynamic)
         if self.warmup_s is None:
             start = time.perf_counter()
             out = self.compiled(*dynamic)
