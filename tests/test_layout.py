@@ -193,6 +193,69 @@ def test_conv2d_weights_keep_the_members_memory_format():
     assert mixed.get_parameter("0.weight").is_contiguous()
 
 
+@pytest.mark.parametrize("in_channels, kernel", [(1, 3), (3, 1)], ids=["one-input-channel", "1x1"])
+@pytest.mark.parametrize("how", ["members converted", "ensemble converted"])
+def test_channels_last_weights_with_a_size_1_dim_keep_the_members_exact_strides(
+    in_channels, kernel, how
+):
+    """With a size-1 dim, channels-last and contiguous coincide for ``is_contiguous``, but not
+    for torch's conv, which picks its result's layout from the exact strides: a write through
+    ``reshape`` then tells them apart (diff 9.0 before the slices kept the exact strides)."""
+
+    class Written(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c = nn.Conv2d(in_channels, 3, kernel)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.c(x)
+            h.reshape(h.shape[0], -1).mul_(0)  # a view (written) only if h is contiguous
+            return h
+
+    torch.manual_seed(0)
+    members = [Written().to(memory_format=torch.channels_last) for _ in range(3)]
+    if how == "members converted":
+        ens = ve.Ensemble(members)
+    else:
+        ens = ve.Ensemble([Written() for _ in range(3)])
+        ens.load_state_dict(ve.Ensemble(members).state_dict())
+        ens.to(memory_format=torch.channels_last)
+    own = members[0].c.weight.stride()
+    assert ens.member(0).c.weight.stride() == own
+    assert ens.get_parameter("c.weight")[1].stride() == own
+    x = torch.randn(2, in_channels, 5, 5)
+    expected = torch.stack([m(x) for m in members])
+    # (not vmap: inside torch.func.vmap a result's strides are the batched tensor's, which its
+    # conv rule lays out contiguous for a one-channel weight: see the README)
+    for backend in ("loop", "fused", "auto"):
+        ens.backend = backend
+        with torch.no_grad():
+            torch.testing.assert_close(ens(x), expected, atol=1e-5, rtol=0, msg=backend)
+
+
+def test_a_memory_format_reaches_an_ensemble_inside_another_module():
+    """``model.to(memory_format=...)`` on a model holding ensembles lays out each member's
+    tensors and gradients (torch's own would apply it to the stacked 5-d tensors and raise)."""
+    torch.manual_seed(0)
+    outer = nn.ModuleDict(
+        {
+            "ens": ve.Ensemble.from_factory(_cnn, 2),
+            "mixed": ve.MixedEnsemble([_cnn(), nn.Sequential(nn.Conv2d(3, 2, 1))]),
+        }
+    )
+    outer["ens"](torch.randn(2, 3, 7, 7)).sum().backward()
+    outer.to(torch.float64, memory_format=torch.channels_last)
+    from vensemble._layout import channels_last_members
+
+    w = outer["ens"].get_parameter("0.weight")
+    assert w.dtype == torch.float64 and channels_last_members(w) and not w.is_contiguous()
+    assert w.grad is not None and w.grad.stride() == w.stride()  # as Module.to converts grads
+    for p in outer["mixed"].parameters():
+        assert p.ndim != 5 or p[0].is_contiguous(memory_format=torch.channels_last)
+    with pytest.raises(ve.EnsembleError, match=r"'0\.weight'.*rank 5"):
+        outer["ens"].to(memory_format=torch.channels_last_3d)
+
+
 class _ViewAfterConv(nn.Module):
     """The classic CNN idiom: ``x.view(x.size(0), -1)`` after a conv and pooling, which
     raises for a channels-last result."""

@@ -29,6 +29,7 @@ speed; a large layer also pays for the transposing copy whenever it is saved or 
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 
 import torch
@@ -41,8 +42,9 @@ __all__ = [
     "contiguous_order",
     "in_major",
     "in_member_format",
-    "member_format",
+    "member_copy",
     "member_rows",
+    "member_strides",
     "restacked_like",
     "stacked_like",
     "use_kernel_layout",
@@ -76,42 +78,98 @@ def _in_major_copy(w: Tensor) -> Tensor:
     return new.copy_(w) if w.device.type != "meta" else new
 
 
-def _channels_last_copy(w: Tensor) -> Tensor:
-    """``(N, O, C, kh, kw)`` with each member's ``(O, C, kh, kw)`` slice channels-last."""
-    _, o, c, kh, kw = w.shape
-    strides = (o * c * kh * kw, c * kh * kw, 1, kw * c, c)
-    new = torch.empty_strided(w.shape, strides, dtype=w.dtype, device=w.device)
-    return new.copy_(w) if w.device.type != "meta" else new
+def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(strides))
 
 
-def stacked_like(members: list[Tensor]) -> Tensor:
-    """The members' tensors stacked along a new leading dim, each slice in the members' own
-    memory format where all of them share a non-default one (channels-last conv weights);
-    contiguous otherwise.
+def _with_member_strides(t: Tensor, strides: tuple[int, ...]) -> Tensor:
+    """Stacked ``t`` copied so that each member's slice has exactly ``strides`` (members one
+    after another in memory); ``t`` itself when it is so already."""
+    numel = math.prod(t.shape[1:])
+    want = (numel, *strides)
+    if tuple(t.stride()) == want or (t.shape[0] == 1 and tuple(t.stride()[1:]) == strides):
+        return t
+    new = torch.empty_strided(t.shape, want, dtype=t.dtype, device=t.device)
+    return new.copy_(t) if t.device.type != "meta" else new
+
+
+def _dense(t: Tensor) -> bool:
+    """Whether ``t``'s elements fill its memory without gaps or overlaps, in some dim order."""
+    step = 1
+    for stride, size in sorted((st, sz) for sz, st in zip(t.shape, t.stride()) if sz != 1):
+        if stride != step:
+            return False
+        step *= size
+    return True
+
+
+def _own_strides(t: Tensor) -> tuple[int, ...] | None:
+    """A member's tensor's strides where they are to be kept: a 4-d or 5-d tensor (a conv
+    weight) densely laid out in another order than the default one (channels-last). Exact
+    strides, size-1 dims included: torch's conv picks its result's layout from them."""
+    if t.ndim not in (4, 5) or t.layout != torch.strided:
+        return None
+    strides = tuple(t.stride())
+    if strides == _contiguous_strides(tuple(t.shape)):
+        return None
+    return strides if _dense(t) else None
+
+
+def member_strides(t: Tensor) -> tuple[int, ...] | None:
+    """The strides stacked ``t``'s member slices keep (see ``stacked_like``); ``None`` where
+    they are the default contiguous ones.
 
     Example:
         >>> w = torch.zeros(4, 3, 3, 3).contiguous(memory_format=torch.channels_last)
-        >>> channels_last_members(stacked_like([w, w])), stacked_like([w, w]).shape
-        (True, torch.Size([2, 4, 3, 3, 3]))
+        >>> member_strides(stacked_like([w, w])), member_strides(torch.zeros(2, 4, 3, 3, 3))
+        ((27, 1, 9, 3), None)
     """
+    if t.ndim not in (5, 6) or t.layout != torch.strided:
+        return None
+    numel = math.prod(t.shape[1:])
+    if t.shape[0] > 1 and t.stride(0) != numel:
+        return None
+    return _own_strides(t[0])
+
+
+def stacked_like(members: list[Tensor]) -> Tensor:
+    """The members' tensors stacked along a new leading dim, each slice with the members' own
+    strides where all of them share a non-default dense layout (channels-last conv weights,
+    exactly as the members hold them); contiguous otherwise."""
     stacked = torch.stack(members)
-    if all(_is_channels_last(t) for t in members) and stacked.device.type != "meta":
-        return _channels_last_copy(stacked)
+    strides = _own_strides(members[0])
+    if strides is not None and all(tuple(t.stride()) == strides for t in members):
+        return _with_member_strides(stacked, strides)
     return stacked
 
 
 def restacked_like(t: Tensor, like: Tensor) -> Tensor:
-    """``t`` (stacked members, e.g. some of ``like``'s) in ``like``'s per-member format."""
-    if member_format(like) == torch.channels_last and member_format(t) != torch.channels_last:
-        return _channels_last_copy(t)
-    return t
+    """``t`` (stacked members, e.g. some of ``like``'s) with ``like``'s member strides."""
+    strides = member_strides(like)
+    return t if strides is None else _with_member_strides(t, strides)
+
+
+def member_copy(t: Tensor, i: int) -> Tensor:
+    """A copy of member ``i``'s slice of stacked ``t`` as the member holds it: with the strides
+    the members' conv weights were stacked with (see ``stacked_like``), contiguous for
+    everything else (in-major ``Linear`` weights included: members taken out are ordinary
+    modules)."""
+    strides = member_strides(t)
+    if strides is None:
+        return t[i].clone(memory_format=torch.contiguous_format)
+    new = torch.empty_strided(t.shape[1:], strides, dtype=t.dtype, device=t.device)
+    return new.copy_(t[i])
 
 
 def in_member_format(t: Tensor, fmt: torch.memory_format) -> Tensor:
     """Stacked ``t`` with each member's slice in memory format ``fmt`` (``t`` itself when it is
     so already), as ``nn.Module.to(memory_format=fmt)`` lays out one model's tensors: only
     members' 4-d and 5-d tensors are converted; ``channels_last`` wants 4-d, ``channels_last_3d``
-    5-d.
+    5-d. The slices get the exact strides ``torch.empty(..., memory_format=fmt)`` gives.
 
     Example:
         >>> w = in_member_format(torch.zeros(2, 4, 3, 5, 5), torch.channels_last)
@@ -121,44 +179,23 @@ def in_member_format(t: Tensor, fmt: torch.memory_format) -> Tensor:
     rank = t.ndim - 1
     if rank not in (4, 5) or fmt == torch.preserve_format:
         return t
-    if fmt == torch.contiguous_format:
-        return t.contiguous()
-    want = {torch.channels_last: 4, torch.channels_last_3d: 5}.get(fmt)
-    if want != rank:
-        raise ValueError(
-            f"memory_format={fmt} wants members' tensors of rank {want}, got one of shape "
-            f"{tuple(t.shape[1:])}"
-        )
-    # members' channels (dim 2 of the stack) innermost, then the member's dims in order
-    order = (0, 1, *range(3, t.ndim), 2)
-    back = (0, 1, t.ndim - 1, *range(2, t.ndim - 1))
-    if t.permute(order).is_contiguous():
-        return t
-    return t.permute(order).contiguous().permute(back)
-
-
-def _is_channels_last(t: Tensor) -> bool:
-    """A 4-d tensor laid out channels-last and not also contiguous (a size-1 dim can make
-    both hold: then the default format is kept)."""
-    return (
-        t.ndim == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
-    )
-
-
-def member_format(t: Tensor) -> torch.memory_format:
-    """The memory format a member's copy of stacked ``t``'s slice takes: channels-last for a
-    conv weight stacked so (see ``stacked_like``), contiguous for everything else (in-major
-    ``Linear`` weights included: members taken out are ordinary modules)."""
-    if channels_last_members(t) and not t[0].is_contiguous():
-        return torch.channels_last
-    return torch.contiguous_format
+    if fmt != torch.contiguous_format:
+        want = {torch.channels_last: 4, torch.channels_last_3d: 5}.get(fmt)
+        if want != rank:
+            raise ValueError(
+                f"memory_format={fmt} wants members' tensors of rank {want}, got one of shape "
+                f"{tuple(t.shape[1:])}"
+            )
+    strides = torch.empty(t.shape[1:], device="meta", memory_format=fmt).stride()
+    return _with_member_strides(t, tuple(strides))
 
 
 def channels_last_members(w: Tensor) -> bool:
     """Whether a stacked ``(N, O, C, kh, kw)`` conv weight has channels-last member slices.
 
     Example:
-        >>> channels_last_members(_channels_last_copy(torch.zeros(2, 4, 3, 3, 3)))
+        >>> w = torch.zeros(4, 3, 3, 3).contiguous(memory_format=torch.channels_last)
+        >>> channels_last_members(stacked_like([w, w]))
         True
     """
     return w.ndim == 5 and w[0].is_contiguous(memory_format=torch.channels_last)

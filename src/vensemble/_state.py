@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from torch.nn.parameter import is_lazy
 
 from ._errors import EnsembleError
-from ._layout import member_format, restacked_like, stacked_like
+from ._layout import member_copy, restacked_like, stacked_like
 
 __all__ = [
     "fingerprint",
@@ -373,12 +373,9 @@ def member_module(template: nn.Module, i: int) -> nn.Module:
     but for conv weights the members had channels-last: see ``vensemble._layout``)."""
 
     def make_param(p: nn.Parameter) -> nn.Parameter:
-        own = p.detach()[i].clone(memory_format=member_format(p))
-        return nn.Parameter(own, requires_grad=p.requires_grad)
+        return nn.Parameter(member_copy(p.detach(), i), requires_grad=p.requires_grad)
 
-    return _replace_state(
-        template, make_param, lambda b: b.detach()[i].clone(memory_format=member_format(b))
-    )
+    return _replace_state(template, make_param, lambda b: member_copy(b.detach(), i))
 
 
 def meta_skeleton(module: nn.Module) -> nn.Module:

@@ -29,6 +29,7 @@ from ._dist_comm import (
 from ._dist_io import load_block, rebuild, save_one_file, save_per_rank
 from ._errors import EnsembleError
 from ._io_state import PathLike, unique_tensors
+from ._layout import restacked_like
 from .ensemble import Ensemble
 
 __all__ = ["CollectiveError", "ShardedEnsemble", "block_sizes"]
@@ -315,7 +316,7 @@ class ShardedEnsemble(nn.Module):
         for name, t in unique_tensors(self.local._template).items():
             block = t.detach().index_select(0, local_rows.to(t.device))  # (this rank's wanted, ...)
             whole = self._comm.all_gather_blocks(block, counts, f"to_ensemble: gather '{name}'")
-            tensors[name] = whole.index_select(0, order.to(whole.device))
+            tensors[name] = restacked_like(whole.index_select(0, order.to(whole.device)), t)
         template = rebuild(self.local._template, tensors)
         return Ensemble._from_template(template, len(wanted), like=self.local)
 

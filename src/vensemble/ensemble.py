@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import operator
@@ -114,6 +115,24 @@ def _shape_key(call: Call, training: bool) -> Any:
         (tuple(t.shape), t.dtype, t.device) if isinstance(t, Tensor) else repr(t) for t in leaves
     )
     return (described, call.in_dims, tuple(call.kwargs), training, grad)
+
+
+@contextlib.contextmanager
+def _memory_format_held(fn: Callable[..., Any]) -> Iterator[torch.memory_format | None]:
+    """The ``memory_format`` that ``nn.Module.to``'s conversion function ``fn`` carries (in its
+    closure), held back (``None`` there) while the block runs; ``None`` for any other ``fn``."""
+    code = getattr(fn, "__code__", None)
+    closure = getattr(fn, "__closure__", None)
+    if code is None or closure is None or "convert_to_format" not in code.co_freevars:
+        yield None
+        return
+    cell = closure[code.co_freevars.index("convert_to_format")]
+    fmt = cell.cell_contents
+    cell.cell_contents = None
+    try:
+        yield fmt
+    finally:
+        cell.cell_contents = fmt
 
 
 class Ensemble(nn.Module):
@@ -410,39 +429,33 @@ class Ensemble(nn.Module):
     # ----------------------------------------------------------------------------- nn.Module
 
     def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> Ensemble:
-        # .to(), .double(), ...: torch may swap the parameters in place
+        """``.to()``, ``.double()``, ... . A ``memory_format`` (``ens.to(memory_format=
+        torch.channels_last)``, or a model holding the ensemble converted so) lays out each
+        *member's* tensors, gradients included, as ``model.to(memory_format=...)`` does for one
+        model: torch's own would apply it to the stacked tensors (and raise for 5-d ones)."""
+        # torch may swap the parameters in place
         # (torch.__future__.set_swap_module_params_on_conversion), and swap_tensors refuses a
         # tensor that a cached view still refers to
         self._fused.release_views()
-        return super()._apply(fn, recurse)
-
-    def to(self, *args: Any, **kwargs: Any) -> Ensemble:
-        """``nn.Module.to``. A ``memory_format`` lays out each *member's* tensors, as
-        ``model.to(memory_format=...)`` does for one model (torch's own would apply it to the
-        stacked 5-d tensors): ``ens.to(memory_format=torch.channels_last)`` stores each
-        member's conv weights channels-last, which oneDNN runs faster in float32 on the CPU.
-
-        Example:
-            >>> ens = Ensemble.from_factory(lambda: torch.nn.Conv2d(3, 8, 3), 4)
-            >>> w = ens.to(memory_format=torch.channels_last).weight
-            >>> w.shape, w[0].is_contiguous(memory_format=torch.channels_last)
-            (torch.Size([4, 8, 3, 3, 3]), True)
-        """
-        fmt = kwargs.pop("memory_format", None)
-        if args or kwargs:
-            super().to(*args, **kwargs)
+        with _memory_format_held(fn) as fmt:
+            super()._apply(fn, recurse)
         if fmt is not None:
-            self._fused.release_views()
-            with torch.no_grad():
-                for name, t in [*self.named_parameters(), *self.named_buffers()]:
-                    try:
-                        new = in_member_format(t, fmt)
-                    except ValueError as e:
-                        raise EnsembleError(f"'{name}': {e}") from None
-                    if new is not t:
-                        t.data = new
-            self._forget_programs()
+            self._lay_out_members(fmt)
         return self
+
+    def _lay_out_members(self, fmt: torch.memory_format) -> None:
+        with torch.no_grad():
+            for name, t in [*self.named_parameters(), *self.named_buffers()]:
+                try:
+                    new = in_member_format(t, fmt)
+                except ValueError as e:
+                    raise EnsembleError(f"'{name}': {e}") from None
+                if new is not t:
+                    t.data = new
+                grad = t.grad if isinstance(t, nn.Parameter) else None
+                if grad is not None:
+                    t.grad = in_member_format(grad, fmt)
+        self._forget_programs()  # (layouts are keyed by strides; the views cached are not)
 
     def train(self, mode: bool = True) -> Ensemble:
         super().train(mode)

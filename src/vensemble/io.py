@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from ._errors import EnsembleError
 from ._io_checkpoints import export as export
@@ -209,6 +209,7 @@ def load(
                 optimizer.load_state_dict(state)
             except (ValueError, KeyError, TypeError, RuntimeError, IndexError) as e:
                 raise EnsembleError(f"{p}: the optimizer refused the saved state: {e}") from None
+            _state_laid_out_as_params(optimizer)
         with torch.no_grad():
             for name, t in unique_tensors(template).items():
                 t.copy_(tensors.pop(name))
@@ -253,6 +254,23 @@ def _check_fits(info: FileInfo, template: nn.Module, member: bool) -> list[str]:
                 f"says {code} {want}",
             )
     return names
+
+
+def _state_laid_out_as_params(optimizer: Any) -> None:
+    """Lay out each loaded per-element state tensor (Adam's moments, ...) as its parameter:
+    files hold them contiguous, and torch's fused kernels pair a parameter's elements with its
+    state's by position in memory (the ensemble keeps in-major Linear weights and the members'
+    channels-last conv weights)."""
+    for group in getattr(optimizer, "param_groups", []):
+        for param in group["params"]:
+            state = optimizer.state.get(param, {})
+            for key, value in state.items():
+                if (
+                    isinstance(value, Tensor)
+                    and value.shape == param.shape
+                    and value.stride() != param.stride()
+                ):
+                    state[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
 
 
 def _optimizer_keys(info: FileInfo) -> list[str]:
