@@ -570,6 +570,42 @@ def test_a_seen_conv_and_pooling_lay_out_their_result_as_the_loops_member(
     assert not isinstance(program, str), program  # fused, not a fallback
 
 
+class _PoolAtTwoSites(nn.Module):
+    """One pooling module called twice: its first output reaches only the program's output
+    (nothing can tell its layout), its second is written through a reshape."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c = nn.Conv2d(3, 4, 3)
+        self.p = nn.MaxPool2d(2)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        h = self.c(x)
+        early = self.p(x) * 2
+        h = self.p(h)
+        h.reshape(h.shape[0], -1).mul_(0)  # shows in h only where the reshape is a view
+        return early, h
+
+
+def test_a_layer_called_at_two_sites_lays_out_each_sites_result_by_its_own_readers(monkeypatch):
+    """Each call site runs its own wrapper, with its own ``layout_unseen``: the second site's
+    seen result (written through a reshape) is laid out as the member's although the first
+    site's is unseen, and so is the conv's that feeds it."""
+    from vensemble.backends import _layers
+
+    torch.manual_seed(0)  # channels-last weights: the member's results are channels-last
+    members = [_PoolAtTwoSites().to(memory_format=torch.channels_last) for _ in range(N)]
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        expected = [torch.stack(o) for o in zip(*[m(x) for m in members])]
+    monkeypatch.setattr(_layers, "autotune", lambda key, cands, device: next(iter(cands)))
+    ens = ve.Ensemble(copy.deepcopy(members), backend="fused")
+    with torch.no_grad():
+        out = _call_without_fallback(ens, x)
+    for got, want in zip(out, expected):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("kind", ["contiguous", "pool-reshape", "chain-flatten"])
 def test_a_seen_conv_is_laid_out_as_the_members_under_deterministic_algorithms(kind):
     # nothing is timed there, but a layout is not a timing: it is still learned

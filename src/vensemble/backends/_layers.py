@@ -393,8 +393,16 @@ class _Linear(Fused):
         return y if x.ndim == 2 else y.reshape(n, *x.shape[:-1], out_f)
 
 
+_CONV_HOW = "fused: per-member loop, grouped conv or concatenated conv, by measurement"
+
+
 class _Conv(Fused):
-    how = "fused: per-member loop, grouped conv or concatenated conv, by measurement"
+    _kernel: str | None = None  # the candidate the last eager call ran
+
+    @property
+    def how(self) -> str:  # type: ignore[override]  # computed: the base class's is a string
+        """What runs the layer, naming the kernel the last call took."""
+        return _CONV_HOW if self._kernel is None else f"{_CONV_HOW}: {self._kernel}"
 
     def forward(self, x: Tensor) -> Tensor:
         return self.run(x, self.orig.weight, self.orig.bias)
@@ -454,7 +462,10 @@ class _Conv(Fused):
             order = self._member_order(x, w, b, batched)
             cands = {k: functools.partial(_laid_out, f, order) for k, f in cands.items()}
             key = (*key, "laid out", order)
-        return cands[autotune(key, cands, x.device)]()  # grouped, concat: transposed views
+        chosen = autotune(key, cands, x.device)
+        if not _is_compiling():  # (a side effect dynamo would trace)
+            object.__setattr__(self, "_kernel", chosen)
+        return cands[chosen]()  # grouped, concat: transposed views
 
     def _member_order(
         self, x: Tensor, w: Tensor, b: Tensor | None, batched: bool
