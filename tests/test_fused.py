@@ -879,9 +879,15 @@ def test_compile_runs_a_cnn_as_one_graph_for_each_batch_size():
     counters.clear()
     with warnings.catch_warnings():
         warnings.simplefilter("error", ve.FallbackWarning)
-        for batch in (4, 3, 4, 3):
+        # the first call under deterministic algorithms measures nothing: the next one, with
+        # the same shapes, must still be settled eagerly before it is compiled
+        for batch, deterministic in ((4, True), (4, False), (3, False), (4, False), (3, False)):
             x = torch.randn(batch, 3, 6, 6)
-            out = ens(x)
+            torch.use_deterministic_algorithms(deterministic)
+            try:
+                out = ens(x)
+            finally:
+                torch.use_deterministic_algorithms(False)
             expected = torch.stack([m(x) for m in members])  # train mode: stats move alike
             torch.testing.assert_close(out, expected, atol=1e-5, rtol=0, msg=f"batch {batch}")
             out.sum().backward()
@@ -889,6 +895,61 @@ def test_compile_runs_a_cnn_as_one_graph_for_each_batch_size():
     assert "warm-up" in ens.explain()["(compile)"]
     for name, t in ens.state_dict().items():  # running statistics updated as the members'
         torch.testing.assert_close(t, torch.stack([m.state_dict()[name] for m in members]))
+
+
+class _WritesThroughReshape(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.c(x)
+        y.reshape(y.shape[0], -1)[:, :7].mul_(0)  # writes y only where the reshape is a view
+        return y
+
+
+def test_compile_lays_out_a_conv_result_as_the_eager_call_learned_it():
+    """An HWC image permuted to CHW and unsqueezed has strides (3, 1, 18, 3): torch's conv
+    gives a contiguous result (the size-1 batch dim's stride rules channels-last out). The
+    compiled program rebuilt the layout key from strides with size-1 dims normalised, which
+    learned channels-last (0.06 off the loop) and broke the graph at every layer; it now reads
+    what the eager call of the same input signature learned."""
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    members = [_WritesThroughReshape() for _ in range(N)]
+    ens = ve.Ensemble(copy.deepcopy(members), backend="fused", compile=True)
+    counters.clear()
+    with torch.no_grad():
+        for _ in range(3):  # eager (settles), compiled (warm-up), compiled
+            x = torch.randn(6, 6, 3).permute(2, 0, 1)[None]
+            expected = torch.stack([m(x) for m in members])
+            torch.testing.assert_close(_call_without_fallback(ens, x), expected, atol=1e-6, rtol=0)
+    assert not counters["graph_break"], dict(counters["graph_break"])
+
+
+def test_a_changing_non_tensor_argument_is_remembered_for_a_bounded_number_of_signatures():
+    from vensemble.backends.fused import MAX_SIGNATURES
+
+    class Scaled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(3, 2)
+
+        def forward(self, x: Tensor, t: float) -> Tensor:
+            return self.lin(x) * t
+
+    ens = ve.Ensemble.from_factory(Scaled, N)
+    x = torch.randn(2, 3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for i in range(MAX_SIGNATURES + 20):
+            t = 1.0 + i / 1000
+            torch.testing.assert_close(ens(x, t), torch.stack([m(x, t) for m in ens.unstack()]))
+    assert len(ens._fused.programs) <= MAX_SIGNATURES and len(ens._choices) <= MAX_SIGNATURES
+    grew = [w for w in caught if "call signatures" in str(w.message)]
+    assert len(grew) == 2, [str(w.message) for w in grew]  # once for programs, once for auto
+    assert "as a tensor" in str(grew[0].message)
 
 
 def test_a_used_ensemble_deep_copies_and_pickles_with_fresh_programs(tmp_path):

@@ -35,11 +35,13 @@ from .backends.folded import FoldedPlan, folded_program
 from .backends.fused import (
     FusedPlan,
     FusedProgram,
+    Memo,
     Untraceable,
     contiguous_outputs,
     fused_forward,
     hook_dicts,
     hooked,
+    remember,
 )
 from .backends.select import check_loop_runs, raise_if_randomness_error, snapshot_buffers
 
@@ -239,7 +241,7 @@ class Ensemble(nn.Module):
         self._num_members = n
         self._has_buffers = next(template.buffers(), None) is not None
         self._plan = AutoPlan()
-        self._choices: dict[Any, tuple[str, dict[str, float]]] = {}
+        self._choices = Memo()  # call key -> (path, timings)
         self._last_choice: tuple[str, dict[str, float]] | None = None
         self._fast = _FastPaths()
         self._forget_programs()  # (makes the empty plans)
@@ -824,7 +826,7 @@ class Ensemble(nn.Module):
                 timings[loop], timings["vectorized"], device
             )
             choice = (loop if loop_wins else "vectorized", timings)
-            self._choices[key] = choice
+            remember(self._choices, key, choice, "auto's measured choices")
         if not _is_compiling():  # (for explain(); a side effect strict export would warn of)
             self._last_choice = choice
         return choice[0]

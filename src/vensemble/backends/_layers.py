@@ -28,6 +28,13 @@ _is_compiling = torch.compiler.is_compiling  # one lookup fewer per call (dynamo
 _jit_tracing = torch._C._is_tracing
 
 
+# The number FusedProgram gives the input signature of the compile=True call in progress (its
+# eager settling call, then its compiled calls); None otherwise. Under torch.compile a layer
+# reads the layout its eager call learned by this number (a guard on an int), not by a key
+# built from the compiled tensors' strides, which can differ from eager ones on a size-1 dim.
+PROGRAM_SIGNATURE: list[int | None] = [None]
+
+
 def sizes(t: Tensor) -> tuple[int, ...]:
     """``t``'s shape as ints, for a key: under ``torch.jit.trace`` sizes are 0-d tensors,
     which hash by identity (a key with them never matches what was learned before)."""
@@ -50,6 +57,7 @@ __all__ = [
     "LAYOUT_BLIND",
     "LAYOUT_FOLLOWS_INPUT",
     "PARAM_FREE_ELEMENTWISE",
+    "PROGRAM_SIGNATURE",
     "READS_ANY_LAYOUT",
     "ConvBatchNorm",
     "Fused",
@@ -147,6 +155,8 @@ class Fused(nn.Module):
 
     # The layout of a member's result, learned per input shape and layout (``member_layout``)
     _orders: dict[tuple[Any, ...], tuple[int, ...] | None] | None = None
+    # ... and per compiled program input signature (see ``PROGRAM_SIGNATURE``)
+    _orders_by_signature: dict[int, tuple[int, ...] | None] | None = None
 
     def member_layout(
         self, key: tuple[Any, ...], member_result: Callable[[], Tensor]
@@ -157,14 +167,29 @@ class Fused(nn.Module):
         ``running_aside_allowed``) and nothing was learned before: then unknown. (Under
         deterministic algorithms too: a layout is a fact, not a timing; and under
         torch.compile, where it is learned eagerly.)"""
+        signature = PROGRAM_SIGNATURE[0]
+        by_signature = self._orders_by_signature
+        if (
+            _is_compiling()
+            and signature is not None
+            and by_signature is not None
+            and signature in by_signature
+        ):  # what the eager call of this input signature learned
+            return by_signature[signature], True
         orders = self._orders
         if orders is None:
             orders = self._orders = {}
         if key in orders:
-            return orders[key], True
-        if not running_aside_allowed():
+            order, known = orders[key], True
+        elif not running_aside_allowed():
             return None, False
-        return _learn_order(orders, key, member_result), True
+        else:
+            order, known = _learn_order(orders, key, member_result), True
+        if signature is not None and not _is_compiling():
+            if by_signature is None:
+                by_signature = self._orders_by_signature = {}
+            by_signature[signature] = order
+        return order, known
 
     def release_views(self) -> None:
         """Drop whatever this layer caches that refers to the parameters (nothing here)."""

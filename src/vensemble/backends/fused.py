@@ -17,6 +17,7 @@ import functools
 import inspect
 import operator
 import time
+import warnings
 from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +33,7 @@ from ._layers import (
     FRESH_OUTPUT,
     LAYOUT_BLIND,
     LAYOUT_FOLLOWS_INPUT,
+    PROGRAM_SIGNATURE,
     READS_ANY_LAYOUT,
     ConvBatchNorm,
     Fused,
@@ -58,6 +60,7 @@ from .select import AutoPlan, auto_forward
 __all__ = [
     "FusedPlan",
     "FusedProgram",
+    "Memo",
     "Untraceable",
     "activations_in_place",
     "build_program",
@@ -65,6 +68,7 @@ __all__ = [
     "hooked",
     "hooks_registered",
     "mark_unseen_layouts",
+    "remember",
     "signature_key",
     "sole_input",
 ]
@@ -117,10 +121,17 @@ class _Submodule(nn.Module):
 
 def _signature(args: tuple[Any, ...]) -> tuple[Any, ...]:
     """What decides the layers' measured choices for a call: each tensor input's shape,
-    strides, dtype and device, other inputs' types, and the autograd mode."""
+    strides, dtype and device, other inputs' types, the autograd mode, deterministic
+    algorithms (no measuring: nothing is remembered) and autocast."""
     leaves = pytree.tree_leaves(args)
     return (
         torch.is_grad_enabled(),
+        torch.are_deterministic_algorithms_enabled(),
+        *[
+            (device, torch.get_autocast_dtype(device))
+            for device in ("cpu", "cuda")
+            if torch.is_autocast_enabled(device)
+        ],
         *[
             (t.shape, t.stride(), t.dtype, t.device) if isinstance(t, Tensor) else type(t)
             for t in leaves
@@ -144,8 +155,8 @@ class FusedProgram:
     compiled: Any = None
     warmup_s: float | None = None
     no_grad: fx.GraphModule | None = None  # ``module`` with each layer's no-autograd entry
-    # the input shapes, strides and dtypes (and autograd modes) run eagerly before compiling
-    settled_for: set[Any] = field(default_factory=set)
+    # each input signature run eagerly before compiling (see _run_compiled), numbered
+    settled_for: dict[tuple[Any, ...], int] = field(default_factory=dict)
 
     @property
     def routes(self) -> dict[str, str]:
@@ -171,28 +182,35 @@ class FusedProgram:
         return self.module.forward  # forward: GraphModule.__call__ adds nothing we need
 
     def _run_compiled(self, compile_options: dict[str, Any], *dynamic: Any) -> Any:
-        """The compiled program; each new input signature (shapes, strides, dtypes, autograd
-        mode) first runs eagerly once. That call makes every choice the layers make by
-        measurement (a kernel, a result's layout) for those shapes, so the compiled program
-        only reads them: one graph, where a choice made inside it would break the graph at
-        each layer (and dynamo, seeing each layer's shapes at the same resume points, made them
-        all dynamic, which inductor could fail to compile)."""
-        if not _is_compiling():
-            signature = _signature(dynamic)
-            if signature not in self.settled_for:
-                self.settled_for.add(signature)
+        """The compiled program; each new input signature (see :func:`_signature`) first runs
+        eagerly once. That call makes every choice the layers make by measurement (a kernel,
+        a result's layout) for those inputs, so the compiled program only reads them: one
+        graph, where a choice made inside it would break the graph at each layer (and dynamo,
+        seeing each layer's shapes at the same resume points, made them all dynamic, which
+        inductor could fail to compile). The layouts are read back by this signature (see
+        ``PROGRAM_SIGNATURE``): a key built from a compiled tensor's strides can differ from
+        the eager one's on a size-1 dim."""
+        if _is_compiling():  # inside the caller's own torch.compile: traced through
+            return self.module(*dynamic)
+        signature = _signature(dynamic)
+        number = self.settled_for.get(signature)
+        outer = PROGRAM_SIGNATURE[0]
+        try:
+            if number is None:
+                PROGRAM_SIGNATURE[0] = self.settled_for[signature] = len(self.settled_for)
                 out = self.module(*dynamic)
                 if self.compiled is None:
                     self.compiled = torch.compile(self.module, **compile_options)
                 return out
-        if self.compiled is None:  # (inside the caller's own torch.compile: traced through)
-            return self.module(*dynamic)
-        if self.warmup_s is None:
-            start = time.perf_counter()
-            out = self.compiled(*dynamic)
-            self.warmup_s = time.perf_counter() - start
-            return out
-        return self.compiled(*dynamic)
+            PROGRAM_SIGNATURE[0] = number
+            if self.warmup_s is None:
+                start = time.perf_counter()
+                out = self.compiled(*dynamic)
+                self.warmup_s = time.perf_counter() - start
+                return out
+            return self.compiled(*dynamic)
+        finally:
+            PROGRAM_SIGNATURE[0] = outer
 
     def _build_no_grad(self) -> fx.GraphModule:
         """``module``, calling each layer's ``forward_no_grad`` where it has one: the eager
@@ -880,11 +898,40 @@ def _evaluate(node: fx.Node, args: Any, kwargs: Any) -> Any:
     return node.target(*args, **kwargs)  # type: ignore[operator]
 
 
+MAX_SIGNATURES = 256  # call signatures remembered at most, per ensemble (programs, choices)
+
+
+class Memo(dict[Hashable, Any]):
+    """What is remembered per call signature; see :func:`remember`."""
+
+    warned = False
+
+
+def remember(memo: Memo, key: Hashable, value: Any, what: str) -> None:
+    """``memo[key] = value``, dropping the oldest entry beyond ``MAX_SIGNATURES``: a non-tensor
+    argument that takes a new value on every call (a step counter, an annealed temperature)
+    is a new signature each time, traced (and, under ``auto``, measured) anew. Warned of once
+    per ``memo``."""
+    if len(memo) >= MAX_SIGNATURES:
+        if not memo.warned:
+            memo.warned = True
+            warnings.warn(
+                f"vensemble: over {MAX_SIGNATURES} call signatures ({what}): each new value of a "
+                "non-tensor argument is traced (and, under backend='auto', measured) anew. Pass "
+                "a value that changes from call to call as a tensor, or use backend='vmap' or "
+                "'loop'.",
+                stacklevel=4,
+            )
+        for old in list(memo)[: len(memo) - MAX_SIGNATURES + 1]:
+            del memo[old]
+    memo[key] = value
+
+
 @dataclass
 class FusedPlan:
     """Programs built so far, per call signature; a string where the signature cannot be fused."""
 
-    programs: dict[Hashable, FusedProgram | str] = field(default_factory=dict)
+    programs: Memo = field(default_factory=Memo)  # FusedProgram, or why it cannot be built
     last: FusedProgram | str | None = None
     compile_options: dict[str, Any] | None = None
     signature: inspect.Signature | None = None
@@ -941,7 +988,7 @@ def fused_forward(call: Call, plan: FusedPlan) -> Any:
             program = build_program(call, key)
         except Untraceable as err:
             program = str(err)
-        plan.programs[full_key] = program
+        remember(plan.programs, full_key, program, "fused programs")
     if not _is_compiling():  # (for explain(); a side effect strict export would warn of)
         plan.last = program
     if isinstance(program, str):
