@@ -928,6 +928,74 @@ def test_compile_lays_out_a_conv_result_as_the_eager_call_learned_it():
     assert not counters["graph_break"], dict(counters["graph_break"])
 
 
+def test_compile_learns_again_when_the_weights_layout_changes():
+    """What an input signature's eager call learned is read back with the weights' strides:
+    a state dict loaded with assign=True (channels-last weights made contiguous) gave the
+    compiled program the old layout (0.79 off the loop through a reshape write)."""
+    torch.manual_seed(0)
+    members = [_WritesThroughReshape().to(memory_format=torch.channels_last) for _ in range(N)]
+    ens = ve.Ensemble(copy.deepcopy(members), backend="fused", compile=True)
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        for _ in range(3):
+            expected = torch.stack([m(x) for m in ens.unstack()])
+            torch.testing.assert_close(_call_without_fallback(ens, x), expected, atol=1e-6, rtol=0)
+        state = {k: v.contiguous().clone() for k, v in ens.state_dict().items()}
+        ens.load_state_dict(state, assign=True)
+        for _ in range(2):
+            expected = torch.stack([m(x) for m in ens.unstack()])
+            assert ens.unstack()[0].c.weight.is_contiguous()
+            torch.testing.assert_close(_call_without_fallback(ens, x), expected, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("ours", [False, True], ids=["compile=False", "compile=True"])
+def test_the_callers_torch_compile_keeps_an_input_s_own_strides(ours):
+    """Inside the caller's own torch.compile, a layer reading the program's input learns its
+    result's layout from the input's real strides: normalising the size-1 batch dim's stride
+    of an HWC image (3, 1, 18, 3) learned channels-last, where the member's conv gives
+    contiguous (1.07 off through a reshape write)."""
+    torch.manual_seed(0)
+    members = [_WritesThroughReshape() for _ in range(N)]
+    ens = ve.Ensemble(copy.deepcopy(members), backend="fused", compile=ours)
+    compiled = torch.compile(ens)
+    with torch.no_grad():
+        for _ in range(2):
+            x = torch.randn(6, 6, 3).permute(2, 0, 1)[None]
+            expected = torch.stack([m(x) for m in members])
+            torch.testing.assert_close(compiled(x), expected, atol=1e-6, rtol=0)
+
+
+def test_programs_the_bound_dropped_let_go_of_the_parameters():
+    """A program dropped from the bounded memo (see remember) but still held by the fast path
+    kept views of the weights, and a conversion that swaps parameters refused them."""
+    from vensemble.backends.fused import MAX_SIGNATURES
+
+    class Scaled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(3, 2)
+
+        def forward(self, x: Tensor, t: float = 1.0) -> Tensor:
+            return self.lin(x) * t
+
+    ens = ve.Ensemble.from_factory(Scaled, N, backend="fused")
+    x = torch.randn(2, 3)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (the bound's own warning)
+        ens(x)
+        ens(x)  # the fast path holds this program now
+        for i in range(MAX_SIGNATURES + 10):
+            ens(x, 1.0 + i / 1000)
+    before = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        ens.to(torch.float64)
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(before)
+    x = x.double()
+    torch.testing.assert_close(ens(x), torch.stack([m(x) for m in ens.unstack()]))
+
+
 def test_a_changing_non_tensor_argument_is_remembered_for_a_bounded_number_of_signatures():
     from vensemble.backends.fused import MAX_SIGNATURES
 

@@ -188,8 +188,9 @@ def test_conv2d_weights_keep_the_members_memory_format():
     picked = ens.select([2, 0]).get_parameter("0.weight")
     assert channels_last_members(picked) and not picked.is_contiguous()
     torch.testing.assert_close(picked, ens.get_parameter("0.weight")[[2, 0]], atol=0, rtol=0)
-    # a mix of layouts stacks in the default one
-    mixed = ve.Ensemble([_cnn(), _channels_last_cnn()])
+    # a mix of layouts stacks in the default one, and says so
+    with pytest.warns(UserWarning, match="in different memory layouts"):
+        mixed = ve.Ensemble([_cnn(), _channels_last_cnn()])
     assert mixed.get_parameter("0.weight").is_contiguous()
 
 

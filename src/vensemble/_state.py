@@ -346,7 +346,17 @@ def stack_members(models: Sequence[nn.Module]) -> nn.Module:
     with torch.no_grad():
         for t in [*first.parameters(), *first.buffers()]:
             name = names[id(t)]
-            stacked[id(t)] = stacked_like([o[name].detach() for o in others])
+            held = [o[name].detach() for o in others]
+            if t.ndim in (4, 5) and len({h.stride() for h in held}) > 1:
+                warnings.warn(
+                    f"vensemble: the members hold '{name}' in different memory layouts "
+                    f"(strides {sorted({h.stride() for h in held})}): stacked contiguous, so a "
+                    "member whose weights were channels-last runs with contiguous ones. Convert "
+                    "all models alike (model.to(memory_format=...)) before stacking, or the "
+                    "ensemble after.",
+                    stacklevel=4,
+                )
+            stacked[id(t)] = stacked_like(held)
 
     def make_param(p: nn.Parameter) -> nn.Parameter:
         return nn.Parameter(stacked[id(p)], requires_grad=p.requires_grad)

@@ -439,6 +439,10 @@ class Ensemble(nn.Module):
         # (torch.__future__.set_swap_module_params_on_conversion), and swap_tensors refuses a
         # tensor that a cached view still refers to
         self._fused.release_views()
+        for program, *_ in self._fast.values():  # (which may hold programs remember() dropped)
+            program.release_views()
+        if isinstance(self._fused.last, FusedProgram):
+            self._fused.last.release_views()
         with _memory_format_held(fn) as fmt:
             super()._apply(fn, recurse)
         if fmt is not None:
@@ -781,6 +785,8 @@ class Ensemble(nn.Module):
             return "vectorized"
         key = _shape_key(call, self.training)
         choice = self._choices.get(key)
+        if choice is not None and not _is_compiling():  # the most recently used last
+            self._choices[key] = self._choices.pop(key)
         if choice is None:
             if not measuring_allowed():  # a trace or a capture: nothing measured, or kept
                 self._last_choice = _UNMEASURED

@@ -156,7 +156,14 @@ class Fused(nn.Module):
     # The layout of a member's result, learned per input shape and layout (``member_layout``)
     _orders: dict[tuple[Any, ...], tuple[int, ...] | None] | None = None
     # ... and per compiled program input signature (see ``PROGRAM_SIGNATURE``)
-    _orders_by_signature: dict[int, tuple[int, ...] | None] | None = None
+    _orders_by_signature: dict[tuple[Any, ...], tuple[int, ...] | None] | None = None
+    # Whether the layer's input is one of the program's own (a placeholder): its strides are
+    # the caller's tensor's, under torch.compile too, so ``settled`` must leave them alone
+    reads_program_input = False
+
+    def member_input(self, x0: Tensor) -> Tensor:
+        """Member 0's input as the eager program holds it (see :func:`settled`)."""
+        return x0 if self.reads_program_input else settled(x0)
 
     def member_layout(
         self, key: tuple[Any, ...], member_result: Callable[[], Tensor]
@@ -169,13 +176,17 @@ class Fused(nn.Module):
         torch.compile, where it is learned eagerly.)"""
         signature = PROGRAM_SIGNATURE[0]
         by_signature = self._orders_by_signature
+        # the key's first two entries are the input's sizes and strides, which the signature
+        # stands for; the rest (the weights' strides: a state dict loaded with assign=True can
+        # change them) is checked as it is
+        here = None if signature is None else (signature, key[2:])
         if (
             _is_compiling()
-            and signature is not None
+            and here is not None
             and by_signature is not None
-            and signature in by_signature
+            and here in by_signature
         ):  # what the eager call of this input signature learned
-            return by_signature[signature], True
+            return by_signature[here], True
         orders = self._orders
         if orders is None:
             orders = self._orders = {}
@@ -185,10 +196,10 @@ class Fused(nn.Module):
             return None, False
         else:
             order, known = _learn_order(orders, key, member_result), True
-        if signature is not None and not _is_compiling():
+        if here is not None and not _is_compiling():
             if by_signature is None:
                 by_signature = self._orders_by_signature = {}
-            by_signature[signature] = order
+            by_signature[here] = order
         return order, known
 
     def release_views(self) -> None:
@@ -418,7 +429,10 @@ class _Linear(Fused):
         return y if x.ndim == 2 else y.reshape(n, *x.shape[:-1], out_f)
 
 
-_CONV_HOW = "fused: per-member loop, grouped conv or concatenated conv, by measurement"
+_CONV_HOW = (
+    "fused: per-member loop, grouped conv or concatenated conv, by measurement (the first "
+    "under deterministic algorithms)"
+)
 
 
 class _Conv(Fused):
@@ -427,7 +441,7 @@ class _Conv(Fused):
     @property
     def how(self) -> str:  # type: ignore[override]  # computed: the base class's is a string
         """What runs the layer, naming the kernel the last call took."""
-        return _CONV_HOW if self._kernel is None else f"{_CONV_HOW}: {self._kernel}"
+        return _CONV_HOW if self._kernel is None else f"{_CONV_HOW}; last call: {self._kernel}"
 
     def forward(self, x: Tensor) -> Tensor:
         return self.run(x, self.orig.weight, self.orig.bias)
@@ -498,7 +512,7 @@ class _Conv(Fused):
         """The memory order of a member's result (channels-last for a channels-last input,
         or for channels-last weights, on the CPU), learned from member 0's; contiguous where
         it cannot be learned (see ``Fused.member_layout``)."""
-        x0 = settled(x[0] if batched else x)
+        x0 = self.member_input(x[0] if batched else x)
         key = (sizes(x0), x0.stride(), sizes(w)[1:], w.stride()[1:], x.dtype, x.device)
         bias = None if b is None else b[0]
         return self.member_layout(key, lambda: self.orig._conv_forward(x0, w[0], bias))[0]
@@ -811,7 +825,7 @@ class _Pool(Fused):
             return y
         # where the layout is seen, the input has the member's (see fused.mark_unseen_layouts):
         # the result as the member's pooling lays it out (channels-last stays channels-last)
-        x0 = settled(x[0])
+        x0 = self.member_input(x[0])
         key = (sizes(x0), x0.stride(), x.dtype, x.device)
         order, known = self.member_layout(key, lambda: self.orig(x0))
         return in_member_order(y, order) if known else y.contiguous()

@@ -158,6 +158,12 @@ class FusedProgram:
     # each input signature run eagerly before compiling (see _run_compiled), numbered
     settled_for: dict[tuple[Any, ...], int] = field(default_factory=dict)
 
+    def release_views(self) -> None:
+        """Drop the layers' cached views of the parameters (rebuilt on the next call)."""
+        for part in self.parts.values():
+            if isinstance(part, Fused):
+                part.release_views()
+
     @property
     def routes(self) -> dict[str, str]:
         """Each traced layer or batched op, and how it runs now."""
@@ -197,8 +203,9 @@ class FusedProgram:
         outer = PROGRAM_SIGNATURE[0]
         try:
             if number is None:
-                PROGRAM_SIGNATURE[0] = self.settled_for[signature] = len(self.settled_for)
+                PROGRAM_SIGNATURE[0] = number = len(self.settled_for)
                 out = self.module(*dynamic)
+                self.settled_for[signature] = number  # (only once the eager call went through)
                 if self.compiled is None:
                     self.compiled = torch.compile(self.module, **compile_options)
                 return out
@@ -682,6 +689,13 @@ def build_program(call: Call, key: Hashable) -> FusedProgram:
                 if cls is not None
                 else _Submodule(sub, node.target, n, flags, randomness)
             )
+            if (
+                isinstance(wrapper, Fused)
+                and node.args
+                and isinstance(node.args[0], fx.Node)
+                and node.args[0].op == "placeholder"
+            ):
+                wrapper.reads_program_input = True
             target = add(wrapper, "_layer")
             env[node] = new.call_module(
                 target,
@@ -906,6 +920,12 @@ class Memo(dict[Hashable, Any]):
 
     warned = False
 
+    def dropped(self, value: Any) -> None:
+        """An entry :func:`remember` dropped: a program's layers let go of the parameters
+        (the fast path may still hold the program; it rebuilds what it needs)."""
+        if isinstance(value, FusedProgram):
+            value.release_views()
+
 
 def remember(memo: Memo, key: Hashable, value: Any, what: str) -> None:
     """``memo[key] = value``, dropping the oldest entry beyond ``MAX_SIGNATURES``: a non-tensor
@@ -922,8 +942,8 @@ def remember(memo: Memo, key: Hashable, value: Any, what: str) -> None:
                 "'loop'.",
                 stacklevel=4,
             )
-        for old in list(memo)[: len(memo) - MAX_SIGNATURES + 1]:
-            del memo[old]
+        for old in list(memo)[: len(memo) - MAX_SIGNATURES + 1]:  # the least recently used
+            memo.dropped(memo.pop(old))
     memo[key] = value
 
 
@@ -945,9 +965,7 @@ class FusedPlan:
         a tensor something else still refers to."""
         for program in self.programs.values():
             if isinstance(program, FusedProgram):
-                for part in program.parts.values():
-                    if isinstance(part, Fused):
-                        part.release_views()
+                program.release_views()
 
     def __deepcopy__(self, memo: dict[int, Any]) -> FusedPlan:
         """Programs refer to the template they were traced from: a copy starts afresh."""
@@ -983,7 +1001,10 @@ def fused_forward(call: Call, plan: FusedPlan) -> Any:
             plan.tensor_keys[quick] = key
     full_key = (key, tuple([m.training for m in plan.modules]))  # traced code may read .training
     program = plan.programs.get(full_key)
-    if program is None:
+    if program is not None:
+        if not _is_compiling():  # the most recently used last (see remember)
+            plan.programs[full_key] = plan.programs.pop(full_key)
+    else:
         try:
             program = build_program(call, key)
         except Untraceable as err:
