@@ -189,8 +189,9 @@ def test_conv2d_weights_keep_the_members_memory_format():
     assert channels_last_members(picked) and not picked.is_contiguous()
     torch.testing.assert_close(picked, ens.get_parameter("0.weight")[[2, 0]], atol=0, rtol=0)
     # a mix of layouts stacks in the default one, and says so
-    with pytest.warns(UserWarning, match="in different memory layouts"):
+    with pytest.warns(UserWarning, match="in different memory layouts") as record:
         mixed = ve.Ensemble([_cnn(), _channels_last_cnn()])
+    assert {w.filename for w in record} == {__file__}  # the caller's line, not vensemble's
     assert mixed.get_parameter("0.weight").is_contiguous()
 
 

@@ -6,6 +6,9 @@ import copy
 import enum
 import hashlib
 import json
+import os
+import sys
+import types
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -333,6 +336,16 @@ def _replace_state(
     return copy.deepcopy(module, memo)
 
 
+def _user_stacklevel() -> int:
+    """The ``stacklevel`` that points a warning at the first frame outside vensemble."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    frame: types.FrameType | None = sys._getframe(1)
+    level = 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def stack_members(models: Sequence[nn.Module]) -> nn.Module:
     """A copy of member 0 whose parameters and buffers hold all members' values, stacked.
 
@@ -351,10 +364,10 @@ def stack_members(models: Sequence[nn.Module]) -> nn.Module:
                 warnings.warn(
                     f"vensemble: the members hold '{name}' in different memory layouts "
                     f"(strides {sorted({h.stride() for h in held})}): stacked contiguous, so a "
-                    "member whose weights were channels-last runs with contiguous ones. Convert "
-                    "all models alike (model.to(memory_format=...)) before stacking, or the "
-                    "ensemble after.",
-                    stacklevel=4,
+                    "member whose own differ runs with contiguous ones (torch's conv picks its "
+                    "result's layout from them). Convert all models alike "
+                    "(model.to(memory_format=...)) before stacking, or the ensemble after.",
+                    stacklevel=_user_stacklevel(),
                 )
             stacked[id(t)] = stacked_like(held)
 

@@ -479,7 +479,10 @@ class Ensemble(nn.Module):
                         f"state_dict['{key}'] has shape {tuple(value.shape)}, the ensemble expects "
                         f"{tuple(want)} (a leading member dimension of {self._num_members})"
                     )
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        if assign:  # new tensors, maybe in another layout: what was learned of the old is stale
+            self._forget_programs()
+        return result
 
     def __repr__(self) -> str:
         member = textwrap.indent(repr(self._template), "  ").lstrip()

@@ -689,12 +689,7 @@ def build_program(call: Call, key: Hashable) -> FusedProgram:
                 if cls is not None
                 else _Submodule(sub, node.target, n, flags, randomness)
             )
-            if (
-                isinstance(wrapper, Fused)
-                and node.args
-                and isinstance(node.args[0], fx.Node)
-                and node.args[0].op == "placeholder"
-            ):
+            if isinstance(wrapper, Fused) and node.args and _from_inputs_only(node.args[0]):
                 wrapper.reads_program_input = True
             target = add(wrapper, "_layer")
             env[node] = new.call_module(
@@ -725,6 +720,26 @@ def build_program(call: Call, key: Hashable) -> FusedProgram:
     activations_in_place(new)
     module = fx.GraphModule(root, new, class_name="FusedMembers")
     return FusedProgram(module, parts)
+
+
+def _from_inputs_only(arg: Any) -> bool:
+    """Whether ``arg`` (a node of the member's traced graph) is one of the program's inputs,
+    or comes of them through functions and methods alone (``x.float()``, ``x[:, :3]``,
+    ``x * 2``), with no module's output on the way: eager ops and views keep such a tensor's
+    size-1 strides as the caller's input has them (see ``Fused.member_input``)."""
+    if not isinstance(arg, fx.Node):
+        return False
+    todo, seen = [arg], {arg}
+    while todo:
+        node = todo.pop()
+        if node.op == "call_module":
+            return False
+        if node.op in ("call_function", "call_method"):
+            for up in node.all_input_nodes:
+                if up not in seen:
+                    seen.add(up)
+                    todo.append(up)
+    return True
 
 
 def mark_unseen_layouts(graph: fx.Graph, root: dict[str, Any]) -> None:
