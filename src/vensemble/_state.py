@@ -338,7 +338,7 @@ def _replace_state(
 
 def _user_stacklevel() -> int:
     """The ``stacklevel`` that points a warning at the first frame outside vensemble."""
-    package = os.path.dirname(os.path.abspath(__file__))
+    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
     frame: types.FrameType | None = sys._getframe(1)
     level = 1
     while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):

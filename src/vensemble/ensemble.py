@@ -479,10 +479,17 @@ class Ensemble(nn.Module):
                         f"state_dict['{key}'] has shape {tuple(value.shape)}, the ensemble expects "
                         f"{tuple(want)} (a leading member dimension of {self._num_members})"
                     )
-        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
-        if assign:  # new tensors, maybe in another layout: what was learned of the old is stale
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def _load_from_state_dict(
+        self, state_dict: Any, prefix: str, local_metadata: dict[str, Any], *args: Any
+    ) -> None:
+        # (reached however the load started: this ensemble's own load_state_dict, or that of
+        # a model holding it, a MixedEnsemble, a ShardedEnsemble)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args)
+        if local_metadata.get("assign_to_params_buffers", False):
+            # new tensors, maybe in another layout: what was learned of the old is stale
             self._forget_programs()
-        return result
 
     def __repr__(self) -> str:
         member = textwrap.indent(repr(self._template), "  ").lstrip()
