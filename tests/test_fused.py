@@ -991,20 +991,23 @@ def test_the_callers_torch_compile_keeps_an_input_s_own_strides(ours, route):
             torch.testing.assert_close(compiled(x), expected, atol=1e-6, rtol=0)
 
 
+class _TimesT(nn.Module):
+    """A float argument a caller may change on every call (a temperature)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+
+    def forward(self, x: Tensor, t: float = 1.0) -> Tensor:
+        return self.lin(x) * t
+
+
 def test_programs_the_bound_dropped_let_go_of_the_parameters():
     """A program dropped from the bounded memo (see remember) but still held by the fast path
     kept views of the weights, and a conversion that swaps parameters refused them."""
     from vensemble.backends.fused import MAX_SIGNATURES
 
-    class Scaled(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.lin = nn.Linear(3, 2)
-
-        def forward(self, x: Tensor, t: float = 1.0) -> Tensor:
-            return self.lin(x) * t
-
-    ens = ve.Ensemble.from_factory(Scaled, N, backend="fused")
+    ens = ve.Ensemble.from_factory(_TimesT, N, backend="fused")
     x = torch.randn(2, 3)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # (the bound's own warning)
@@ -1025,15 +1028,7 @@ def test_programs_the_bound_dropped_let_go_of_the_parameters():
 def test_a_changing_non_tensor_argument_is_remembered_for_a_bounded_number_of_signatures():
     from vensemble.backends.fused import MAX_SIGNATURES
 
-    class Scaled(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.lin = nn.Linear(3, 2)
-
-        def forward(self, x: Tensor, t: float) -> Tensor:
-            return self.lin(x) * t
-
-    ens = ve.Ensemble.from_factory(Scaled, N)
+    ens = ve.Ensemble.from_factory(_TimesT, N)
     x = torch.randn(2, 3)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -78,12 +78,10 @@ def _in_major_copy(w: Tensor) -> Tensor:
     return new.copy_(w) if w.device.type != "meta" else new
 
 
-def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
-    strides, step = [], 1
-    for size in reversed(shape):
-        strides.append(step)
-        step *= max(size, 1)
-    return tuple(reversed(strides))
+def _format_strides(shape: tuple[int, ...], fmt: torch.memory_format) -> tuple[int, ...]:
+    """The strides a tensor of ``shape`` gets in memory format ``fmt`` (exactly: size-1 dims
+    included), as ``torch.empty(..., memory_format=fmt)`` lays it out."""
+    return tuple(torch.empty(shape, device="meta", memory_format=fmt).stride())
 
 
 def _with_member_strides(t: Tensor, strides: tuple[int, ...]) -> Tensor:
@@ -97,16 +95,6 @@ def _with_member_strides(t: Tensor, strides: tuple[int, ...]) -> Tensor:
     return new.copy_(t) if t.device.type != "meta" else new
 
 
-def _dense(t: Tensor) -> bool:
-    """Whether ``t``'s elements fill its memory without gaps or overlaps, in some dim order."""
-    step = 1
-    for stride, size in sorted((st, sz) for sz, st in zip(t.shape, t.stride()) if sz != 1):
-        if stride != step:
-            return False
-        step *= size
-    return True
-
-
 def _own_strides(t: Tensor) -> tuple[int, ...] | None:
     """A member's tensor's strides where they are to be kept: a 4-d or 5-d tensor (a conv
     weight) densely laid out in another order than the default one (channels-last). Exact
@@ -114,9 +102,9 @@ def _own_strides(t: Tensor) -> tuple[int, ...] | None:
     if t.ndim not in (4, 5) or t.layout != torch.strided:
         return None
     strides = tuple(t.stride())
-    if strides == _contiguous_strides(tuple(t.shape)):
+    if strides == _format_strides(tuple(t.shape), torch.contiguous_format):
         return None
-    return strides if _dense(t) else None
+    return strides if _dense_order(t) is not None else None
 
 
 def member_strides(t: Tensor) -> tuple[int, ...] | None:
@@ -186,8 +174,7 @@ def in_member_format(t: Tensor, fmt: torch.memory_format) -> Tensor:
                 f"memory_format={fmt} wants members' tensors of rank {want}, got one of shape "
                 f"{tuple(t.shape[1:])}"
             )
-    strides = torch.empty(t.shape[1:], device="meta", memory_format=fmt).stride()
-    return _with_member_strides(t, tuple(strides))
+    return _with_member_strides(t, _format_strides(tuple(t.shape[1:]), fmt))
 
 
 def channels_last_members(w: Tensor) -> bool:
@@ -251,8 +238,15 @@ def contiguous_order(t: Tensor) -> tuple[int, ...] | None:
     """
     if t.is_contiguous():
         return None
+    order = _dense_order(t)
+    return order if order is not None and order[0] == 0 else None
+
+
+def _dense_order(t: Tensor) -> tuple[int, ...] | None:
+    """The permutation of ``t``'s dims, largest stride first, under which it is contiguous:
+    ``None`` where its elements leave gaps or overlap in memory."""
     order = tuple(sorted(range(t.ndim), key=lambda d: -t.stride()[d]))
-    return order if order[0] == 0 and t.permute(order).is_contiguous() else None
+    return order if t.permute(order).is_contiguous() else None
 
 
 def member_rows(t: Tensor) -> Tensor:

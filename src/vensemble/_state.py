@@ -360,10 +360,11 @@ def stack_members(models: Sequence[nn.Module]) -> nn.Module:
         for t in [*first.parameters(), *first.buffers()]:
             name = names[id(t)]
             held = [o[name].detach() for o in others]
-            if t.ndim in (4, 5) and len({h.stride() for h in held}) > 1:
+            layouts = {h.stride() for h in held} if t.ndim in (4, 5) else set()
+            if len(layouts) > 1:
                 warnings.warn(
                     f"vensemble: the members hold '{name}' in different memory layouts "
-                    f"(strides {sorted({h.stride() for h in held})}): stacked contiguous, so a "
+                    f"(strides {sorted(layouts)}): stacked contiguous, so a "
                     "member whose own differ runs with contiguous ones (torch's conv picks its "
                     "result's layout from them). Convert all models alike "
                     "(model.to(memory_format=...)) before stacking, or the ensemble after.",
@@ -382,8 +383,7 @@ def reindex_template(template: nn.Module, index: Tensor) -> nn.Module:
     channels-last conv weights stay so)."""
 
     def pick(t: Tensor) -> Tensor:
-        picked = t.detach()[index].clone()
-        return restacked_like(picked, t)
+        return restacked_like(t.detach()[index], t)  # (indexing by a tensor copies)
 
     def make_param(p: nn.Parameter) -> nn.Parameter:
         return nn.Parameter(pick(p), requires_grad=p.requires_grad)

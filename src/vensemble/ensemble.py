@@ -41,7 +41,6 @@ from .backends.fused import (
     fused_forward,
     hook_dicts,
     hooked,
-    remember,
 )
 from .backends.select import check_loop_runs, raise_if_randomness_error, snapshot_buffers
 
@@ -241,7 +240,7 @@ class Ensemble(nn.Module):
         self._num_members = n
         self._has_buffers = next(template.buffers(), None) is not None
         self._plan = AutoPlan()
-        self._choices = Memo()  # call key -> (path, timings)
+        self._choices = Memo("auto's measured choices")  # call key -> (path, timings)
         self._last_choice: tuple[str, dict[str, float]] | None = None
         self._fast = _FastPaths()
         self._forget_programs()  # (makes the empty plans)
@@ -439,10 +438,8 @@ class Ensemble(nn.Module):
         # (torch.__future__.set_swap_module_params_on_conversion), and swap_tensors refuses a
         # tensor that a cached view still refers to
         self._fused.release_views()
-        for program, *_ in self._fast.values():  # (which may hold programs remember() dropped)
+        for program, *_ in self._fast.values():  # (it may hold programs the plan dropped)
             program.release_views()
-        if isinstance(self._fused.last, FusedProgram):
-            self._fused.last.release_views()
         with _memory_format_held(fn) as fmt:
             super()._apply(fn, recurse)
         if fmt is not None:
@@ -794,9 +791,7 @@ class Ensemble(nn.Module):
             self._last_choice = _UNMEASURED
             return "vectorized"
         key = _shape_key(call, self.training)
-        choice = self._choices.get(key)
-        if choice is not None and not _is_compiling():  # the most recently used last
-            self._choices[key] = self._choices.pop(key)
+        choice = self._choices.recall(key)
         if choice is None:
             if not measuring_allowed():  # a trace or a capture: nothing measured, or kept
                 self._last_choice = _UNMEASURED
@@ -842,7 +837,7 @@ class Ensemble(nn.Module):
                 timings[loop], timings["vectorized"], device
             )
             choice = (loop if loop_wins else "vectorized", timings)
-            remember(self._choices, key, choice, "auto's measured choices")
+            self._choices.remember(key, choice)
         if not _is_compiling():  # (for explain(); a side effect strict export would warn of)
             self._last_choice = choice
         return choice[0]

@@ -79,14 +79,22 @@ def decide(key: Hashable, memo: dict[Any, T], measure: Callable[[], T], fixed: T
     measured before); else ``fixed`` where :func:`measuring_allowed` is False (nothing
     remembered); else ``measure()``, remembered in ``memo``.
     """
-    if torch.are_deterministic_algorithms_enabled():
-        return fixed
-    if key in memo:
-        return memo[key]
+    chosen = _recalled(key, memo, fixed)
+    if chosen is not None:
+        return chosen
     if not measuring_allowed():
         return fixed
     memo[key] = chosen = measure()
     return chosen
+
+
+def _recalled(key: Hashable, memo: dict[Any, T], fixed: T) -> T | None:
+    """What :func:`decide` takes without measuring: ``fixed`` under deterministic
+    algorithms, else ``memo``'s entry for ``key`` (``None`` where there is none). Plain code
+    dynamo traces (a guard on that entry)."""
+    if torch.are_deterministic_algorithms_enabled():
+        return fixed
+    return memo.get(key)
 
 
 def autotune(key: Hashable, candidates: dict[str, Callable[[], Any]], device: torch.device) -> str:
@@ -105,9 +113,7 @@ def autotune(key: Hashable, candidates: dict[str, Callable[[], Any]], device: to
     if len(candidates) == 1:
         return first
     if torch.compiler.is_compiling():
-        if torch.are_deterministic_algorithms_enabled():
-            return first
-        chosen = _CACHE.get(key)
+        chosen = _recalled(key, _CACHE, first)
         if chosen is not None:
             return chosen
     return _measured(key, candidates, device, first)

@@ -191,16 +191,16 @@ class Fused(nn.Module):
         if orders is None:
             orders = self._orders = {}
         if key in orders:
-            order, known = orders[key], True
+            order = orders[key]
         elif not running_aside_allowed():
             return None, False
         else:
-            order, known = _learn_order(orders, key, member_result), True
+            order = _learn_order(orders, key, member_result)
         if here is not None and not _is_compiling():
             if by_signature is None:
                 by_signature = self._orders_by_signature = {}
             by_signature[here] = order
-        return order, known
+        return order, True
 
     def release_views(self) -> None:
         """Drop whatever this layer caches that refers to the parameters (nothing here)."""

@@ -68,7 +68,6 @@ __all__ = [
     "hooked",
     "hooks_registered",
     "mark_unseen_layouts",
-    "remember",
     "signature_key",
     "sole_input",
 ]
@@ -931,42 +930,50 @@ MAX_SIGNATURES = 256  # call signatures remembered at most, per ensemble (progra
 
 
 class Memo(dict[Hashable, Any]):
-    """What is remembered per call signature; see :func:`remember`."""
+    """What is remembered per call signature (``what`` names it in the warning), at most
+    ``MAX_SIGNATURES`` entries, the least recently used dropped: a non-tensor argument that
+    takes a new value on every call (a step counter, an annealed temperature) is a new
+    signature each time, traced (and, under ``auto``, measured) anew. Warned of once."""
 
     warned = False
 
-    def dropped(self, value: Any) -> None:
-        """An entry :func:`remember` dropped: a program's layers let go of the parameters
-        (the fast path may still hold the program; it rebuilds what it needs)."""
-        if isinstance(value, FusedProgram):
-            value.release_views()
+    def __init__(self, what: str = "call signatures") -> None:
+        super().__init__()
+        self.what = what
 
+    def recall(self, key: Hashable) -> Any:
+        """``self.get(key)``, made the most recently used (not while dynamo traces: a side
+        effect strict export would warn of)."""
+        value = self.get(key)
+        if value is not None and not _is_compiling():
+            self[key] = self.pop(key)
+        return value
 
-def remember(memo: Memo, key: Hashable, value: Any, what: str) -> None:
-    """``memo[key] = value``, dropping the oldest entry beyond ``MAX_SIGNATURES``: a non-tensor
-    argument that takes a new value on every call (a step counter, an annealed temperature)
-    is a new signature each time, traced (and, under ``auto``, measured) anew. Warned of once
-    per ``memo``."""
-    if len(memo) >= MAX_SIGNATURES:
-        if not memo.warned:
-            memo.warned = True
-            warnings.warn(
-                f"vensemble: over {MAX_SIGNATURES} call signatures ({what}): each new value of a "
-                "non-tensor argument is traced (and, under backend='auto', measured) anew. Pass "
-                "a value that changes from call to call as a tensor, or use backend='vmap' or "
-                "'loop'.",
-                stacklevel=4,
-            )
-        for old in list(memo)[: len(memo) - MAX_SIGNATURES + 1]:  # the least recently used
-            memo.dropped(memo.pop(old))
-    memo[key] = value
+    def remember(self, key: Hashable, value: Any) -> None:
+        """``self[key] = value``, dropping the least recently used beyond the bound."""
+        if len(self) >= MAX_SIGNATURES:
+            if not self.warned:
+                self.warned = True
+                warnings.warn(
+                    f"vensemble: over {MAX_SIGNATURES} call signatures ({self.what}): each new "
+                    "value of a non-tensor argument is traced (and, under backend='auto', "
+                    "measured) anew. Pass a value that changes from call to call as a tensor, "
+                    "or use backend='vmap' or 'loop'.",
+                    stacklevel=4,
+                )
+            for old in list(self)[: len(self) - MAX_SIGNATURES + 1]:
+                dropped = self.pop(old)
+                if isinstance(dropped, FusedProgram):  # its layers let go of the parameters
+                    dropped.release_views()  # (the fast path may still hold it)
+        self[key] = value
 
 
 @dataclass
 class FusedPlan:
     """Programs built so far, per call signature; a string where the signature cannot be fused."""
 
-    programs: Memo = field(default_factory=Memo)  # FusedProgram, or why it cannot be built
+    # a FusedProgram per call signature, or why it cannot be built
+    programs: Memo = field(default_factory=lambda: Memo("fused programs"))
     last: FusedProgram | str | None = None
     compile_options: dict[str, Any] | None = None
     signature: inspect.Signature | None = None
@@ -978,7 +985,7 @@ class FusedPlan:
         call). Before ``nn.Module._apply`` swaps parameters in place
         (``torch.__future__.set_swap_module_params_on_conversion``): ``swap_tensors`` refuses
         a tensor something else still refers to."""
-        for program in self.programs.values():
+        for program in [*self.programs.values(), self.last]:
             if isinstance(program, FusedProgram):
                 program.release_views()
 
@@ -1015,16 +1022,13 @@ def fused_forward(call: Call, plan: FusedPlan) -> Any:
         if call.tensor_args and len(dynamic) == len(call.args):  # no tensor defaults
             plan.tensor_keys[quick] = key
     full_key = (key, tuple([m.training for m in plan.modules]))  # traced code may read .training
-    program = plan.programs.get(full_key)
-    if program is not None:
-        if not _is_compiling():  # the most recently used last (see remember)
-            plan.programs[full_key] = plan.programs.pop(full_key)
-    else:
+    program = plan.programs.recall(full_key)
+    if program is None:
         try:
             program = build_program(call, key)
         except Untraceable as err:
             program = str(err)
-        remember(plan.programs, full_key, program, "fused programs")
+        plan.programs.remember(full_key, program)
     if not _is_compiling():  # (for explain(); a side effect strict export would warn of)
         plan.last = program
     if isinstance(program, str):
