@@ -31,6 +31,7 @@ from .backends import (
 from .backends._autotune import BackwardFailed, measure_paths, measuring_allowed
 from .backends._call import copy_buffers, restore_buffers, rng_snapshot, state_device
 from .backends._layers import _is_compiling, _jit_tracing
+from .backends.blocked import MIN_BLOCK, BlockedPlan, Unblockable, blocked_forward
 from .backends.folded import FoldedPlan, folded_program
 from .backends.fused import (
     FusedPlan,
@@ -181,6 +182,7 @@ class Ensemble(nn.Module):
     _num_members: int
     _plan: AutoPlan
     _fused: FusedPlan
+    _blocked: BlockedPlan
 
     def __init__(
         self,
@@ -303,6 +305,7 @@ class Ensemble(nn.Module):
         """Drop the traced programs and the calls remembered for them."""
         self._fused = FusedPlan(compile_options=self.compile_options)
         self._folded = FoldedPlan()
+        self._blocked = BlockedPlan()
         self._fast.clear()
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -440,6 +443,9 @@ class Ensemble(nn.Module):
         self._fused.release_views()
         for program, *_ in self._fast.values():  # (it may hold programs the plan dropped)
             program.release_views()
+        self._blocked.release_views()
+        self._blocked = BlockedPlan()  # (its blocks are views of the tensors converted here)
+        self._fast.clear()  # (an entry may run those blocks)
         with _memory_format_held(fn) as fmt:
             super()._apply(fn, recurse)
         if fmt is not None:
@@ -523,6 +529,8 @@ class Ensemble(nn.Module):
             )
             folded = self._folded.last if path == "folded" else None
             what = "" if folded is None else f": {folded.describe()}"
+            if path == "blocked":
+                what = f": {self._blocked.describe()}"
             out["(auto)"] = f"{path} ({why}){what}; the vectorized path:"
         last = self._fused.last
         if self.backend in ("auto", "fused") and last is not None:
@@ -671,6 +679,8 @@ class Ensemble(nn.Module):
                 return loop_forward(call)
             if path == "folded":
                 return self._folded_loop(call)
+            if path == "blocked" and not compiling:
+                return self._in_blocks(call, fast_key)
         return self._vectorized(call, fast_key)
 
     # A call repeated with what decided its path unchanged (the inputs' shapes, dtypes and
@@ -753,6 +763,23 @@ class Ensemble(nn.Module):
                 return out
         return auto_forward(call, self._plan)
 
+    def _in_blocks(self, call: Call, fast_key: tuple[Any, ...] | None) -> Any:
+        """auto's ``"blocked"`` choice (see ``backends.blocked``); the vectorized path where
+        blocks do not apply now (the choice is then measured again on the next call)."""
+        try:
+            out, run = blocked_forward(call, self._blocked, self._fused)
+        except Unblockable:  # (the program changed since the choice was measured)
+            self._choices.pop(_shape_key(call, self.training), None)
+            if self._last_choice is not None:
+                self._last_choice = ("vectorized", self._last_choice[1])
+            return self._vectorized(call, fast_key)
+        program = self._fused.last
+        if fast_key is not None and run is not None and isinstance(program, FusedProgram):
+            if len(self._fast) >= _FAST_MAX_ENTRIES:
+                self._fast.clear()
+            self._fast[fast_key] = (program, self._last_choice, False, run)
+        return out
+
     def _folded_loop(self, call: Call) -> Any:
         """auto's ``"folded"`` choice; the plain loop where the folded forward does not apply
         now, or raises (its state restored first: the loop then decides what the error means)."""
@@ -811,6 +838,13 @@ class Ensemble(nn.Module):
             folded = folded_program(call, self._folded)
             if folded is not None:  # inference with an eval-mode conv -> BatchNorm pair
                 paths["folded"] = lambda: loop_forward(call, folded.module)
+            device = state_device(call.state) or torch.device("cpu")
+            if (
+                device.type == "cpu"
+                and not torch.is_grad_enabled()
+                and self._num_members >= 2 * MIN_BLOCK
+            ):  # after "vectorized", whose program it cuts in blocks
+                paths["blocked"] = lambda: blocked_forward(call, self._blocked, self._fused)[0]
             measure = functools.partial(
                 measure_paths,
                 paths,
@@ -821,7 +855,7 @@ class Ensemble(nn.Module):
                 # a rewrite that fails is simply not taken; nor is a loop that raises where
                 # the vectorized path ran (a forward that modifies a shared input in place
                 # breaks the loop's autograd: each member modifies what the last one saved)
-                optional=frozenset({"folded", "loop"}),
+                optional=frozenset({"folded", "loop", "blocked"}),
             )
             try:
                 timings = measure(backward_to=trainable if torch.is_grad_enabled() else None)
@@ -831,12 +865,16 @@ class Ensemble(nn.Module):
                 # for the forward only, so the forwards are timed alone
                 timings = measure(backward_to=None)
             timings.setdefault("loop", math.inf)  # explain() says it raised
-            device = state_device(call.state) or torch.device("cpu")
             loop = "folded" if timings.get("folded", math.inf) < timings["loop"] else "loop"
-            loop_wins = timings[loop] < math.inf and _loop_wins(
-                timings[loop], timings["vectorized"], device
+            fused = (
+                "blocked"
+                if timings.get("blocked", math.inf) < timings["vectorized"]
+                else ("vectorized")
             )
-            choice = (loop if loop_wins else "vectorized", timings)
+            loop_wins = timings[loop] < math.inf and _loop_wins(
+                timings[loop], timings[fused], device
+            )
+            choice = (loop if loop_wins else fused, timings)
             self._choices.remember(key, choice)
         if not _is_compiling():  # (for explain(); a side effect strict export would warn of)
             self._last_choice = choice

@@ -68,6 +68,7 @@ __all__ = [
     "hooked",
     "hooks_registered",
     "mark_unseen_layouts",
+    "program_for",
     "signature_key",
     "sole_input",
 ]
@@ -1010,6 +1011,16 @@ def fused_forward(call: Call, plan: FusedPlan) -> Any:
     Raises:
         Untraceable: this signature cannot be fused (the reason is cached in ``plan``).
     """
+    program, dynamic, _ = program_for(call, plan)
+    if isinstance(program, str):
+        raise Untraceable(program)
+    return program(*dynamic, compile_options=plan.compile_options)
+
+
+def program_for(call: Call, plan: FusedPlan) -> tuple[FusedProgram | str, list[Any], Hashable]:
+    """The fused program for ``call``'s signature, built on first use (or why it cannot be:
+    a string), with the inputs it takes (the dynamic ones, member dim first) and the key it
+    is kept under in ``plan.programs``. ``plan.last`` is set to it (outside torch.compile)."""
     if plan.signature is None:
         plan.signature = inspect.signature(call.template.forward)
         plan.modules = list(call.template.modules())
@@ -1031,6 +1042,4 @@ def fused_forward(call: Call, plan: FusedPlan) -> Any:
         plan.programs.remember(full_key, program)
     if not _is_compiling():  # (for explain(); a side effect strict export would warn of)
         plan.last = program
-    if isinstance(program, str):
-        raise Untraceable(program)
-    return program(*dynamic, compile_options=plan.compile_options)
+    return program, dynamic, full_key

@@ -1,0 +1,297 @@
+"""Members in blocks: the fused program run on a few members at a time (CPU inference).
+
+A batched layer over many members writes ``N x rows x width`` numbers at once: 16 MiB for
+1000 x MLP 8-32-32-1 on 128 rows, more than a CPU core's caches hold, so every layer streams
+its input and its output through memory (and a fresh allocation of that size costs page
+faults). Run on blocks of members whose widest activation is about ``BLOCK_BYTES``, each layer
+of a block reads what the last one just wrote from the cache. On the 2-core AMD EPYC sandbox
+(torch 2.13, 2 threads) those 1000 members took 3.2-3.4 ms per call in blocks of 64-128
+members, against 5.4-6.1 ms at once (hand-written ``baddbmm`` either way).
+
+Each block is an ensemble of its own: a copy of the template's module tree whose tensors are
+views of the stacked ones (so in-place updates show through), with its own fused program.
+``auto`` measures this path against the whole-ensemble one (see ``Ensemble._choose``); it is
+offered for CPU calls without autograd (a forward that autograd records keeps every
+activation for the backward anyway) of members that draw no random numbers, update no
+buffers and write none of their inputs in place (each block would draw, update or write on
+its own), and whose every submodule has a fused layer.
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree
+from torch import Tensor, nn
+
+from ._call import Call
+from ._ops import RANDOM_FUNCTIONS, RANDOM_METHODS, Op
+from .fused import (
+    _RANDOM_MODULES,
+    FusedPlan,
+    FusedProgram,
+    Memo,
+    _Submodule,
+    contiguous_outputs,
+    fused_forward,
+    program_for,
+)
+
+__all__ = ["BLOCK_BYTES", "MIN_BLOCK", "BlockedPlan", "Unblockable", "blocked_forward"]
+
+# The widest activation a block may have: within a core's L2 and the shared L3 of the CPUs
+# measured. On the AMD EPYC sandbox (1 MiB L2 per core, 32 MiB L3), 1000 x MLP 8-32-32-1 at
+# 128 rows (16 KiB per member at the widest) took 3.2-3.3 ms per call in blocks of 64 or 128
+# members (1-2 MiB), 3.6 in blocks of 32 and 4.8 in blocks of 16 (each block's ops cost their
+# dispatch again), 5.4-6.1 ms at once.
+BLOCK_BYTES = 2 * 2**20
+# Fewer members per block, and per-op overheads outweigh what the cache saves
+MIN_BLOCK = 16
+
+
+class Unblockable(Exception):
+    """This call cannot run in blocks, or would gain nothing from it (the reason)."""
+
+
+@dataclass
+class _Blocks:
+    """The members cut into blocks: per block, a template of views and its own fused plan."""
+
+    bounds: list[tuple[int, int]]
+    templates: list[nn.Module]
+    plans: list[FusedPlan]
+    # what the views were cut from: (the dict holding it, its name, the tensor, its data_ptr)
+    slots: list[tuple[dict[str, Any], str, Tensor, int]]
+    # each template module's attribute dict and its values then (a setting assigned since,
+    # ``bn.eps = ...``, would not show in the copies)
+    attributes: list[tuple[dict[str, Any], tuple[Any, ...]]]
+
+    def current(self) -> bool:
+        """Whether the views still show the template: the same tensors on the same storage,
+        and no attribute of a template module assigned since."""
+        return all(d.get(k) is t and t.data_ptr() == ptr for d, k, t, ptr in self.slots) and all(
+            len(d) == len(values) and all(map(operator.is_, d.values(), values))
+            for d, values in self.attributes
+        )
+
+    def release_views(self) -> None:
+        for plan in self.plans:
+            plan.release_views()
+
+
+def _cut(template: nn.Module, n: int, block: int) -> _Blocks:
+    """``template``'s module tree once per block of ``block`` members (the last may be
+    smaller): the same modules' attributes, each stacked tensor a view of its rows."""
+    bounds = [(s, min(s + block, n)) for s in range(0, n, block)]
+    modules = list(template.modules())
+    slots = [
+        (d, k, t, t.data_ptr())
+        for m in modules
+        for d in (m._parameters, m._buffers)
+        for k, t in d.items()
+        if t is not None
+    ]
+    attributes = [(m.__dict__, tuple(m.__dict__.values())) for m in modules]
+    templates = [_copy_with_views(template, s, e) for s, e in bounds]
+    plans = [FusedPlan() for _ in bounds]
+    return _Blocks(bounds, templates, plans, slots, attributes)
+
+
+def _copy_with_views(template: nn.Module, s: int, e: int) -> nn.Module:
+    """A copy of ``template``'s module tree whose parameters and buffers are rows ``s:e`` of
+    its (detached: blocks run without autograd); anything else is shared. A module or tensor
+    found twice (tied weights) is copied once."""
+    done: dict[int, Any] = {}
+
+    def cut(t: Tensor | None) -> Tensor | None:
+        if t is None:
+            return None
+        if id(t) not in done:
+            done[id(t)] = t.detach()[s:e]
+        return done[id(t)]
+
+    def visit(m: nn.Module) -> nn.Module:
+        if id(m) in done:
+            return done[id(m)]
+        c = copy.copy(m)  # a new __dict__ holding the same values
+        done[id(m)] = c
+        c.__dict__["_parameters"] = {k: cut(t) for k, t in m._parameters.items()}
+        c.__dict__["_buffers"] = {k: cut(t) for k, t in m._buffers.items()}
+        c.__dict__["_modules"] = {
+            k: None if child is None else visit(child) for k, child in m._modules.items()
+        }
+        return c
+
+    return visit(template)
+
+
+def _why_not(template: nn.Module, program: FusedProgram) -> str | None:
+    """Why ``program`` must run on all members at once, if it must."""
+    for path, m in template.named_modules():
+        if m.training and isinstance(m, _RANDOM_MODULES):
+            return f"'{path}' draws random numbers (training mode): each block would draw its own"
+        if m.training and next(m.buffers(recurse=False), None) is not None:
+            return f"'{path}' updates its buffers (training mode)"
+    for name, part in program.parts.items():
+        if isinstance(part, _Submodule):  # (each block would learn, and warn, anew)
+            return f"'{name}' has no fused layer (it runs through {part.how})"
+        target = getattr(part, "target", None)
+        if isinstance(part, Op) and (target in RANDOM_FUNCTIONS or target in RANDOM_METHODS):
+            return f"{name} draws random numbers: each block would draw its own"
+    return None
+
+
+class _Widest(fx.Interpreter):
+    """Runs a program, noting the bytes of the largest tensor any step made."""
+
+    widest = 0
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        for t in pytree.tree_leaves(out):
+            if isinstance(t, Tensor) and n.op != "placeholder":
+                self.widest = max(self.widest, t.numel() * t.element_size())
+        return out
+
+
+def _block_size(call: Call, program: FusedProgram, dynamic: list[Any]) -> int | str:
+    """How many members a block holds for this call signature, or why it is not blocked:
+    the program is run once (its inputs put back after) to find its widest activation."""
+    reason = _why_not(call.template, program)
+    if reason is not None:
+        return reason
+    leaves = [t for t in pytree.tree_leaves((call.args, call.kwargs)) if isinstance(t, Tensor)]
+    versions = [t._version if not t.is_inference() else None for t in leaves]
+    put_back = call.input_keeper()
+    probe = _Widest(program.module)
+    try:
+        with torch.no_grad():
+            probe.run(*dynamic)
+    finally:
+        put_back()
+    written = [
+        k for k, (t, v) in enumerate(zip(leaves, versions)) if v is not None and t._version != v
+    ]
+    if written:
+        return "the forward writes one of its inputs in place: each block would write it"
+    per_member = max(probe.widest // call.n, 1)
+    block = max(MIN_BLOCK, BLOCK_BYTES // per_member)
+    if 2 * block > call.n:
+        return (
+            f"the widest activation ({probe.widest / 2**20:.2g} MiB for all members) fits in "
+            f"{(call.n + block - 1) // block} block"
+        )
+    return block
+
+
+@dataclass
+class BlockedPlan:
+    """The block size per call signature (or why not), and the blocks cut for each size."""
+
+    sizes: Memo = field(default_factory=lambda: Memo("block sizes"))
+    blocks: dict[int, _Blocks] = field(default_factory=dict)
+    last: _Blocks | None = None  # the blocks of the most recent call, for explain()
+
+    def release_views(self) -> None:
+        for blocks in self.blocks.values():
+            blocks.release_views()
+
+    def describe(self) -> str:
+        if self.last is None:
+            return "in blocks"
+        sizes = sorted({e - s for s, e in self.last.bounds}, reverse=True)
+        return (
+            f"{len(self.last.bounds)} blocks of {' or '.join(map(str, sizes))} members, each "
+            "through its own fused program (the activations stay in cache)"
+        )
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> BlockedPlan:
+        """Blocks are views of the template they were cut from: a copy starts afresh."""
+        return BlockedPlan()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__()  # type: ignore[misc]
+
+
+def blocked_forward(
+    call: Call, plan: BlockedPlan, fused: FusedPlan
+) -> tuple[Any, Callable[..., Any] | None]:
+    """Run ``call`` in blocks of members; also a function that runs the same signature again
+    from its dynamic inputs (member dim first), for the ensemble's fast path: it raises
+    ``Unblockable`` once the blocks no longer show the template. ``fused``: the whole
+    ensemble's programs (the block size is found from the program of this signature).
+
+    Raises:
+        Unblockable: this call is not to run in blocks (the reason is kept per signature).
+    """
+    program, dynamic, key = program_for(call, fused)
+    if isinstance(program, str):
+        raise Unblockable(program)
+    size = plan.sizes.recall(key)
+    if size is None:
+        size = _block_size(call, program, dynamic)
+        plan.sizes.remember(key, size)
+    if isinstance(size, str):
+        raise Unblockable(size)
+    blocks = plan.blocks.get(size)
+    if blocks is None or not blocks.current():
+        if blocks is not None:
+            blocks.release_views()
+        blocks = plan.blocks[size] = _cut(call.template, call.n, size)
+    plan.last = blocks
+    outs = []
+    for (s, e), template, block_plan in zip(blocks.bounds, blocks.templates, blocks.plans):
+        args = tuple(_rows(a, d, s, e) for a, d in zip(call.args, call.in_dims))
+        sub = Call(template, e - s, args, call.kwargs, call.in_dims, call.randomness, None)
+        outs.append(fused_forward(sub, block_plan))
+    return concat_members(outs), _runner(blocks, call)
+
+
+def _rows(arg: Any, dim: int | None, s: int, e: int) -> Any:
+    """Members ``s:e`` of a positional input whose member dim is ``dim`` (``None``: shared)."""
+    if dim is None:
+        return arg
+    return pytree.tree_map_only(Tensor, lambda t: t.narrow(dim, s, e - s), arg)
+
+
+def _runner(blocks: _Blocks, call: Call) -> Callable[..., Any] | None:
+    """What runs ``blocks`` again for the signature of ``call`` (tensor inputs only, each with
+    the member dim first or none: the fast path's calls), or ``None``."""
+    if not call.tensor_args or len(set(call.in_dims)) != 1:
+        return None
+    batched = call.in_dims[0] is not None
+    programs = [plan.last for plan in blocks.plans]
+    if not all(isinstance(p, FusedProgram) for p in programs):
+        return None
+    runs = [p.runner(None, True) for p in programs]  # type: ignore[union-attr]
+    bounds = blocks.bounds
+
+    def run(*dynamic: Tensor) -> Any:
+        if not blocks.current():
+            raise Unblockable("the template's tensors or settings changed")
+        outs = []
+        for (s, e), go in zip(bounds, runs):
+            args = [a[s:e] for a in dynamic] if batched else dynamic
+            outs.append(contiguous_outputs(go(*args)))
+        return concat_members(outs)
+
+    return run
+
+
+def concat_members(outs: list[Any]) -> Any:
+    """The blocks' outputs joined along the member dim (non-tensor leaves: the first's)."""
+    flat = [pytree.tree_flatten(o) for o in outs]
+    joined = [
+        torch.cat(col) if isinstance(col[0], Tensor) else col[0]
+        for col in zip(*(leaves for leaves, _ in flat))
+    ]
+    return pytree.tree_unflatten(joined, flat[0][1])

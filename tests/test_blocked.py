@@ -1,0 +1,259 @@
+"""auto's ``"blocked"`` path: the fused program run on blocks of members, against the loop."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+import vensemble as ve
+from _helpers import ZOO, assert_tree_close, zoo_input
+from vensemble import ensemble as ensemble_module
+from vensemble.backends import blocked
+from vensemble.backends._call import Call
+from vensemble.backends.blocked import Unblockable, blocked_forward
+
+N = 8  # blocks of 3, 3 and 2 members with the sizes forced below
+
+
+@pytest.fixture
+def measured(monkeypatch) -> list[list[str]]:
+    """Blocks of 3 members (whatever the activations), and auto measuring "blocked" fastest;
+    returns the paths each measurement was offered."""
+    monkeypatch.setattr(blocked, "BLOCK_BYTES", 1)
+    monkeypatch.setattr(blocked, "MIN_BLOCK", 3)
+    monkeypatch.setattr(ensemble_module, "MIN_BLOCK", 3)
+    offered: list[list[str]] = []
+
+    def timings(paths, restore, **kwargs):
+        offered.append(list(paths))
+        if "blocked" in paths:
+            try:  # what the real measurement's warm-up finds: a path that raises is left out
+                paths["blocked"]()
+            except Unblockable:
+                paths = {k: v for k, v in paths.items() if k != "blocked"}
+            finally:
+                restore()
+        return {k: (0.1 if k == "blocked" else 1.0) for k in paths}
+
+    monkeypatch.setattr(ensemble_module, "measure_paths", timings)
+    return offered
+
+
+def _pair(factory, n: int = N) -> tuple[ve.Ensemble, ve.Ensemble]:
+    torch.manual_seed(0)
+    ens = ve.Ensemble.from_factory(factory, n).double().eval()
+    loop = ve.Ensemble.from_factory(factory, n, backend="loop").double().eval()
+    loop.load_state_dict(ens.state_dict())
+    return ens, loop
+
+
+@pytest.mark.parametrize("name", sorted(set(ZOO) - {"lstm", "transformer"}))
+def test_every_zoo_member_in_blocks_matches_the_loop(measured, name):
+    factory, _ = ZOO[name]
+    ens, loop = _pair(factory)
+    x = zoo_input(name, 5, torch.float64)
+    xs = torch.stack([zoo_input(name, 5, torch.float64) for _ in range(N)])
+    with torch.no_grad():
+        for args, in_dims in (((x,), None), ((xs,), 0)):
+            for _ in range(2):  # measured, then the remembered choice (the fast path)
+                assert_tree_close(ens(*args, in_dims=in_dims), loop(*args, in_dims=in_dims), 1e-10)
+            assert "3 blocks of 3 or 2 members" in ens.explain()["(auto)"], name
+    assert measured and all("blocked" in paths for paths in measured)
+
+
+@pytest.mark.filterwarnings("ignore:vensemble. vmap cannot run")
+@pytest.mark.parametrize(("name", "part"), [("lstm", "'rnn'"), ("transformer", "'Transformer")])
+def test_a_submodule_without_a_fused_layer_runs_at_once(measured, name, part):
+    ens, loop = _pair(ZOO[name][0])
+    x = zoo_input(name, 5, torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(ens(x), loop(x))
+    assert not ens.explain()["(auto)"].startswith("blocked")
+    assert f"{part}" in next(iter(ens._blocked.sizes.values()))
+
+
+class _Heads(nn.Module):
+    """Two outputs in a dict, a shared keyword tensor, and a constant beside them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(4, 6)
+        self.a = nn.Linear(6, 2)
+        self.b = nn.Linear(6, 1)
+
+    def forward(self, x: Tensor, shift: Tensor | None = None) -> tuple[dict[str, Tensor], int]:
+        h = torch.tanh(self.body(x))
+        if shift is not None:
+            h = h + shift
+        return {"a": self.a(h), "b": self.b(h).squeeze(-1)}, 7
+
+
+def test_structured_outputs_and_keyword_inputs_in_blocks(measured):
+    ens, loop = _pair(_Heads)
+    x, shift = torch.randn(5, 4, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
+    with torch.no_grad():
+        got = ens(x, shift=shift)
+        assert_tree_close(got, loop(x, shift=shift), 1e-10)
+        assert got[1] == 7 and "blocks of" in ens.explain()["(auto)"]
+
+
+def _fresh_choice(ens: ve.Ensemble) -> None:
+    ens._choices.clear()
+
+
+def test_members_that_draw_or_update_state_are_not_blocked(measured):
+    cases = {
+        "dropout": (ZOO["dropout"][0], "draws random numbers"),
+        "cnn_bn": (ZOO["cnn_bn"][0], "updates its buffers"),
+    }
+    for name, (factory, why) in cases.items():
+        ens, loop = _pair(factory)
+        ens.train()
+        call = Call(ens._template, N, (zoo_input(name, 5, torch.float64),), {}, (None,))
+        with torch.no_grad(), pytest.raises(Unblockable, match=why):
+            blocked_forward(call, ens._blocked, ens._fused)
+        if name == "cnn_bn":  # auto then runs the whole ensemble at once: the loop's stats
+            loop.train()
+            x = zoo_input(name, 5, torch.float64)
+            with torch.no_grad():
+                torch.testing.assert_close(ens(x), loop(x))
+            torch.testing.assert_close(ens.state_dict(), loop.state_dict())
+
+
+class _WritesInput(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x.mul_(2)
+        return self.fc(x)
+
+
+def test_a_forward_writing_its_input_runs_at_once_and_writes_it_once(measured):
+    ens, loop = _pair(_WritesInput)
+    xs = torch.randn(N, 4, 3, dtype=torch.float64)
+    with torch.no_grad():
+        x1, x2 = xs.clone(), xs.clone()
+        torch.testing.assert_close(ens(x1, in_dims=0), loop(x2, in_dims=0))
+        torch.testing.assert_close(x1, xs * 2)  # written once, as by the loop
+    assert "(auto)" in ens.explain() and not ens.explain()["(auto)"].startswith("blocked")
+    assert "writes one of its inputs" in next(iter(ens._blocked.sizes.values()))
+
+
+def test_autograd_and_small_ensembles_are_not_offered_blocks(measured, monkeypatch):
+    ens, loop = _pair(ZOO["mlp"][0])
+    x = torch.randn(5, 6, dtype=torch.float64)
+    torch.testing.assert_close(ens(x), loop(x))  # with autograd
+    assert measured[-1] == ["vectorized", "loop"]
+    monkeypatch.undo()  # the real sizes: 8 members never fill two blocks
+    small, _ = _pair(ZOO["mlp"][0])
+    call = Call(small._template, N, (x,), {}, (None,))
+    with torch.no_grad(), pytest.raises(Unblockable, match="fits in 1 block"):
+        blocked_forward(call, small._blocked, small._fused)
+
+
+def test_the_block_size_holds_about_block_bytes_of_the_widest_activation():
+    torch.manual_seed(0)
+    n, rows, width = 256, 128, 32  # the widest activation: 16 KiB per member, 4 MiB in all
+    ens = ve.Ensemble.from_factory(
+        lambda: nn.Sequential(nn.Linear(8, width), nn.ReLU(), nn.Linear(width, 1)), n
+    )
+    call = Call(ens._template, n, (torch.randn(rows, 8),), {}, (None,))
+    with torch.no_grad():
+        out, run = blocked_forward(call, ens._blocked, ens._fused)
+    assert [e - s for s, e in ens._blocked.last.bounds] == [128, 128]
+    assert blocked.BLOCK_BYTES // (rows * width * 4) == 128 and run is not None
+    loop = ve.Ensemble.from_factory(lambda: nn.Linear(1, 1), 1)  # (unused: the loop below)
+    del loop
+    with torch.no_grad():
+        expected = torch.stack([m(call.args[0]) for m in ens.unstack()])
+    torch.testing.assert_close(out, expected)
+
+
+def test_blocks_follow_the_template_after_updates_and_replacements(measured):
+    ens, loop = _pair(ZOO["ln_gelu"][0])
+    x = torch.randn(5, 6, dtype=torch.float64)
+
+    def check() -> None:
+        with torch.no_grad():
+            for _ in range(2):  # the full path, then the fast path
+                torch.testing.assert_close(ens(x), loop(x))
+        assert ens.explain()["(auto)"].startswith("blocked")
+
+    check()
+    with torch.no_grad():  # in place: the views show it
+        for e in (ens, loop):
+            for p in e.parameters():
+                p.mul_(1.5)
+    check()
+    for e in (ens, loop):  # new storage under the same parameters
+        for p in e.parameters():
+            p.data = p.data * 0.5 + 0.1
+    check()
+    state = {k: v * -1.0 for k, v in ens.state_dict().items()}  # new tensors
+    ens.load_state_dict(state, assign=True)
+    loop.load_state_dict(state)
+    check()
+    for e in (ens, loop):  # a plain setting of a torch layer, read at each call
+        e.get_submodule("1").eps = 0.25
+    check()
+    for e in (ens, loop):
+        e.float()
+    x = x.float()
+    check()
+
+
+def test_copies_start_without_blocks_and_run_right(measured):
+    ens, loop = _pair(ZOO["mlp"][0])
+    x = torch.randn(5, 6, dtype=torch.float64)
+    with torch.no_grad():
+        ens(x)
+        assert ens._blocked.blocks
+        for copied in (copy.deepcopy(ens), pickle.loads(pickle.dumps(ens))):
+            assert not copied._blocked.blocks
+            torch.testing.assert_close(copied(x), loop(x))
+
+
+def test_compile_and_an_outer_torch_compile_with_blocks_chosen(measured):
+    torch.manual_seed(0)
+    ens = ve.Ensemble.from_factory(ZOO["mlp"][0], N, compile=True).eval()
+    loop = ve.Ensemble.from_factory(ZOO["mlp"][0], N, backend="loop").eval()
+    loop.load_state_dict(ens.state_dict())
+    x = torch.randn(5, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(ens(x), loop(x))
+        assert ens.explain()["(auto)"].startswith("blocked")
+        outer = torch.compile(ens)  # inside a trace the whole ensemble runs at once
+        torch.testing.assert_close(outer(x), loop(x))
+
+
+class _Scale(nn.Module):
+    """A plain tensor attribute (not a buffer): a constant of the trace, replaced later."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = torch.ones(4, dtype=torch.float64)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.scale
+
+
+def _scaled() -> nn.Module:
+    return nn.Sequential(nn.Linear(3, 4), _Scale())
+
+
+def test_an_attribute_replaced_by_another_tensor_is_noticed(measured):
+    ens, loop = _pair(_scaled)
+    x = torch.randn(5, 3, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(ens(x), loop(x))
+        for e in (ens, loop):
+            e.get_submodule("1").scale = torch.full((4,), 3.0, dtype=torch.float64)
+        for _ in range(2):
+            torch.testing.assert_close(ens(x), loop(x))
+        assert ens.explain()["(auto)"].startswith("blocked")
