@@ -257,3 +257,131 @@ def test_an_attribute_replaced_by_another_tensor_is_noticed(measured):
         for _ in range(2):
             torch.testing.assert_close(ens(x), loop(x))
         assert ens.explain()["(auto)"].startswith("blocked")
+
+
+def test_chunk_size_keeps_the_vectorized_path_in_chunks(measured):
+    ens, loop = _pair(ZOO["mlp"][0])
+    ens.chunk_size = 4
+    x = torch.randn(5, 6, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(ens(x), loop(x))
+    assert measured == [["vectorized", "loop"]] and not ens._blocked.sizes
+
+
+def test_a_bias_given_to_a_layer_built_without_one_is_seen(measured):
+    def net() -> nn.Module:
+        return nn.Sequential(nn.Linear(4, 5, bias=False), nn.Tanh())
+
+    ens, loop = _pair(net)
+    x = torch.randn(6, 4, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(ens(x), loop(x))
+        bias = torch.randn(N, 5, dtype=torch.float64)
+        for e in (ens, loop):
+            e.get_submodule("0").bias = nn.Parameter(bias.clone())
+        for _ in range(2):
+            torch.testing.assert_close(ens(x), loop(x))
+
+
+class _Counting(nn.Module):
+    """Updates buffers in its forward, in eval mode too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+        self.register_buffer("calls", torch.zeros(()))
+        self.register_buffer("ema", torch.zeros(4))
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.calls += 1
+        self.ema.mul_(0.5).add_(x.mean(0) * 0.5)
+        return self.fc(x) + self.ema.sum()
+
+
+def test_a_forward_updating_buffers_in_eval_mode_runs_at_once_and_updates_them_once(measured):
+    def net() -> nn.Module:
+        return nn.Sequential(_Counting())
+
+    ens, loop = _pair(net)
+    x = torch.randn(6, 4, dtype=torch.float64)
+    call = Call(ens._template, N, (x,), {}, (None,))
+    with torch.no_grad():
+        with pytest.raises(Unblockable, match="updates a parameter or buffer"):
+            blocked_forward(call, ens._blocked, ens._fused)
+        # the run that found it out left no trace (it may happen within a real call)
+        torch.testing.assert_close(ens.state_dict(), loop.state_dict())
+        for _ in range(3):
+            torch.testing.assert_close(ens(x), loop(x))
+            torch.testing.assert_close(ens.state_dict(), loop.state_dict())
+            for e in (ens, loop):
+                e.cpu()
+    assert not ens.explain()["(auto)"].startswith("blocked")
+
+
+def test_an_input_written_under_inference_mode_is_noticed(measured):
+    ens, loop = _pair(_WritesInput)  # (measured equal, the CPU takes the loop: see _MARGIN)
+    x0 = torch.randn(5, 3, dtype=torch.float64)
+    with torch.inference_mode():
+        x1, x2 = x0.clone(), x0.clone()
+        torch.testing.assert_close(ens(x1), loop(x2))
+        torch.testing.assert_close(x1, x2)
+    assert ens.explain()["(auto)"].startswith("loop")
+    assert "writes one of its inputs" in next(iter(ens._blocked.sizes.values()))
+
+
+class _TorchDropout(nn.Module):
+    """Draws through a function the fused path's lists do not name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 8)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.dropout(self.fc(x), 0.5, True)
+
+
+def test_a_random_draw_by_any_function_keeps_the_members_together(measured):
+    torch.manual_seed(0)
+    member = _TorchDropout().double()
+    ens = ve.Ensemble([copy.deepcopy(member) for _ in range(N)], randomness="same").eval()
+    x = torch.randn(6, 4, dtype=torch.float64)
+    with torch.no_grad():
+        for _ in range(2):
+            out = ens(x)
+            assert (out != 0).any() and (out == 0).any()
+            torch.testing.assert_close(out, out[:1].expand_as(out))  # "same": one mask for all
+    assert "draws random numbers" in next(iter(ens._blocked.sizes.values()))
+
+
+def test_the_block_size_is_found_per_input_shape():
+    torch.manual_seed(0)
+    n = 64  # 64 KiB per member at 512 rows: blocks of 32; at 1 row it all fits at once
+    ens = ve.Ensemble.from_factory(lambda: nn.Sequential(nn.Linear(8, 32), nn.ReLU()), n)
+    with torch.no_grad():
+        for rows, blocks in ((1, None), (512, [32, 32]), (1, None)):
+            call = Call(ens._template, n, (torch.randn(rows, 8),), {}, (None,))
+            if blocks is None:
+                with pytest.raises(Unblockable, match="fits in 1 block"):
+                    blocked_forward(call, ens._blocked, ens._fused)
+                continue
+            blocked_forward(call, ens._blocked, ens._fused)
+            assert [e - s for s, e in ens._blocked.last.bounds] == blocks
+
+
+@pytest.mark.parametrize("backend", ["auto", "fused"])
+def test_load_state_dict_swapping_tensors_after_calls(measured, backend):
+    ens, loop = _pair(ZOO["ln_gelu"][0])
+    ens.backend = backend
+    x = torch.randn(5, 6, dtype=torch.float64)
+    swapping = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        with torch.no_grad():
+            for _ in range(2):
+                ens(x)
+            state = {k: v * 2 for k, v in ens.state_dict().items()}
+            ens.load_state_dict(state)  # (raised "Expected use_count" from swap_tensors)
+            loop.load_state_dict(state)
+            torch.testing.assert_close(ens(x), loop(x))
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(swapping)

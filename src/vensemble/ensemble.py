@@ -31,7 +31,7 @@ from .backends import (
 from .backends._autotune import BackwardFailed, measure_paths, measuring_allowed
 from .backends._call import copy_buffers, restore_buffers, rng_snapshot, state_device
 from .backends._layers import _is_compiling, _jit_tracing
-from .backends.blocked import MIN_BLOCK, BlockedPlan, Unblockable, blocked_forward
+from .backends.blocked import MIN_BLOCK, BlockedPlan, blocked_forward
 from .backends.folded import FoldedPlan, folded_program
 from .backends.fused import (
     FusedPlan,
@@ -440,17 +440,21 @@ class Ensemble(nn.Module):
         # torch may swap the parameters in place
         # (torch.__future__.set_swap_module_params_on_conversion), and swap_tensors refuses a
         # tensor that a cached view still refers to
-        self._fused.release_views()
-        for program, *_ in self._fast.values():  # (it may hold programs the plan dropped)
-            program.release_views()
-        self._blocked.release_views()
-        self._blocked = BlockedPlan()  # (its blocks are views of the tensors converted here)
-        self._fast.clear()  # (an entry may run those blocks)
+        self._release_views()
         with _memory_format_held(fn) as fmt:
             super()._apply(fn, recurse)
         if fmt is not None:
             self._lay_out_members(fmt)
         return self
+
+    def _release_views(self) -> None:
+        """Drop every cached view of the stacked tensors (rebuilt on the next call)."""
+        self._fused.release_views()
+        for program, *_ in self._fast.values():  # (it may hold programs the plan dropped)
+            program.release_views()
+        self._blocked.release_views()
+        self._blocked = BlockedPlan()  # (its blocks are views of the tensors)
+        self._fast.clear()  # (an entry may run those blocks)
 
     def _lay_out_members(self, fmt: torch.memory_format) -> None:
         with torch.no_grad():
@@ -488,7 +492,10 @@ class Ensemble(nn.Module):
         self, state_dict: Any, prefix: str, local_metadata: dict[str, Any], *args: Any
     ) -> None:
         # (reached however the load started: this ensemble's own load_state_dict, or that of
-        # a model holding it, a MixedEnsemble, a ShardedEnsemble)
+        # a model holding it, a MixedEnsemble, a ShardedEnsemble; before the members' modules
+        # load, torch may swap their tensors, and swap_tensors refuses one a view refers to)
+        if torch.__future__.get_swap_module_params_on_conversion():
+            self._release_views()
         super()._load_from_state_dict(state_dict, prefix, local_metadata, *args)
         if local_metadata.get("assign_to_params_buffers", False):
             # new tensors, maybe in another layout: what was learned of the old is stale
@@ -765,10 +772,11 @@ class Ensemble(nn.Module):
 
     def _in_blocks(self, call: Call, fast_key: tuple[Any, ...] | None) -> Any:
         """auto's ``"blocked"`` choice (see ``backends.blocked``); the vectorized path where
-        blocks do not apply now (the choice is then measured again on the next call)."""
+        blocks do not apply now, or raise (the choice is then measured again on the next
+        call; a blocked program writes no input, buffer or RNG state, so nothing is undone)."""
         try:
             out, run = blocked_forward(call, self._blocked, self._fused)
-        except Unblockable:  # (the program changed since the choice was measured)
+        except Exception:  # (Unblockable: the program changed since the choice was measured)
             self._choices.pop(_shape_key(call, self.training), None)
             if self._last_choice is not None:
                 self._last_choice = ("vectorized", self._last_choice[1])
@@ -804,7 +812,11 @@ class Ensemble(nn.Module):
         cache; when the two are close (within 15%) a CPU takes the loop and a GPU the
         vectorized path (see ``_MARGIN``). Inference calls of a member with an eval-mode
         conv -> BatchNorm pair measure a third path, ``"folded"``: the loop with each such
-        BatchNorm folded into its convolution (``backends.folded``). With ``compile`` set,
+        BatchNorm folded into its convolution (``backends.folded``). CPU inference calls of
+        at least ``2 * MIN_BLOCK`` members measure ``"blocked"`` too: the fused program run
+        on blocks of members whose activations stay in cache (``backends.blocked``; it takes
+        the vectorized path's place when faster; its blocks run eagerly, with ``compile`` set
+        too). With ``compile`` set,
         the vectorized path is timed compiled (its compile comes first, untimed), so compiling
         never leaves a model slower than the loop. Under
         ``torch.use_deterministic_algorithms(True)`` nothing is timed and the vectorized path
@@ -843,7 +855,9 @@ class Ensemble(nn.Module):
                 device.type == "cpu"
                 and not torch.is_grad_enabled()
                 and self._num_members >= 2 * MIN_BLOCK
-            ):  # after "vectorized", whose program it cuts in blocks
+                and (self.chunk_size is None or self.chunk_size >= self._num_members)
+            ):  # after "vectorized", whose program it cuts in blocks (with chunk_size set,
+                # the vectorized path runs vmap, and the blocks' sizing run would not chunk)
                 paths["blocked"] = lambda: blocked_forward(call, self._blocked, self._fused)[0]
             measure = functools.partial(
                 measure_paths,
