@@ -13,6 +13,7 @@ import vensemble as ve
 from _helpers import ZOO, assert_tree_close, zoo_input
 from vensemble import ensemble as ensemble_module
 from vensemble.backends import blocked
+from vensemble.backends import fused as fused_module
 from vensemble.backends._call import Call
 from vensemble.backends.blocked import Unblockable, blocked_forward
 
@@ -385,3 +386,81 @@ def test_load_state_dict_swapping_tensors_after_calls(measured, backend):
             torch.testing.assert_close(ens(x), loop(x))
     finally:
         torch.__future__.set_swap_module_params_on_conversion(swapping)
+
+
+class _Tempered(nn.Module):
+    """Uses its parameters directly, not through a layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+        self.temperature = nn.Parameter(torch.rand(()) + 0.5)
+        self.offset = nn.Parameter(torch.randn(3))
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self.fc(x) * self.temperature, self.offset
+
+
+def test_parameters_used_directly_are_each_blocks_rows(measured):
+    ens, loop = _pair(_Tempered)
+    x = torch.randn(5, 4, dtype=torch.float64)
+    with torch.no_grad():
+        for _ in range(2):  # (a plain tensor view would be traced as one shared constant)
+            assert_tree_close(ens(x), loop(x), 1e-10)
+        assert ens.explain()["(auto)"].startswith("blocked")
+
+
+def test_a_torch_layer_made_in_place_is_sized_again(measured):
+    def net() -> nn.Module:
+        return nn.Sequential(nn.LeakyReLU(0.5), nn.Linear(4, 2))
+
+    ens, _ = _pair(net)
+    fused = ve.Ensemble.from_factory(net, N, backend="fused").double().eval()
+    fused.load_state_dict(ens.state_dict())
+    x0 = torch.randn(5, 4, dtype=torch.float64) - 1
+    with torch.no_grad():
+        for _ in range(2):
+            ens(x0.clone())
+        for e in (ens, fused):
+            e.get_submodule("0").inplace = True  # writes the shared input: once, not per block
+        for _ in range(2):
+            x1, x2 = x0.clone(), x0.clone()
+            torch.testing.assert_close(ens(x1), fused(x2))
+            torch.testing.assert_close(x1, x2)
+    assert "writes one of its inputs" in str(list(ens._blocked.sizes.values()))
+
+
+def test_mode_changes_and_functional_calls_trace_nothing_again(measured, monkeypatch):
+    built: list[object] = []
+    build = fused_module.build_program
+    monkeypatch.setattr(fused_module, "build_program", lambda *a: built.append(a) or build(*a))
+    ens, loop = _pair(_Heads)
+    x, shift = torch.randn(5, 4, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
+    with torch.no_grad():
+        for step in range(6):  # keyword inputs: no fast path, each call checks the blocks
+            for e in (ens, loop):
+                e.train(step % 2 == 0)
+            assert_tree_close(ens(x, shift=shift), loop(x, shift=shift), 1e-10)
+            if step == 1:
+                traced = len(built)  # the whole ensemble's and each block's, in both modes
+        assert len(built) == traced
+        for scale in (2.0, 3.0):
+            params = {k: v * scale for k, v in ens.named_parameters()}
+            got = torch.func.functional_call(ens, params, (x,), {"shift": shift})
+            loop_params = {k: v * scale for k, v in loop.named_parameters()}
+            expected = torch.func.functional_call(loop, loop_params, (x,), {"shift": shift})
+            assert_tree_close(got, expected, 1e-10)
+        assert_tree_close(ens(x, shift=shift), loop(x, shift=shift), 1e-10)
+        assert len(built) == traced
+
+
+def test_explain_names_the_blocks_of_the_latest_call_and_few_are_kept(measured):
+    ens, _ = _pair(ZOO["mlp"][0])
+    with torch.no_grad():
+        for rows in (5, 6, 5):  # the last through the fast path
+            ens(torch.randn(rows, 6, dtype=torch.float64))
+        assert ens._blocked.last is ens._blocked.blocks[3]
+        assert "3 blocks of 3 or 2 members" in ens.explain()["(auto)"]
+    for size in range(10, 20):
+        ens._blocked.blocks_of(size, Call(ens._template, N, (), {}, ()))
+    assert len(ens._blocked.blocks) == blocked._KEPT

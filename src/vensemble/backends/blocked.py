@@ -22,7 +22,6 @@ would only multiply the warm-up).
 
 from __future__ import annotations
 
-import copy
 import operator
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -56,78 +55,126 @@ __all__ = ["BLOCK_BYTES", "MIN_BLOCK", "BlockedPlan", "Unblockable", "blocked_fo
 BLOCK_BYTES = 2 * 2**20
 # Fewer members per block, and per-op overheads outweigh what the cache saves
 MIN_BLOCK = 16
+# Block sizes whose blocks are kept (sizes are powers of two: one per few batch sizes)
+_KEPT = 4
 
 
 class Unblockable(Exception):
     """This call cannot run in blocks, or would gain nothing from it (the reason)."""
 
 
+_STRUCTURE = ("_parameters", "_buffers", "_modules")
+
+
 @dataclass
 class _Blocks:
-    """The members cut into blocks: per block, a template of views and its own fused plan."""
+    """The members cut into blocks: per block, a template of views and its own fused plan.
+
+    The copies mirror the template: when a tensor, a ``None`` slot or an attribute of one of
+    its modules changes (``p.data = ...``, a bias given to a layer built without one,
+    ``functional_call``, ``bn.eps = ...``, ``train()``), :meth:`refresh` points the copies at
+    the new values. The programs read their modules' tensors and settings at each call, as the
+    whole ensemble's do, so nothing is traced again."""
 
     bounds: list[tuple[int, int]]
     templates: list[nn.Module]
     plans: list[FusedPlan]
-    # each template module's attribute dict, parameter dict and buffer dict with the values
-    # they held (a tensor replaced, a ``None`` bias given one, ``bn.eps = ...`` assigned:
-    # the copies would not show it) ...
-    dicts: list[tuple[dict[str, Any], tuple[Any, ...]]]
+    # each template module with its copy in every block
+    pairs: list[tuple[nn.Module, list[nn.Module]]]
+    # each template module's attribute, parameter and buffer dict with the values they held
+    # when the copies were last made to mirror them ...
+    held: list[tuple[dict[str, Any], tuple[Any, ...]]] = field(default_factory=list)
     # ... and each stacked tensor with its data_ptr (``p.data = ...`` keeps the object)
-    storage: list[tuple[Tensor, int]]
+    storage: list[tuple[Tensor, int]] = field(default_factory=list)
 
     def current(self) -> bool:
-        """Whether the views still show the template: the same tensors on the same storage,
-        and no attribute, parameter or buffer of a template module assigned since."""
+        """Whether the copies still mirror the template."""
         return all(
             len(d) == len(values) and all(map(operator.is_, d.values(), values))
-            for d, values in self.dicts
+            for d, values in self.held
         ) and all(t.data_ptr() == ptr for t, ptr in self.storage)
+
+    def refresh(self) -> bool:
+        """Make the copies mirror the template again; whether a setting of one of torch's own
+        layers changed (its fused layer reads it at each call, so what the sizing run found,
+        e.g. that no input is written in place, may no longer hold: ``inplace = True``)."""
+        before = {id(d): values for d, values in self.held}
+        setting_changed = False
+        views: list[dict[int, Tensor]] = [{} for _ in self.bounds]  # (tied tensors: one view)
+        for m, copies in self.pairs:
+            old = before.get(id(m.__dict__), ())
+            if type(m).__module__.startswith("torch.") and (
+                len(old) != len(m.__dict__)
+                or any(
+                    k not in ("training", *_STRUCTURE) and v is not w
+                    for (k, v), w in zip(m.__dict__.items(), old)
+                )
+            ):
+                setting_changed = True
+            for c, (s, e), done in zip(copies, self.bounds, views):
+                kept = c.__dict__["_modules"]
+                c.__dict__.clear()
+                c.__dict__.update(m.__dict__)
+                c.__dict__["_parameters"] = {
+                    k: _view(t, s, e, done, parameter=True) for k, t in m._parameters.items()
+                }
+                c.__dict__["_buffers"] = {k: _view(t, s, e, done) for k, t in m._buffers.items()}
+                c.__dict__["_modules"] = kept
+        self._hold()
+        return setting_changed
+
+    def _hold(self) -> None:
+        modules = [m for m, _ in self.pairs]
+        self.held = [
+            (d, tuple(d.values())) for m in modules for d in (m.__dict__, m._parameters, m._buffers)
+        ]
+        self.storage = [
+            (t, t.data_ptr())
+            for m in modules
+            for t in [*m._parameters.values(), *m._buffers.values()]
+            if t is not None
+        ]
 
     def release_views(self) -> None:
         for plan in self.plans:
             plan.release_views()
 
 
+def _view(
+    t: Tensor | None, s: int, e: int, done: dict[int, Tensor], parameter: bool = False
+) -> Tensor | None:
+    """Rows ``s:e`` of ``t`` (detached: blocks run without autograd), once per tensor. A
+    parameter's stays an ``nn.Parameter``: fx traces a member's direct use of one
+    (``x * self.temperature``) as an attribute read, of a plain tensor as a constant."""
+    if t is None:
+        return None
+    if id(t) not in done:
+        rows = t.detach()[s:e]
+        done[id(t)] = nn.Parameter(rows, requires_grad=False) if parameter else rows
+    return done[id(t)]
+
+
 def _cut(template: nn.Module, n: int, block: int) -> _Blocks:
     """``template``'s module tree once per block of ``block`` members (the last may be
-    smaller): the same modules' attributes, each stacked tensor a view of its rows."""
+    smaller): the same modules' attributes, each stacked tensor a view of its rows. A module
+    found twice in the tree is copied once."""
     bounds = [(s, min(s + block, n)) for s in range(0, n, block)]
+    copies: list[dict[int, nn.Module]] = [{} for _ in bounds]
+
+    def visit(m: nn.Module, done: dict[int, nn.Module]) -> nn.Module:
+        if id(m) not in done:
+            c = done[id(m)] = object.__new__(type(m))  # (refresh fills its __dict__)
+            c.__dict__["_modules"] = {
+                k: None if child is None else visit(child, done) for k, child in m._modules.items()
+            }
+        return done[id(m)]
+
+    templates = [visit(template, done) for done in copies]
     modules = list(template.modules())
-    dicts = [(m.__dict__, m._parameters, m._buffers) for m in modules]
-    held = [(d, tuple(d.values())) for three in dicts for d in three]
-    tensors = [*template.parameters(), *template.buffers()]
-    templates = [_copy_with_views(template, s, e) for s, e in bounds]
-    plans = [FusedPlan() for _ in bounds]
-    return _Blocks(bounds, templates, plans, held, [(t, t.data_ptr()) for t in tensors])
-
-
-def _copy_with_views(template: nn.Module, s: int, e: int) -> nn.Module:
-    """A copy of ``template``'s module tree whose parameters and buffers are rows ``s:e`` of
-    its (detached: blocks run without autograd); anything else is shared. A module or tensor
-    found twice (tied weights) is copied once."""
-    done: dict[int, Any] = {}
-
-    def cut(t: Tensor | None) -> Tensor | None:
-        if t is None:
-            return None
-        if id(t) not in done:
-            done[id(t)] = t.detach()[s:e]
-        return done[id(t)]
-
-    def visit(m: nn.Module) -> nn.Module:
-        if id(m) in done:
-            return done[id(m)]
-        c = copy.copy(m)  # a new __dict__ holding the same values
-        done[id(m)] = c
-        c.__dict__["_parameters"] = {k: cut(t) for k, t in m._parameters.items()}
-        c.__dict__["_buffers"] = {k: cut(t) for k, t in m._buffers.items()}
-        c.__dict__["_modules"] = {
-            k: None if child is None else visit(child) for k, child in m._modules.items()
-        }
-        return c
-
-    return visit(template)
+    pairs = [(m, [done[id(m)] for done in copies]) for m in modules]
+    blocks = _Blocks(bounds, templates, [FusedPlan() for _ in bounds], pairs)
+    blocks.refresh()
+    return blocks
 
 
 def _why_not(template: nn.Module, program: FusedProgram) -> str | None:
@@ -201,7 +248,8 @@ def _block_size(call: Call, program: FusedProgram, dynamic: list[Any]) -> int | 
     if drew:  # (a random op the lists above miss: each block would draw its own)
         return "the forward draws random numbers: each block would draw its own"
     per_member = max(probe.widest // call.n, 1)
-    block = max(MIN_BLOCK, BLOCK_BYTES // per_member)
+    # a power of two: few distinct sizes over many batch sizes (each size's blocks are kept)
+    block = max(MIN_BLOCK, 1 << max(BLOCK_BYTES // per_member, 1).bit_length() - 1)
     if 2 * block > call.n:
         return (
             f"the widest activation ({probe.widest / 2**20:.2g} MiB for all members) fits in "
@@ -215,8 +263,18 @@ class BlockedPlan:
     """The block size per call signature (or why not), and the blocks cut for each size."""
 
     sizes: Memo = field(default_factory=lambda: Memo("block sizes"))
-    blocks: dict[int, _Blocks] = field(default_factory=dict)
+    blocks: dict[int, _Blocks] = field(default_factory=dict)  # by block size, oldest first
     last: _Blocks | None = None  # the blocks of the most recent call, for explain()
+
+    def blocks_of(self, size: int, call: Call) -> _Blocks:
+        """The blocks of ``size`` members, cut now if not kept (at most ``_KEPT`` sizes)."""
+        blocks = self.blocks.pop(size, None)
+        if blocks is None:
+            while len(self.blocks) >= _KEPT:
+                self.blocks.pop(next(iter(self.blocks))).release_views()
+            blocks = _cut(call.template, call.n, size)
+        self.blocks[size] = blocks  # (the most recent last)
+        return blocks
 
     def release_views(self) -> None:
         for blocks in self.blocks.values():
@@ -258,24 +316,24 @@ def blocked_forward(
         raise Unblockable(program)
     # (the signature leaves sizes out; the activations' size depends on them)
     key = (key, *[(t.shape, t.dtype) for t in pytree.tree_leaves(dynamic) if isinstance(t, Tensor)])
-    size = plan.sizes.recall(key)
-    if size is None:
-        size = _block_size(call, program, dynamic)
-        plan.sizes.remember(key, size)
-    if isinstance(size, str):
-        raise Unblockable(size)
-    blocks = plan.blocks.get(size)
-    if blocks is None or not blocks.current():
-        if blocks is not None:
-            blocks.release_views()
-        blocks = plan.blocks[size] = _cut(call.template, call.n, size)
+    while True:
+        size = plan.sizes.recall(key)
+        if size is None:
+            size = _block_size(call, program, dynamic)
+            plan.sizes.remember(key, size)
+        if isinstance(size, str):
+            raise Unblockable(size)
+        blocks = plan.blocks_of(size, call)
+        if blocks.current() or not blocks.refresh():
+            break
+        plan.sizes.clear()  # a torch layer's setting changed: size the call again
     plan.last = blocks
     outs = []
     for (s, e), template, block_plan in zip(blocks.bounds, blocks.templates, blocks.plans):
         args = tuple(_rows(a, d, s, e) for a, d in zip(call.args, call.in_dims))
         sub = Call(template, e - s, args, call.kwargs, call.in_dims, call.randomness, None)
         outs.append(fused_forward(sub, block_plan))
-    return concat_members(outs), _runner(blocks, call)
+    return concat_members(outs), _runner(plan, blocks, call)
 
 
 def _rows(arg: Any, dim: int | None, s: int, e: int) -> Any:
@@ -285,7 +343,7 @@ def _rows(arg: Any, dim: int | None, s: int, e: int) -> Any:
     return pytree.tree_map_only(Tensor, lambda t: t.narrow(dim, s, e - s), arg)
 
 
-def _runner(blocks: _Blocks, call: Call) -> Callable[..., Any] | None:
+def _runner(plan: BlockedPlan, blocks: _Blocks, call: Call) -> Callable[..., Any] | None:
     """What runs ``blocks`` again for the signature of ``call`` (tensor inputs only, each with
     the member dim first or none: the fast path's calls), or ``None``."""
     if not call.tensor_args or len(set(call.in_dims)) != 1:
@@ -298,8 +356,10 @@ def _runner(blocks: _Blocks, call: Call) -> Callable[..., Any] | None:
     bounds = blocks.bounds
 
     def run(*dynamic: Tensor) -> Any:
-        if not blocks.current():
-            raise Unblockable("the template's tensors or settings changed")
+        if not blocks.current() and blocks.refresh():
+            plan.sizes.clear()
+            raise Unblockable("a setting of a layer changed: the call is sized again")
+        plan.last = blocks
         outs = []
         for (s, e), go in zip(bounds, runs):
             args = [a[s:e] for a in dynamic] if batched else dynamic
