@@ -454,13 +454,107 @@ def test_mode_changes_and_functional_calls_trace_nothing_again(measured, monkeyp
         assert len(built) == traced
 
 
-def test_explain_names_the_blocks_of_the_latest_call_and_few_are_kept(measured):
+def test_explain_names_the_blocks_of_the_latest_call(measured):
     ens, _ = _pair(ZOO["mlp"][0])
     with torch.no_grad():
         for rows in (5, 6, 5):  # the last through the fast path
             ens(torch.randn(rows, 6, dtype=torch.float64))
         assert ens._blocked.last is ens._blocked.blocks[3]
         assert "3 blocks of 3 or 2 members" in ens.explain()["(auto)"]
-    for size in range(10, 20):
-        ens._blocked.blocks_of(size, Call(ens._template, N, (), {}, ()))
-    assert len(ens._blocked.blocks) == blocked._KEPT
+
+
+class _Leaky(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.act = nn.LeakyReLU(0.5)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x: Tensor, scale: float = 1.0) -> Tensor:
+        return self.fc(self.act(x)) * scale
+
+
+def test_a_setting_changed_reaches_every_call_signature(measured):
+    ens, _ = _pair(_Leaky)
+    fused = ve.Ensemble.from_factory(_Leaky, N, backend="fused").double().eval()
+    fused.load_state_dict(ens.state_dict())
+    x0 = torch.randn(5, 4, dtype=torch.float64) - 1
+    with torch.no_grad():
+        for _ in range(2):  # the plain call through the fast path, the other not
+            ens(x0.clone())
+            ens(x0.clone(), scale=2.0)
+        for e in (ens, fused):
+            e.get_submodule("act").inplace = True
+        for kwargs in ({"scale": 2.0}, {}, {}):  # the keyword call sees the change first
+            x1, x2 = x0.clone(), x0.clone()
+            torch.testing.assert_close(ens(x1, **kwargs), fused(x2, **kwargs))
+            torch.testing.assert_close(x1, x2)
+
+
+# (torch's own forward-AD decompositions load through torch.jit.script, which warns)
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+def test_forward_mode_ad_keeps_the_tangents(measured):
+    import torch.autograd.forward_ad as fwAD
+
+    ens, loop = _pair(ZOO["mlp"][0])
+    x = torch.randn(5, 6, dtype=torch.float64)
+    tangents = {k: torch.randn_like(v) for k, v in ens.named_parameters()}
+    with torch.no_grad():
+        ens(x)
+        for _ in range(2):
+            with fwAD.dual_level():
+                got, expected = (
+                    fwAD.unpack_dual(
+                        torch.func.functional_call(
+                            e,
+                            {k: fwAD.make_dual(v, tangents[k]) for k, v in e.named_parameters()},
+                            (x,),
+                        )
+                    )
+                    for e in (ens, loop)
+                )
+                torch.testing.assert_close(got.primal, expected.primal)
+                assert got.tangent is not None
+                torch.testing.assert_close(got.tangent, expected.tangent)
+
+
+def test_conversions_and_many_batch_sizes_trace_nothing_again(measured, monkeypatch):
+    monkeypatch.setattr(blocked, "BLOCK_BYTES", 4096)
+    monkeypatch.setattr(blocked, "MIN_BLOCK", 1)
+    monkeypatch.setattr(ensemble_module, "MIN_BLOCK", 1)
+    built: list[object] = []
+    build = fused_module.build_program
+    monkeypatch.setattr(fused_module, "build_program", lambda *a: built.append(a) or build(*a))
+    ens, loop = _pair(lambda: nn.Sequential(nn.Linear(4, 64), nn.Tanh()), n=16)
+    sizes = []
+    with torch.no_grad():
+        for cycle in range(2):
+            for rows in (1, 2, 4, 8):  # blocks of 8, 4, 2 and 1 members; no fast path
+                x = torch.randn(rows, 4, dtype=torch.float64)
+                torch.testing.assert_close(ens(x, in_dims=(None,)), loop(x))
+                sizes.append(len(ens._blocked.last.bounds))
+                for e in (ens, loop):
+                    e.to("cpu")  # (a conversion that may swap the tensors)
+            if cycle == 0:
+                traced = len(built)
+    assert sizes == [2, 4, 8, 16] * 2 and len(built) == traced
+
+
+class _Slotted(nn.Module):
+    __slots__ = ("scale",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(x) * getattr(self, "scale", 1.0)
+
+
+def test_a_module_with_slots_runs_at_once(measured):
+    ens, loop = _pair(_Slotted)
+    for e in (ens, loop):
+        object.__setattr__(e._template, "scale", 3.0)  # (a copy's __dict__ would not hold it)
+    x = torch.randn(5, 4, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(ens(x), loop(x))
+    assert "has __slots__" in str(list(ens._blocked.sizes.values()))

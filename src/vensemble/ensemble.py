@@ -452,9 +452,8 @@ class Ensemble(nn.Module):
         self._fused.release_views()
         for program, *_ in self._fast.values():  # (it may hold programs the plan dropped)
             program.release_views()
-        self._blocked.release_views()
-        self._blocked = BlockedPlan()  # (its blocks are views of the tensors)
-        self._fast.clear()  # (an entry may run those blocks)
+        self._blocked.release_views()  # (its blocks mirror the new tensors on the next call)
+        self._fast.clear()
 
     def _lay_out_members(self, fmt: torch.memory_format) -> None:
         with torch.no_grad():
@@ -547,6 +546,13 @@ class Ensemble(nn.Module):
                 out.update(last.routes)
                 if self.compile_options is not None:
                     done = "pending" if last.warmup_s is None else f"warm-up {last.warmup_s:.2f} s"
+                    if self.backend == "auto" and (self._last_choice or ("",))[0] == "blocked":
+                        done = "the blocks run eagerly (the vectorized path, measured compiled: "
+                        done += (
+                            "not compiled yet)"
+                            if last.warmup_s is None
+                            else (f"warm-up {last.warmup_s:.2f} s)")
+                        )
                     out["(compile)"] = f"torch.compile {self.compile_options}: {done}"
                 return out
         out.update(

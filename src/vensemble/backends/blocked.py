@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.fx as fx
 import torch.utils._pytree as pytree
 from torch import Tensor, nn
@@ -55,8 +56,6 @@ __all__ = ["BLOCK_BYTES", "MIN_BLOCK", "BlockedPlan", "Unblockable", "blocked_fo
 BLOCK_BYTES = 2 * 2**20
 # Fewer members per block, and per-op overheads outweigh what the cache saves
 MIN_BLOCK = 16
-# Block sizes whose blocks are kept (sizes are powers of two: one per few batch sizes)
-_KEPT = 4
 
 
 class Unblockable(Exception):
@@ -74,7 +73,8 @@ class _Blocks:
     its modules changes (``p.data = ...``, a bias given to a layer built without one,
     ``functional_call``, ``bn.eps = ...``, ``train()``), :meth:`refresh` points the copies at
     the new values. The programs read their modules' tensors and settings at each call, as the
-    whole ensemble's do, so nothing is traced again."""
+    whole ensemble's do, so nothing is traced again. (A setting of torch's own layers may
+    change what the sizing run found: see ``BlockedPlan.settings``.)"""
 
     bounds: list[tuple[int, int]]
     templates: list[nn.Module]
@@ -89,28 +89,19 @@ class _Blocks:
 
     def current(self) -> bool:
         """Whether the copies still mirror the template."""
-        return all(
-            len(d) == len(values) and all(map(operator.is_, d.values(), values))
-            for d, values in self.held
-        ) and all(t.data_ptr() == ptr for t, ptr in self.storage)
+        return (
+            bool(self.held)
+            and all(
+                len(d) == len(values) and all(map(operator.is_, d.values(), values))
+                for d, values in self.held
+            )
+            and all(t.data_ptr() == ptr for t, ptr in self.storage)
+        )
 
-    def refresh(self) -> bool:
-        """Make the copies mirror the template again; whether a setting of one of torch's own
-        layers changed (its fused layer reads it at each call, so what the sizing run found,
-        e.g. that no input is written in place, may no longer hold: ``inplace = True``)."""
-        before = {id(d): values for d, values in self.held}
-        setting_changed = False
+    def refresh(self) -> None:
+        """Make the copies mirror the template again."""
         views: list[dict[int, Tensor]] = [{} for _ in self.bounds]  # (tied tensors: one view)
         for m, copies in self.pairs:
-            old = before.get(id(m.__dict__), ())
-            if type(m).__module__.startswith("torch.") and (
-                len(old) != len(m.__dict__)
-                or any(
-                    k not in ("training", *_STRUCTURE) and v is not w
-                    for (k, v), w in zip(m.__dict__.items(), old)
-                )
-            ):
-                setting_changed = True
             for c, (s, e), done in zip(copies, self.bounds, views):
                 kept = c.__dict__["_modules"]
                 c.__dict__.clear()
@@ -121,7 +112,6 @@ class _Blocks:
                 c.__dict__["_buffers"] = {k: _view(t, s, e, done) for k, t in m._buffers.items()}
                 c.__dict__["_modules"] = kept
         self._hold()
-        return setting_changed
 
     def _hold(self) -> None:
         modules = [m for m, _ in self.pairs]
@@ -136,8 +126,17 @@ class _Blocks:
         ]
 
     def release_views(self) -> None:
+        """Let go of the template's tensors (before torch swaps them: ``swap_tensors``
+        refuses a tensor something else refers to); the next call mirrors them again."""
+        self.held, self.storage = [], []
         for plan in self.plans:
             plan.release_views()
+
+
+def _settings_of(d: dict[str, Any]) -> Any:
+    """A module's attribute values but its training flag (the programs are kept per flags)
+    and its tensors and children (which ``_Blocks`` follows)."""
+    return (v for k, v in d.items() if k not in ("training", *_STRUCTURE))
 
 
 def _view(
@@ -180,6 +179,8 @@ def _cut(template: nn.Module, n: int, block: int) -> _Blocks:
 def _why_not(template: nn.Module, program: FusedProgram) -> str | None:
     """Why ``program`` must run on all members at once, if it must."""
     for path, m in template.named_modules():
+        if any("__slots__" in vars(k) for k in type(m).__mro__[:-1]):
+            return f"'{path}' has __slots__ (its blocks' copies hold its __dict__ only)"
         if m.training and isinstance(m, _RANDOM_MODULES):
             return f"'{path}' draws random numbers (training mode): each block would draw its own"
         if m.training and next(m.buffers(recurse=False), None) is not None:
@@ -263,17 +264,43 @@ class BlockedPlan:
     """The block size per call signature (or why not), and the blocks cut for each size."""
 
     sizes: Memo = field(default_factory=lambda: Memo("block sizes"))
-    blocks: dict[int, _Blocks] = field(default_factory=dict)  # by block size, oldest first
+    # by block size: powers of two from MIN_BLOCK to N / 2, so at most log2(N) of them
+    blocks: dict[int, _Blocks] = field(default_factory=dict)
     last: _Blocks | None = None  # the blocks of the most recent call, for explain()
+    # The settings of torch's own layers when ``sizes`` was last emptied: a fused layer reads
+    # them at each call, so a change (``inplace = True``) can make a sized call write its input
+    # once per block. A change empties ``sizes`` and moves ``epoch`` on, which the fast path's
+    # runners check.
+    settings: list[tuple[dict[str, Any], tuple[Any, ...]]] | None = None
+    epoch: int = 0
+
+    def check_settings(self, template: nn.Module) -> bool:
+        """Whether a setting of one of torch's own layers in ``template`` changed since the
+        last look (``sizes`` is then emptied and ``epoch`` moved on)."""
+        if self.settings is not None and all(
+            len(d) == len(values) and all(map(operator.is_, _settings_of(d), values))
+            for d, values in self.settings
+        ):
+            return False
+        first = self.settings is None
+        self.settings = [
+            (m.__dict__, tuple(_settings_of(m.__dict__)))
+            for m in template.modules()
+            if type(m).__module__.startswith("torch.")
+        ]
+        if first:
+            return False
+        self.sizes.clear()
+        self.epoch += 1
+        return True
 
     def blocks_of(self, size: int, call: Call) -> _Blocks:
-        """The blocks of ``size`` members, cut now if not kept (at most ``_KEPT`` sizes)."""
-        blocks = self.blocks.pop(size, None)
+        """The blocks of ``size`` members, cut now if not yet, mirroring the template."""
+        blocks = self.blocks.get(size)
         if blocks is None:
-            while len(self.blocks) >= _KEPT:
-                self.blocks.pop(next(iter(self.blocks))).release_views()
-            blocks = _cut(call.template, call.n, size)
-        self.blocks[size] = blocks  # (the most recent last)
+            blocks = self.blocks[size] = _cut(call.template, call.n, size)
+        elif not blocks.current():
+            blocks.refresh()
         return blocks
 
     def release_views(self) -> None:
@@ -316,17 +343,16 @@ def blocked_forward(
         raise Unblockable(program)
     # (the signature leaves sizes out; the activations' size depends on them)
     key = (key, *[(t.shape, t.dtype) for t in pytree.tree_leaves(dynamic) if isinstance(t, Tensor)])
-    while True:
-        size = plan.sizes.recall(key)
-        if size is None:
-            size = _block_size(call, program, dynamic)
-            plan.sizes.remember(key, size)
-        if isinstance(size, str):
-            raise Unblockable(size)
-        blocks = plan.blocks_of(size, call)
-        if blocks.current() or not blocks.refresh():
-            break
-        plan.sizes.clear()  # a torch layer's setting changed: size the call again
+    if fwAD._current_level >= 0:  # (a view of a detached tensor carries no tangent)
+        raise Unblockable("forward-mode AD")
+    plan.check_settings(call.template)
+    size = plan.sizes.recall(key)
+    if size is None:
+        size = _block_size(call, program, dynamic)
+        plan.sizes.remember(key, size)
+    if isinstance(size, str):
+        raise Unblockable(size)
+    blocks = plan.blocks_of(size, call)
     plan.last = blocks
     outs = []
     for (s, e), template, block_plan in zip(blocks.bounds, blocks.templates, blocks.plans):
@@ -355,9 +381,16 @@ def _runner(plan: BlockedPlan, blocks: _Blocks, call: Call) -> Callable[..., Any
     runs = [p.runner(None, True) for p in programs]  # type: ignore[union-attr]
     bounds = blocks.bounds
 
+    epoch = plan.epoch
+
     def run(*dynamic: Tensor) -> Any:
-        if not blocks.current() and blocks.refresh():
-            plan.sizes.clear()
+        if fwAD._current_level >= 0:
+            raise Unblockable("forward-mode AD")
+        if not blocks.current():
+            if plan.check_settings(call.template) or plan.epoch != epoch:
+                raise Unblockable("a setting of a layer changed: the call is sized again")
+            blocks.refresh()
+        elif plan.epoch != epoch:  # (another call saw a setting change)
             raise Unblockable("a setting of a layer changed: the call is sized again")
         plan.last = blocks
         outs = []
