@@ -524,6 +524,9 @@ def test_conversions_and_many_batch_sizes_trace_nothing_again(measured, monkeypa
     built: list[object] = []
     build = fused_module.build_program
     monkeypatch.setattr(fused_module, "build_program", lambda *a: built.append(a) or build(*a))
+    sized: list[object] = []
+    size = blocked._block_size
+    monkeypatch.setattr(blocked, "_block_size", lambda *a: sized.append(a) or size(*a))
     ens, loop = _pair(lambda: nn.Sequential(nn.Linear(4, 64), nn.Tanh()), n=16)
     sizes = []
     with torch.no_grad():
@@ -537,6 +540,7 @@ def test_conversions_and_many_batch_sizes_trace_nothing_again(measured, monkeypa
             if cycle == 0:
                 traced = len(built)
     assert sizes == [2, 4, 8, 16] * 2 and len(built) == traced
+    assert len(sized) == 4  # each input shape sized once (the whole program run once)
 
 
 class _Slotted(nn.Module):

@@ -271,20 +271,20 @@ class BlockedPlan:
     # them at each call, so a change (``inplace = True``) can make a sized call write its input
     # once per block. A change empties ``sizes`` and moves ``epoch`` on, which the fast path's
     # runners check.
-    settings: list[tuple[dict[str, Any], tuple[Any, ...]]] | None = None
+    settings: list[tuple[dict[str, Any], int, tuple[Any, ...]]] | None = None
     epoch: int = 0
 
     def check_settings(self, template: nn.Module) -> bool:
         """Whether a setting of one of torch's own layers in ``template`` changed since the
         last look (``sizes`` is then emptied and ``epoch`` moved on)."""
         if self.settings is not None and all(
-            len(d) == len(values) and all(map(operator.is_, _settings_of(d), values))
-            for d, values in self.settings
+            len(d) == size and all(map(operator.is_, _settings_of(d), values))
+            for d, size, values in self.settings
         ):
             return False
         first = self.settings is None
         self.settings = [
-            (m.__dict__, tuple(_settings_of(m.__dict__)))
+            (m.__dict__, len(m.__dict__), tuple(_settings_of(m.__dict__)))
             for m in template.modules()
             if type(m).__module__.startswith("torch.")
         ]
