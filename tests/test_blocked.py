@@ -22,8 +22,8 @@ N = 8  # blocks of 3, 3 and 2 members with the sizes forced below
 
 @pytest.fixture
 def measured(monkeypatch) -> list[list[str]]:
-    """Blocks of 3 members (whatever the activations), and auto measuring "blocked" fastest;
-    returns the paths each measurement was offered."""
+    """Blocks of 3 members (whatever the activations), and auto measuring "blocked" fastest,
+    then the vectorized path; returns the paths each measurement was offered."""
     monkeypatch.setattr(blocked, "BLOCK_BYTES", 1)
     monkeypatch.setattr(blocked, "MIN_BLOCK", 3)
     monkeypatch.setattr(ensemble_module, "MIN_BLOCK", 3)
@@ -38,10 +38,18 @@ def measured(monkeypatch) -> list[list[str]]:
                 paths = {k: v for k, v in paths.items() if k != "blocked"}
             finally:
                 restore()
-        return {k: (0.1 if k == "blocked" else 1.0) for k in paths}
+        return {k: {"blocked": 0.1, "vectorized": 0.5}.get(k, 1.0) for k in paths}
 
     monkeypatch.setattr(ensemble_module, "measure_paths", timings)
     return offered
+
+
+def _fused_like(ens: ve.Ensemble, factory) -> ve.Ensemble:
+    """The fused backend over ``ens``'s members (a shared input written in place: once, where
+    the loop writes it once per member)."""
+    fused = ve.Ensemble.from_factory(factory, ens.num_members, backend="fused").double().eval()
+    fused.load_state_dict(ens.state_dict())
+    return fused
 
 
 def _pair(factory, n: int = N) -> tuple[ve.Ensemble, ve.Ensemble]:
@@ -267,6 +275,14 @@ def test_chunk_size_keeps_the_vectorized_path_in_chunks(measured):
     with torch.no_grad():
         torch.testing.assert_close(ens(x), loop(x))
     assert measured == [["vectorized", "loop"]] and not ens._blocked.sizes
+    ens.chunk_size = None
+    x = torch.randn(6, 6, dtype=torch.float64)  # (a new shape: measured anew)
+    with torch.no_grad():
+        ens(x)
+        assert ens.explain()["(auto)"].startswith("blocked")
+        ens.chunk_size = 4  # set after the blocks were chosen: the chunks run
+        torch.testing.assert_close(ens(x), loop(x))
+    assert ens.explain()["(auto)"].startswith("vectorized")
 
 
 def test_a_bias_given_to_a_layer_built_without_one_is_seen(measured):
@@ -320,13 +336,14 @@ def test_a_forward_updating_buffers_in_eval_mode_runs_at_once_and_updates_them_o
 
 
 def test_an_input_written_under_inference_mode_is_noticed(measured):
-    ens, loop = _pair(_WritesInput)  # (measured equal, the CPU takes the loop: see _MARGIN)
+    ens, _ = _pair(_WritesInput)
+    fused = _fused_like(ens, _WritesInput)
     x0 = torch.randn(5, 3, dtype=torch.float64)
     with torch.inference_mode():
         x1, x2 = x0.clone(), x0.clone()
-        torch.testing.assert_close(ens(x1), loop(x2))
-        torch.testing.assert_close(x1, x2)
-    assert ens.explain()["(auto)"].startswith("loop")
+        torch.testing.assert_close(ens(x1), fused(x2))
+        torch.testing.assert_close(x1, x2)  # written once (the loop: once per member)
+    assert ens.explain()["(auto)"].startswith("vectorized")
     assert "writes one of its inputs" in next(iter(ens._blocked.sizes.values()))
 
 
@@ -562,3 +579,60 @@ def test_a_module_with_slots_runs_at_once(measured):
     with torch.no_grad():
         torch.testing.assert_close(ens(x), loop(x))
     assert "has __slots__" in str(list(ens._blocked.sizes.values()))
+
+
+def test_an_inference_mode_write_that_leaves_the_sizing_input_unchanged_is_noticed(measured):
+    def net() -> nn.Module:
+        return nn.Sequential(nn.LeakyReLU(0.1, inplace=True), nn.Linear(4, 2))
+
+    ens, _ = _pair(net)
+    fused = _fused_like(ens, net)
+    x0 = torch.randn(5, 4, dtype=torch.float64) - 1
+    with torch.inference_mode():
+        ens(torch.zeros(5, 4, dtype=torch.float64))  # sized on zeros: LeakyReLU keeps them
+        x1, x2 = x0.clone(), x0.clone()
+        torch.testing.assert_close(ens(x1), fused(x2))
+        torch.testing.assert_close(x1, x2)
+    assert "writes one of its inputs" in str(list(ens._blocked.sizes.values()))
+
+
+def test_the_fast_path_keeps_no_input_alive(measured):
+    import gc
+    import weakref
+
+    ens, _ = _pair(ZOO["mlp"][0])
+    x = torch.randn(5, 6, dtype=torch.float64)
+    with torch.no_grad():
+        ens(x)
+        ens(x)
+    assert ens.explain()["(auto)"].startswith("blocked") and ens._fast
+    seen = weakref.ref(x)
+    del x
+    gc.collect()
+    assert seen() is None
+
+
+class _MyLeaky(nn.LeakyReLU):
+    """A user's subclass of a torch layer: traced through, its settings with it."""
+
+
+def test_a_setting_of_a_traced_torch_layer_subclass_is_seen(measured):
+    def net() -> nn.Module:
+        return nn.Sequential(_MyLeaky(0.5), nn.Linear(4, 2))
+
+    ens, loop = _pair(net)
+    fused = _fused_like(ens, net)
+    x0 = torch.randn(5, 4, dtype=torch.float64) - 1
+    ens(x0.clone())  # (with autograd: traced, not blocked)
+    fused(x0.clone())
+    for e in (ens, loop, fused):
+        e.get_submodule("0").negative_slope = 0.25
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x0.clone()), loop(x0.clone()))  # (was 0.75 off)
+        torch.testing.assert_close(ens(x0.clone()), loop(x0.clone()))
+        for e in (ens, fused):
+            e.get_submodule("0").inplace = True
+        for _ in range(2):  # (a shared input written in place: once, as by fused)
+            x1, x2 = x0.clone(), x0.clone()
+            torch.testing.assert_close(ens(x1), fused(x2))
+            torch.testing.assert_close(x1, x2)

@@ -72,12 +72,14 @@ _INTERNALS = frozenset(torch.nn.Module().__dict__) | {"training"}
 
 @functools.lru_cache(maxsize=1024)
 def _names_read(cls: type) -> frozenset[str]:
-    """Every name the methods of ``cls`` (and its bases outside torch), ``__init__`` aside,
-    mention: their code objects' ``co_names``, nested functions' included."""
+    """Every name the methods of ``cls`` and its bases, ``__init__`` aside, mention: their
+    code objects' ``co_names``, nested functions' included. ``nn.Module``'s own are left out
+    (its internals: see ``_INTERNALS``), torch's layers' are not: a subclass of one
+    (``class MyLeaky(nn.LeakyReLU)``) is traced through, and its settings with it."""
     names: set[str] = set()
     stored: set[str] = set()  # what forward assigns: its own state, not a setting
     for klass in cls.__mro__:
-        if klass is object or klass.__module__.startswith("torch."):
+        if klass is object or klass is torch.nn.Module:
             continue
         for attr, member in vars(klass).items():
             if attr == "__init__":

@@ -693,7 +693,10 @@ class Ensemble(nn.Module):
             if path == "folded":
                 return self._folded_loop(call)
             if path == "blocked" and not compiling:
-                return self._in_blocks(call, fast_key)
+                if not self._chunked:
+                    return self._in_blocks(call, fast_key)
+                if self._last_choice is not None:  # (chunk_size set since: the chunks run)
+                    self._last_choice = ("vectorized", self._last_choice[1])
         return self._vectorized(call, fast_key)
 
     # A call repeated with what decided its path unchanged (the inputs' shapes, dtypes and
@@ -775,6 +778,11 @@ class Ensemble(nn.Module):
                     self._fast[fast_key] = (program, choice, snapshot is not None, run)
                 return out
         return auto_forward(call, self._plan)
+
+    @property
+    def _chunked(self) -> bool:
+        """Whether ``chunk_size`` makes the vectorized path run members in chunks (vmap)."""
+        return self.chunk_size is not None and self.chunk_size < self._num_members
 
     def _in_blocks(self, call: Call, fast_key: tuple[Any, ...] | None) -> Any:
         """auto's ``"blocked"`` choice (see ``backends.blocked``); the vectorized path where
@@ -861,7 +869,7 @@ class Ensemble(nn.Module):
                 device.type == "cpu"
                 and not torch.is_grad_enabled()
                 and self._num_members >= 2 * MIN_BLOCK
-                and (self.chunk_size is None or self.chunk_size >= self._num_members)
+                and not self._chunked
             ):  # after "vectorized", whose program it cuts in blocks (with chunk_size set,
                 # the vectorized path runs vmap, and the blocks' sizing run would not chunk)
                 paths["blocked"] = lambda: blocked_forward(call, self._blocked, self._fused)[0]

@@ -207,6 +207,11 @@ class _Widest(fx.Interpreter):
         return out
 
 
+def _with_version(t: Tensor) -> Tensor:
+    """``t``, or a plain copy of an inference tensor (call outside inference mode)."""
+    return t.clone() if t.is_inference() else t
+
+
 class _Seen:
     """A tensor's version counter now (its values, for an inference tensor, which has none)."""
 
@@ -227,14 +232,21 @@ def _block_size(call: Call, program: FusedProgram, dynamic: list[Any]) -> int | 
     reason = _why_not(call.template, program)
     if reason is not None:
         return reason
-    inputs = [t for t in pytree.tree_leaves((call.args, call.kwargs)) if isinstance(t, Tensor)]
+    # an inference tensor has no version counter, and a value compare misses a write that
+    # leaves these values as they were (x * 2 of zeros): the run gets a plain copy of each
+    with torch.inference_mode(False):
+        inputs = pytree.tree_map_only(Tensor, _with_version, dynamic)
     state = [*call.template.parameters(), *call.template.buffers()]
-    before = [_Seen(t) for t in inputs], [_Seen(t) for t in state], torch.get_rng_state()
+    before = (
+        [_Seen(t) for t in pytree.tree_leaves(inputs) if isinstance(t, Tensor)],
+        [_Seen(t) for t in state],
+        torch.get_rng_state(),
+    )
     put_back_inputs, buffers = call.input_keeper(), call.snapshot_buffers()
     probe = _Widest(program.module)
     try:
-        with torch.no_grad():
-            probe.run(*dynamic)
+        with torch.inference_mode(False), torch.no_grad():
+            probe.run(*inputs)
         wrote_input = any(seen.changed() for seen in before[0])
         wrote_state = any(seen.changed() for seen in before[1])
         drew = not torch.equal(torch.get_rng_state(), before[2])
@@ -341,8 +353,13 @@ def blocked_forward(
     program, dynamic, key = program_for(call, fused)
     if isinstance(program, str):
         raise Unblockable(program)
-    # (the signature leaves sizes out; the activations' size depends on them)
-    key = (key, *[(t.shape, t.dtype) for t in pytree.tree_leaves(dynamic) if isinstance(t, Tensor)])
+    # (the signature leaves sizes out; the activations' bytes depend on them, and on the
+    # weights' dtypes where the forward casts to them)
+    key = (
+        key,
+        frozenset(t.dtype for t in call.state.values()),
+        *[(t.shape, t.dtype) for t in pytree.tree_leaves(dynamic) if isinstance(t, Tensor)],
+    )
     if fwAD._current_level >= 0:  # (a view of a detached tensor carries no tangent)
         raise Unblockable("forward-mode AD")
     plan.check_settings(call.template)
@@ -379,7 +396,7 @@ def _runner(plan: BlockedPlan, blocks: _Blocks, call: Call) -> Callable[..., Any
     if not all(isinstance(p, FusedProgram) for p in programs):
         return None
     runs = [p.runner(None, True) for p in programs]  # type: ignore[union-attr]
-    bounds = blocks.bounds
+    bounds, template = blocks.bounds, call.template  # (not the call: it holds the inputs)
 
     epoch = plan.epoch
 
@@ -387,7 +404,7 @@ def _runner(plan: BlockedPlan, blocks: _Blocks, call: Call) -> Callable[..., Any
         if fwAD._current_level >= 0:
             raise Unblockable("forward-mode AD")
         if not blocks.current():
-            if plan.check_settings(call.template) or plan.epoch != epoch:
+            if plan.check_settings(template) or plan.epoch != epoch:
                 raise Unblockable("a setting of a layer changed: the call is sized again")
             blocks.refresh()
         elif plan.epoch != epoch:  # (another call saw a setting change)
