@@ -762,3 +762,16 @@ def test_make_fx_records_the_path_auto_measured_before(monkeypatch):
         graph = make_fx(ens)(x)
     matmuls = [n for n in graph.graph.nodes if "mm" in str(n.target)]
     assert len(matmuls) == 3 * 2  # each member's two layers: the loop, as measured
+
+
+def test_auto_measures_an_ensemble_built_under_inference_mode():
+    def net() -> nn.Module:
+        return nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU())
+
+    with torch.inference_mode():  # (its buffers are inference tensors)
+        ens = ve.Ensemble.from_factory(net, 3).eval()
+        loop = ve.Ensemble.from_factory(net, 3, backend="loop").eval()
+        loop.load_state_dict(ens.state_dict())
+    x = torch.randn(5, 4)
+    with torch.no_grad():  # auto's measurement puts the buffers back: within inference mode
+        torch.testing.assert_close(ens(x), loop(x))

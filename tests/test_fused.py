@@ -2083,3 +2083,54 @@ def test_a_failed_attempt_after_an_input_was_modified_in_place_is_not_rerun(monk
         ve.EnsembleError, match=r"modified input tensor 0 in place.*a kernel failed"
     ):
         ens(xs, in_dims=0)
+
+
+class _MyLSTM(nn.LSTM):
+    """A user's subclass of a torch layer whose methods reassign its bookkeeping each call."""
+
+
+class _WithMyLSTM(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = _MyLSTM(4, 6, batch_first=True)
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.rnn(x)[0][:, -1])
+
+
+@pytest.mark.filterwarnings("ignore:vensemble. vmap cannot run")
+def test_a_torch_layer_subclass_keeps_its_program_across_calls(monkeypatch):
+    from vensemble.backends import fused as fused_module
+
+    built: list[object] = []
+    build = fused_module.build_program
+    monkeypatch.setattr(fused_module, "build_program", lambda *a: built.append(a) or build(*a))
+    ens = ve.Ensemble.from_factory(_WithMyLSTM, 3, backend="fused")
+    loop = ve.Ensemble.from_factory(_WithMyLSTM, 3, backend="loop")
+    loop.load_state_dict(ens.state_dict())
+    x = torch.randn(2, 5, 4)
+    with torch.no_grad():
+        for _ in range(4):  # (nn.LSTM reassigns _flat_weights: not a setting)
+            torch.testing.assert_close(ens(x), loop(x))
+    assert len(built) == 1
+
+
+class _ByInferenceMode(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(x) * (2.0 if torch.is_inference_mode_enabled() else 1.0)
+
+
+def test_a_forward_branching_on_inference_mode_is_traced_per_mode():
+    ens = ve.Ensemble.from_factory(_ByInferenceMode, 3, backend="fused")
+    loop = ve.Ensemble.from_factory(_ByInferenceMode, 3, backend="loop")
+    loop.load_state_dict(ens.state_dict())
+    x = torch.randn(4, 3)
+    for mode in (torch.no_grad, torch.inference_mode, torch.no_grad, torch.inference_mode):
+        with mode():
+            for _ in range(2):  # (the second call through the fast path)
+                torch.testing.assert_close(ens(x), loop(x))

@@ -74,13 +74,16 @@ _INTERNALS = frozenset(torch.nn.Module().__dict__) | {"training"}
 def _names_read(cls: type) -> frozenset[str]:
     """Every name the methods of ``cls`` and its bases, ``__init__`` aside, mention: their
     code objects' ``co_names``, nested functions' included. ``nn.Module``'s own are left out
-    (its internals: see ``_INTERNALS``), torch's layers' are not: a subclass of one
-    (``class MyLeaky(nn.LeakyReLU)``) is traced through, and its settings with it."""
+    (its internals: see ``_INTERNALS``); of torch's layers, the public ones: a subclass of
+    one (``class MyLeaky(nn.LeakyReLU)``) is traced through, and its settings with it
+    (``negative_slope``, ``inplace``), but not the layer's bookkeeping, which its methods
+    reassign (``nn.LSTM._flat_weights``, on every call that swaps the weights in)."""
     names: set[str] = set()
     stored: set[str] = set()  # what forward assigns: its own state, not a setting
     for klass in cls.__mro__:
         if klass is object or klass is torch.nn.Module:
             continue
+        public_only = klass.__module__.startswith("torch.")
         for attr, member in vars(klass).items():
             if attr == "__init__":
                 continue
@@ -90,7 +93,7 @@ def _names_read(cls: type) -> frozenset[str]:
             for f in funcs:
                 code = getattr(f, "__code__", None)
                 for c in _code_objects(code) if isinstance(code, types.CodeType) else ():
-                    names.update(c.co_names)
+                    names.update(n for n in c.co_names if not (public_only and n[0] == "_"))
                     if attr == "forward":  # (self.x = ..., self.x += ...)
                         stored.update(
                             i.argval for i in dis.get_instructions(c) if i.opname == "STORE_ATTR"

@@ -643,7 +643,7 @@ class Ensemble(nn.Module):
                 # _fast_key's fields against the latest key's, one by one
                 key, entry = last
                 x = args[0]
-                shape, dtype, device = key[8]
+                shape, dtype, device = key[9]
                 if (
                     type(x) is Tensor
                     and x.shape == shape
@@ -656,6 +656,7 @@ class Ensemble(nn.Module):
                     and self.randomness == key[5]
                     and self.chunk_size == key[6]
                     and tuple(map(_TRAINING, self._module_list)) == key[7]
+                    and torch.is_inference_mode_enabled() is key[8]
                 ):
                     out = self._run_fast(entry, args, None)
                     if out is not _MISS:
@@ -726,6 +727,7 @@ class Ensemble(nn.Module):
             self.chunk_size,
             # every module's: traced code may read any of them, a child's too
             tuple(map(_TRAINING, self._module_list)),
+            torch.is_inference_mode_enabled(),  # (as traced code may: see fused.program_for)
             *described,
         )
 

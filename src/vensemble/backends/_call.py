@@ -142,10 +142,15 @@ def copy_buffers(module: nn.Module) -> dict[str, Tensor]:
 
 
 def restore_buffers(module: nn.Module, snapshot: dict[str, Tensor]) -> None:
-    """Write a :func:`copy_buffers` snapshot back into ``module``'s buffers, in place."""
+    """Write a :func:`copy_buffers` snapshot back into ``module``'s buffers, in place (an
+    inference tensor's within inference mode: only there may it be written)."""
     with torch.no_grad():
         for k, b in module.named_buffers():
-            b.copy_(snapshot[k])
+            if b.is_inference() and not torch.is_inference_mode_enabled():
+                with torch.inference_mode():
+                    b.copy_(snapshot[k])
+            else:
+                b.copy_(snapshot[k])
 
 
 def stack_outputs(outputs: list[Any]) -> Any:
