@@ -1032,10 +1032,11 @@ def program_for(call: Call, plan: FusedPlan) -> tuple[FusedProgram | str, list[A
         key, dynamic = signature_key(call, plan.signature)
         if call.tensor_args and len(dynamic) == len(call.args):  # no tensor defaults
             plan.tensor_keys[quick] = key
-    # traced code may read .training, and branch on inference mode (which dynamo cannot
-    # read, nor run a program under)
+    # traced code may read .training, and branch on the grad mode or inference mode (which
+    # dynamo cannot read, nor run a program under)
     inference = False if _is_compiling() else torch.is_inference_mode_enabled()
-    full_key = (key, tuple([m.training for m in plan.modules]), inference)
+    modes = (torch.is_grad_enabled(), inference)
+    full_key = (key, tuple([m.training for m in plan.modules]), modes)
     program = plan.programs.recall(full_key)
     if program is None:
         try:
