@@ -44,6 +44,14 @@ def measured(monkeypatch) -> list[list[str]]:
     return offered
 
 
+def _calls(monkeypatch, module, name: str) -> list[tuple[object, ...]]:
+    """The arguments of every call of ``module.name`` from now on (the function still runs)."""
+    calls: list[tuple[object, ...]] = []
+    fn = getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a: calls.append(a) or fn(*a))
+    return calls
+
+
 def _fused_like(ens: ve.Ensemble, factory) -> ve.Ensemble:
     """The fused backend over ``ens``'s members (a shared input written in place: once, where
     the loop writes it once per member)."""
@@ -448,9 +456,7 @@ def test_a_torch_layer_made_in_place_is_sized_again(measured):
 
 
 def test_mode_changes_and_functional_calls_trace_nothing_again(measured, monkeypatch):
-    built: list[object] = []
-    build = fused_module.build_program
-    monkeypatch.setattr(fused_module, "build_program", lambda *a: built.append(a) or build(*a))
+    built = _calls(monkeypatch, fused_module, "build_program")
     ens, loop = _pair(_Heads)
     x, shift = torch.randn(5, 4, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
     with torch.no_grad():
@@ -538,12 +544,8 @@ def test_conversions_and_many_batch_sizes_trace_nothing_again(measured, monkeypa
     monkeypatch.setattr(blocked, "BLOCK_BYTES", 4096)
     monkeypatch.setattr(blocked, "MIN_BLOCK", 1)
     monkeypatch.setattr(ensemble_module, "MIN_BLOCK", 1)
-    built: list[object] = []
-    build = fused_module.build_program
-    monkeypatch.setattr(fused_module, "build_program", lambda *a: built.append(a) or build(*a))
-    sized: list[object] = []
-    size = blocked._block_size
-    monkeypatch.setattr(blocked, "_block_size", lambda *a: sized.append(a) or size(*a))
+    built = _calls(monkeypatch, fused_module, "build_program")
+    sized = _calls(monkeypatch, blocked, "_block_size")
     ens, loop = _pair(lambda: nn.Sequential(nn.Linear(4, 64), nn.Tanh()), n=16)
     sizes = []
     with torch.no_grad():

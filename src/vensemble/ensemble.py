@@ -80,6 +80,13 @@ class _FastPaths(dict[tuple[Any, ...], _FastEntry]):
         self.last = None
         super().clear()
 
+    def remember(self, key: tuple[Any, ...], entry: _FastEntry) -> None:
+        """Keep ``entry`` for ``key``; all are dropped first once ``_FAST_MAX_ENTRIES`` are
+        kept (shapes that keep changing)."""
+        if len(self) >= _FAST_MAX_ENTRIES:
+            self.clear()
+        self[key] = entry
+
     def __deepcopy__(self, memo: dict[int, Any]) -> _FastPaths:
         return _FastPaths()
 
@@ -545,14 +552,11 @@ class Ensemble(nn.Module):
             else:
                 out.update(last.routes)
                 if self.compile_options is not None:
-                    done = "pending" if last.warmup_s is None else f"warm-up {last.warmup_s:.2f} s"
+                    warm = None if last.warmup_s is None else f"warm-up {last.warmup_s:.2f} s"
+                    done = warm or "pending"
                     if self.backend == "auto" and (self._last_choice or ("",))[0] == "blocked":
                         done = "the blocks run eagerly (the vectorized path, measured compiled: "
-                        done += (
-                            "not compiled yet)"
-                            if last.warmup_s is None
-                            else (f"warm-up {last.warmup_s:.2f} s)")
-                        )
+                        done += f"{warm or 'not compiled yet'})"
                     out["(compile)"] = f"torch.compile {self.compile_options}: {done}"
                 return out
         out.update(
@@ -696,8 +700,7 @@ class Ensemble(nn.Module):
             if path == "blocked" and not compiling:
                 if not self._chunked:
                     return self._in_blocks(call, fast_key)
-                if self._last_choice is not None:  # (chunk_size set since: the chunks run)
-                    self._last_choice = ("vectorized", self._last_choice[1])
+                self._ran_vectorized()  # (chunk_size set since: the chunks run)
         return self._vectorized(call, fast_key)
 
     # A call repeated with what decided its path unchanged (the inputs' shapes, dtypes and
@@ -771,13 +774,11 @@ class Ensemble(nn.Module):
             else:
                 program = self._fused.last
                 if fast_key is not None and isinstance(program, FusedProgram):
-                    if len(self._fast) >= _FAST_MAX_ENTRIES:  # shapes that keep changing
-                        self._fast.clear()
                     choice = self._last_choice if self.backend == "auto" else None
                     # (a fast key exists only outside torch.compile: eager here)
                     eager_no_grad = not torch.is_grad_enabled()
                     run = program.runner(self._fused.compile_options, eager_no_grad)
-                    self._fast[fast_key] = (program, choice, snapshot is not None, run)
+                    self._fast.remember(fast_key, (program, choice, snapshot is not None, run))
                 return out
         return auto_forward(call, self._plan)
 
@@ -794,15 +795,17 @@ class Ensemble(nn.Module):
             out, run = blocked_forward(call, self._blocked, self._fused)
         except Exception:  # (Unblockable: the program changed since the choice was measured)
             self._choices.pop(_shape_key(call, self.training), None)
-            if self._last_choice is not None:
-                self._last_choice = ("vectorized", self._last_choice[1])
+            self._ran_vectorized()
             return self._vectorized(call, fast_key)
         program = self._fused.last
         if fast_key is not None and run is not None and isinstance(program, FusedProgram):
-            if len(self._fast) >= _FAST_MAX_ENTRIES:
-                self._fast.clear()
-            self._fast[fast_key] = (program, self._last_choice, False, run)
+            self._fast.remember(fast_key, (program, self._last_choice, False, run))
         return out
+
+    def _ran_vectorized(self) -> None:
+        """For explain(): a call auto chose to run in blocks ran the vectorized path."""
+        if self._last_choice is not None:
+            self._last_choice = ("vectorized", self._last_choice[1])
 
     def _folded_loop(self, call: Call) -> Any:
         """auto's ``"folded"`` choice; the plain loop where the folded forward does not apply
@@ -896,11 +899,8 @@ class Ensemble(nn.Module):
                 timings = measure(backward_to=None)
             timings.setdefault("loop", math.inf)  # explain() says it raised
             loop = "folded" if timings.get("folded", math.inf) < timings["loop"] else "loop"
-            fused = (
-                "blocked"
-                if timings.get("blocked", math.inf) < timings["vectorized"]
-                else ("vectorized")
-            )
+            # (a tie: the whole ensemble at once)
+            fused = min(("vectorized", "blocked"), key=lambda p: timings.get(p, math.inf))
             loop_wins = timings[loop] < math.inf and _loop_wins(
                 timings[loop], timings[fused], device
             )

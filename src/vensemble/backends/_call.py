@@ -146,19 +146,19 @@ def restore_buffers(module: nn.Module, snapshot: dict[str, Tensor]) -> None:
     inference tensor's within inference mode: only there may it be written)."""
     with torch.no_grad():
         for k, b in module.named_buffers():
-            if b.is_inference() and not torch.is_inference_mode_enabled():
-                with torch.inference_mode():
-                    b.copy_(snapshot[k])
-            else:
+            only_in_inference = b.is_inference() and not torch.is_inference_mode_enabled()
+            with torch.inference_mode() if only_in_inference else contextlib.nullcontext():
                 b.copy_(snapshot[k])
 
 
-def stack_outputs(outputs: list[Any]) -> Any:
-    """Stack per-member outputs (tensors, or tuples/lists/dicts of them) along a new dim 0."""
+def stack_outputs(outputs: list[Any], join: Callable[..., Tensor] = torch.stack) -> Any:
+    """Stack per-member outputs (tensors, or tuples/lists/dicts of them) along a new dim 0;
+    with ``join=torch.cat``, join outputs that carry the member dim already (blocks of
+    members). A leaf that is not a tensor is the first output's."""
     flat = [pytree.tree_flatten(o) for o in outputs]
     spec = flat[0][1]
     columns = zip(*(leaves for leaves, _ in flat))
-    stacked = [torch.stack(col) if isinstance(col[0], Tensor) else col[0] for col in columns]
+    stacked = [join(col) if isinstance(col[0], Tensor) else col[0] for col in columns]
     return pytree.tree_unflatten(stacked, spec)
 
 

@@ -33,10 +33,11 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 from torch import Tensor, nn
 
-from ._call import Call
+from ._call import Call, stack_outputs
 from ._ops import RANDOM_FUNCTIONS, RANDOM_METHODS, Op
 from .fused import (
     _RANDOM_MODULES,
+    Afresh,
     FusedPlan,
     FusedProgram,
     Memo,
@@ -272,8 +273,9 @@ def _block_size(call: Call, program: FusedProgram, dynamic: list[Any]) -> int | 
 
 
 @dataclass
-class BlockedPlan:
-    """The block size per call signature (or why not), and the blocks cut for each size."""
+class BlockedPlan(Afresh):
+    """The block size per call signature (or why not), and the blocks cut for each size
+    (views of the template: a copy starts afresh)."""
 
     sizes: Memo = field(default_factory=lambda: Memo("block sizes"))
     # by block size: powers of two from MIN_BLOCK to N / 2, so at most log2(N) of them
@@ -328,16 +330,6 @@ class BlockedPlan:
             "through its own fused program (the activations stay in cache)"
         )
 
-    def __deepcopy__(self, memo: dict[int, Any]) -> BlockedPlan:
-        """Blocks are views of the template they were cut from: a copy starts afresh."""
-        return BlockedPlan()
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__()  # type: ignore[misc]
-
 
 def blocked_forward(
     call: Call, plan: BlockedPlan, fused: FusedPlan
@@ -350,6 +342,8 @@ def blocked_forward(
     Raises:
         Unblockable: this call is not to run in blocks (the reason is kept per signature).
     """
+    if fwAD._current_level >= 0:  # (a view of a detached tensor carries no tangent)
+        raise Unblockable("forward-mode AD")
     program, dynamic, key = program_for(call, fused)
     if isinstance(program, str):
         raise Unblockable(program)
@@ -360,8 +354,6 @@ def blocked_forward(
         frozenset(t.dtype for t in call.state.values()),
         *[(t.shape, t.dtype) for t in pytree.tree_leaves(dynamic) if isinstance(t, Tensor)],
     )
-    if fwAD._current_level >= 0:  # (a view of a detached tensor carries no tangent)
-        raise Unblockable("forward-mode AD")
     plan.check_settings(call.template)
     size = plan.sizes.recall(key)
     if size is None:
@@ -376,7 +368,7 @@ def blocked_forward(
         args = tuple(_rows(a, d, s, e) for a, d in zip(call.args, call.in_dims))
         sub = Call(template, e - s, args, call.kwargs, call.in_dims, call.randomness, None)
         outs.append(fused_forward(sub, block_plan))
-    return concat_members(outs), _runner(plan, blocks, call)
+    return stack_outputs(outs, torch.cat), _runner(plan, blocks, call)
 
 
 def _rows(arg: Any, dim: int | None, s: int, e: int) -> Any:
@@ -403,27 +395,15 @@ def _runner(plan: BlockedPlan, blocks: _Blocks, call: Call) -> Callable[..., Any
     def run(*dynamic: Tensor) -> Any:
         if fwAD._current_level >= 0:
             raise Unblockable("forward-mode AD")
-        if not blocks.current():
-            if plan.check_settings(template) or plan.epoch != epoch:
-                raise Unblockable("a setting of a layer changed: the call is sized again")
+        if not blocks.current() and not plan.check_settings(template):
             blocks.refresh()
-        elif plan.epoch != epoch:  # (another call saw a setting change)
+        if plan.epoch != epoch:  # (this call or another saw a setting change)
             raise Unblockable("a setting of a layer changed: the call is sized again")
         plan.last = blocks
         outs = []
         for (s, e), go in zip(bounds, runs):
             args = [a[s:e] for a in dynamic] if batched else dynamic
             outs.append(contiguous_outputs(go(*args)))
-        return concat_members(outs)
+        return stack_outputs(outs, torch.cat)
 
     return run
-
-
-def concat_members(outs: list[Any]) -> Any:
-    """The blocks' outputs joined along the member dim (non-tensor leaves: the first's)."""
-    flat = [pytree.tree_flatten(o) for o in outs]
-    joined = [
-        torch.cat(col) if isinstance(col[0], Tensor) else col[0]
-        for col in zip(*(leaves for leaves, _ in flat))
-    ]
-    return pytree.tree_unflatten(joined, flat[0][1])

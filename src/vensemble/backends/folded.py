@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from ._call import Call
 from ._layers import fold_batchnorm, foldable_batchnorm
-from .fused import Untraceable, _trace, activations_in_place, sole_input
+from .fused import Afresh, Untraceable, _trace, activations_in_place, sole_input
 
 __all__ = ["FoldedPlan", "folded_program"]
 
@@ -123,22 +123,13 @@ def _build(template: nn.Module) -> FoldedProgram | str:
 
 
 @dataclass
-class FoldedPlan:
-    """Folded programs per call signature and module training flags; a string where none."""
+class FoldedPlan(Afresh):
+    """Folded programs per call signature and module training flags; a string where none
+    (they refer to the template they were traced from: a copy starts afresh)."""
 
     programs: dict[Any, FoldedProgram | str] = field(default_factory=dict)
     last: FoldedProgram | None = None  # what the latest call got
     modules: list[nn.Module] = field(default_factory=list)  # the template's, listed once
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> FoldedPlan:
-        """Programs refer to the template they were traced from: a copy starts afresh."""
-        return FoldedPlan()
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__()  # type: ignore[misc]
 
 
 def folded_program(call: Call, plan: FoldedPlan) -> FoldedProgram | None:

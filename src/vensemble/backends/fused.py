@@ -58,6 +58,7 @@ from ._ops import (
 from .select import AutoPlan, auto_forward
 
 __all__ = [
+    "Afresh",
     "FusedPlan",
     "FusedProgram",
     "Memo",
@@ -967,6 +968,20 @@ class Memo(dict[Hashable, Any]):
                 if isinstance(dropped, FusedProgram):  # its layers let go of the parameters
                     dropped.release_views()  # (the fast path may still hold it)
         self[key] = value
+
+
+class Afresh:
+    """What a plan built for one template holds refers to that template: a copy (deepcopy,
+    pickle) starts afresh, with the dataclass's defaults."""
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Any:
+        return type(self)()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__()  # type: ignore[misc]
 
 
 @dataclass
