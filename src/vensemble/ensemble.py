@@ -43,6 +43,7 @@ from .backends.fused import (
     hook_dicts,
     hooked,
 )
+from .backends.native import NativePlan, may_run, native_forward, why_not_now
 from .backends.select import check_loop_runs, raise_if_randomness_error, snapshot_buffers
 
 __all__ = ["Ensemble"]
@@ -190,6 +191,7 @@ class Ensemble(nn.Module):
     _plan: AutoPlan
     _fused: FusedPlan
     _blocked: BlockedPlan
+    _native: NativePlan
 
     def __init__(
         self,
@@ -313,6 +315,7 @@ class Ensemble(nn.Module):
         self._fused = FusedPlan(compile_options=self.compile_options)
         self._folded = FoldedPlan()
         self._blocked = BlockedPlan()
+        self._native = NativePlan()
         self._fast.clear()
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -544,6 +547,8 @@ class Ensemble(nn.Module):
             what = "" if folded is None else f": {folded.describe()}"
             if path == "blocked":
                 what = f": {self._blocked.describe()}"
+            if path == "native":
+                what = f": {self._native.describe()}"
             out["(auto)"] = f"{path} ({why}){what}; the vectorized path:"
         last = self._fused.last
         if self.backend in ("auto", "fused") and last is not None:
@@ -554,8 +559,14 @@ class Ensemble(nn.Module):
                 if self.compile_options is not None:
                     warm = None if last.warmup_s is None else f"warm-up {last.warmup_s:.2f} s"
                     done = warm or "pending"
-                    if self.backend == "auto" and (self._last_choice or ("",))[0] == "blocked":
-                        done = "the blocks run eagerly (the vectorized path, measured compiled: "
+                    eager = {"blocked": "the blocks run", "native": "the compiled kernel runs"}
+                    ran = (
+                        eager.get((self._last_choice or ("",))[0])
+                        if self.backend == "auto"
+                        else None
+                    )
+                    if ran is not None:
+                        done = f"{ran} eagerly (the vectorized path, measured compiled: "
                         done += f"{warm or 'not compiled yet'})"
                     out["(compile)"] = f"torch.compile {self.compile_options}: {done}"
                 return out
@@ -697,10 +708,13 @@ class Ensemble(nn.Module):
                 return loop_forward(call)
             if path == "folded":
                 return self._folded_loop(call)
-            if path == "blocked" and not compiling:
-                if not self._chunked:
+            if path in ("blocked", "native") and not compiling:
+                if self._chunked:  # (chunk_size set since: the chunks run)
+                    self._ran_vectorized()
+                elif path == "blocked":
                     return self._in_blocks(call, fast_key)
-                self._ran_vectorized()  # (chunk_size set since: the chunks run)
+                else:
+                    return self._natively(call, fast_key)
         return self._vectorized(call, fast_key)
 
     # A call repeated with what decided its path unchanged (the inputs' shapes, dtypes and
@@ -802,8 +816,29 @@ class Ensemble(nn.Module):
             self._fast.remember(fast_key, (program, self._last_choice, False, run))
         return out
 
+    def _natively(self, call: Call, fast_key: tuple[Any, ...] | None) -> Any:
+        """auto's ``"native"`` choice (see ``backends.native``); the vectorized path where the
+        kernel does not apply now (the choice is then measured again on the next call; the
+        kernel writes nothing but its output, so nothing is undone). Under a mode of this
+        call alone (autocast, a trace, a torch.func transform) the choice stands, and nothing
+        is remembered for the fast path."""
+        if why_not_now() is not None:
+            self._ran_vectorized()
+            return self._vectorized(call)
+        try:
+            out, run = native_forward(call, self._native, self._fused)
+        except Exception:  # (Unnative: a layout, dtype or setting the kernel does not take)
+            self._choices.pop(_shape_key(call, self.training), None)
+            self._ran_vectorized()
+            return self._vectorized(call, fast_key)
+        program = self._fused.last
+        if fast_key is not None and run is not None and isinstance(program, FusedProgram):
+            self._fast.remember(fast_key, (program, self._last_choice, False, run))
+        return out
+
     def _ran_vectorized(self) -> None:
-        """For explain(): a call auto chose to run in blocks ran the vectorized path."""
+        """For explain(): a call auto chose to run in blocks or through the compiled kernel
+        ran the vectorized path."""
         if self._last_choice is not None:
             self._last_choice = ("vectorized", self._last_choice[1])
 
@@ -835,9 +870,11 @@ class Ensemble(nn.Module):
         at least ``2 * MIN_BLOCK`` members measure ``"blocked"`` too: the fused program run
         on blocks of members whose activations stay in cache (``backends.blocked``; it takes
         the vectorized path's place when faster; its blocks run eagerly, with ``compile`` set
-        too). With ``compile`` set,
-        the vectorized path is timed compiled (its compile comes first, untimed), so compiling
-        never leaves a model slower than the loop. Under
+        too). CPU inference calls of a chain of ``Linear`` layers and piecewise-linear
+        activations measure ``"native"`` too: one compiled C kernel for every member's whole
+        chain (``backends.native``; eager as well). With ``compile`` set, the vectorized path
+        is timed compiled (its compile comes first, untimed), so compiling never leaves a
+        model slower than the loop. Under
         ``torch.use_deterministic_algorithms(True)`` nothing is timed and the vectorized path
         runs: the paths agree only up to float rounding, and a timed choice may differ from run
         to run (like ``torch.backends.cudnn.benchmark``). Nor under a trace (``make_fx``,
@@ -878,6 +915,13 @@ class Ensemble(nn.Module):
             ):  # after "vectorized", whose program it cuts in blocks (with chunk_size set,
                 # the vectorized path runs vmap, and the blocks' sizing run would not chunk)
                 paths["blocked"] = lambda: blocked_forward(call, self._blocked, self._fused)[0]
+            if (
+                device.type == "cpu"
+                and not torch.is_grad_enabled()
+                and not self._chunked
+                and may_run(self._template)
+            ):
+                paths["native"] = lambda: native_forward(call, self._native, self._fused)[0]
             measure = functools.partial(
                 measure_paths,
                 paths,
@@ -888,7 +932,7 @@ class Ensemble(nn.Module):
                 # a rewrite that fails is simply not taken; nor is a loop that raises where
                 # the vectorized path ran (a forward that modifies a shared input in place
                 # breaks the loop's autograd: each member modifies what the last one saved)
-                optional=frozenset({"folded", "loop", "blocked"}),
+                optional=frozenset({"folded", "loop", "blocked", "native"}),
             )
             try:
                 timings = measure(backward_to=trainable if torch.is_grad_enabled() else None)
@@ -900,7 +944,7 @@ class Ensemble(nn.Module):
             timings.setdefault("loop", math.inf)  # explain() says it raised
             loop = "folded" if timings.get("folded", math.inf) < timings["loop"] else "loop"
             # (a tie: the whole ensemble at once)
-            fused = min(("vectorized", "blocked"), key=lambda p: timings.get(p, math.inf))
+            fused = min(("vectorized", "blocked", "native"), key=lambda p: timings.get(p, math.inf))
             loop_wins = timings[loop] < math.inf and _loop_wins(
                 timings[loop], timings[fused], device
             )

@@ -1,0 +1,124 @@
+/* The kernel for one dtype: REAL (float or double), LANES of them per 64-byte vector, INT
+ * the integer of the same width, FN(name) the dtype's name for each function (see _chain.c). */
+#define TILE (2 * LANES) /* rows per tile: two vectors */
+
+typedef REAL FN(vec) __attribute__((vector_size(64)));
+typedef INT FN(mask) __attribute__((vector_size(64)));
+#define VEC FN(vec)
+#define MASK FN(mask)
+
+static inline VEC FN(splat)(REAL s) { return (VEC){0} + s; }
+
+/* NaN stays NaN, as in torch: every comparison below is false for it. */
+static inline VEC FN(activate)(VEC v, const Layer *l) {
+    switch (l->act) {
+    case ACT_RELU:
+        return (VEC)((MASK)v & ~(v < 0));
+    case ACT_LEAKY: {
+        MASK neg = v < 0;
+        return (VEC)(((MASK)(v * (REAL)l->slope) & neg) | ((MASK)v & ~neg));
+    }
+    case ACT_CLAMP: {
+        MASK low = v < (REAL)l->lo, high = v > (REAL)l->hi;
+        VEC lo = FN(splat)((REAL)l->lo), hi = FN(splat)((REAL)l->hi);
+        return (VEC)(((MASK)lo & low) | ((MASK)hi & high) | ((MASK)v & ~(low | high)));
+    }
+    default:
+        return v;
+    }
+}
+
+/* Outputs o0 .. o0 + NB - 1 of one layer for one tile: A (in, TILE) -> B (out, TILE). */
+#define BLOCK(NB)                                                                              \
+    static void FN(block##NB)(const REAL *restrict A, const Layer *l, const REAL *w,           \
+                              const REAL *b, int64_t o0, REAL *restrict B) {                   \
+        VEC lo[NB], hi[NB];                                                                    \
+        _Pragma("GCC unroll 8") for (int j = 0; j < NB; j++) {                                 \
+            lo[j] = hi[j] = FN(splat)(b ? b[o0 + j] : (REAL)0);                                \
+        }                                                                                      \
+        const int64_t in = l->in, out = l->out;                                                \
+        for (int64_t k = 0; k < in; k++) {                                                     \
+            VEC a0 = *(const VEC *)(A + k * TILE), a1 = *(const VEC *)(A + k * TILE + LANES);  \
+            const REAL *wk = w + k * out + o0;                                                 \
+            _Pragma("GCC unroll 8") for (int j = 0; j < NB; j++) {                             \
+                lo[j] += wk[j] * a0;                                                           \
+                hi[j] += wk[j] * a1;                                                           \
+            }                                                                                  \
+        }                                                                                      \
+        _Pragma("GCC unroll 8") for (int j = 0; j < NB; j++) {                                 \
+            *(VEC *)(B + (o0 + j) * TILE) = FN(activate)(lo[j], l);                            \
+            *(VEC *)(B + (o0 + j) * TILE + LANES) = FN(activate)(hi[j], l);                    \
+        }                                                                                      \
+    }
+
+BLOCK(8)
+BLOCK(4)
+BLOCK(2)
+BLOCK(1)
+#undef BLOCK
+
+static void FN(layer)(const REAL *A, const Layer *l, int64_t m, REAL *B) {
+    const REAL *w = (const REAL *)l->w + m * l->w_stride;
+    const REAL *b = l->b ? (const REAL *)l->b + m * l->b_stride : NULL;
+    int64_t o = 0;
+    for (; o + 8 <= l->out; o += 8) FN(block8)(A, l, w, b, o, B);
+    if (o + 4 <= l->out) {
+        FN(block4)(A, l, w, b, o, B);
+        o += 4;
+    }
+    if (o + 2 <= l->out) {
+        FN(block2)(A, l, w, b, o, B);
+        o += 2;
+    }
+    if (o < l->out) FN(block1)(A, l, w, b, o, B);
+}
+
+/* y (n, rows, out of the last layer) = the chain applied to x: (rows, in of the first layer),
+ * the same for every member when x_stride is 0, else member m's rows start at x + m *
+ * x_stride. Returns 0, or -1 when scratch memory could not be allocated (y is then partly
+ * written). */
+int FN(vensemble_chain)(int64_t n, int64_t rows, const REAL *x, int64_t x_stride,
+                        int32_t depth, const Layer *layers, REAL *y, int32_t threads) {
+    int64_t widest = 0;
+    for (int i = 0; i < depth; i++) {
+        if (layers[i].in > widest) widest = layers[i].in;
+        if (layers[i].out > widest) widest = layers[i].out;
+    }
+    const int64_t tiles = (rows + TILE - 1) / TILE, in0 = layers[0].in;
+    const int64_t out = layers[depth - 1].out;
+    const size_t bytes = (size_t)widest * TILE * sizeof(REAL); /* (a multiple of 64) */
+    int failed = 0;
+#pragma omp parallel num_threads(threads) reduction(| : failed)
+    {
+        REAL *A = aligned_alloc(64, bytes), *B = aligned_alloc(64, bytes);
+        if (!A || !B) failed = 1;
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < n * tiles; t++) {
+            if (!A || !B) continue;
+            const int64_t m = t / tiles, r0 = (t % tiles) * TILE;
+            const int64_t nr = rows - r0 < TILE ? rows - r0 : TILE;
+            const REAL *xs = x + m * x_stride + r0 * in0;
+            for (int64_t k = 0; k < in0; k++) {
+                for (int64_t r = 0; r < nr; r++) A[k * TILE + r] = xs[r * in0 + k];
+                for (int64_t r = nr; r < TILE; r++) A[k * TILE + r] = 0;
+            }
+            REAL *src = A, *dst = B;
+            for (int i = 0; i < depth; i++) {
+                FN(layer)(src, &layers[i], m, dst);
+                REAL *swap = src;
+                src = dst;
+                dst = swap;
+            }
+            REAL *ys = y + (m * rows + r0) * out;
+            for (int64_t r = 0; r < nr; r++)
+                for (int64_t o = 0; o < out; o++) ys[r * out + o] = src[o * TILE + r];
+        }
+        free(A);
+        free(B);
+    }
+    return failed ? -1 : 0;
+}
+
+#undef TILE
+#undef VEC
+#undef MASK

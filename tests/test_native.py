@@ -1,0 +1,362 @@
+"""auto's ``"native"`` path: one compiled kernel for chains of Linear layers, against the loop."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import pickle
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import Tensor, nn
+
+import vensemble as ve
+from vensemble import ensemble as ensemble_module
+from vensemble.backends import native
+from vensemble.backends._call import Call
+from vensemble.backends.native import Unnative, kernel_library, native_forward
+
+N = 5
+
+pytestmark = pytest.mark.skipif(
+    isinstance(kernel_library(), str), reason=f"no compiled kernel here: {kernel_library()}"
+)
+
+
+@pytest.fixture
+def measured(monkeypatch) -> list[list[str]]:
+    """auto measuring "native" fastest where it runs (then the blocks, then the vectorized
+    path); returns the paths each measurement was offered."""
+    offered: list[list[str]] = []
+
+    def timings(paths, restore, **kwargs):
+        offered.append(list(paths))
+        if "native" in paths:
+            try:  # what the real measurement's warm-up finds: a path that raises is left out
+                paths["native"]()
+            except Unnative:
+                paths = {k: v for k, v in paths.items() if k != "native"}
+            finally:
+                restore()
+        fake = {"native": 0.1, "blocked": 0.3, "vectorized": 0.5}
+        return {k: fake.get(k, 1.0) for k in paths}
+
+    monkeypatch.setattr(ensemble_module, "measure_paths", timings)
+    return offered
+
+
+def _pair(factory, n: int = N, dtype=torch.float64) -> tuple[ve.Ensemble, ve.Ensemble]:
+    torch.manual_seed(0)
+    ens = ve.Ensemble.from_factory(factory, n).to(dtype).eval()
+    loop = ve.Ensemble.from_factory(factory, n, backend="loop").to(dtype).eval()
+    loop.load_state_dict(ens.state_dict())
+    return ens, loop
+
+
+class _Functional(nn.Module):
+    """A hand-written forward: functions, a method and a module, odd widths."""
+
+    def __init__(self, bias: bool = True) -> None:
+        super().__init__()
+        self.a = nn.Linear(7, 13)
+        self.b = nn.Linear(13, 11, bias=bias)
+        self.c = nn.Linear(11, 9)
+        self.d = nn.Linear(9, 4)
+        self.e = nn.Linear(4, 3)
+        self.act = nn.LeakyReLU(0.3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = F.relu(self.a(x))
+        h = F.leaky_relu(self.b(h), 0.2)
+        h = self.c(h).relu()
+        h = self.act(self.d(h))
+        return F.hardtanh(self.e(h), -0.5, 0.25)
+
+
+CHAINS = {
+    "relu": lambda: nn.Sequential(
+        nn.Linear(7, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 1)
+    ),
+    "functional": _Functional,
+    "no_bias": lambda: _Functional(bias=False),
+    "clamps": lambda: nn.Sequential(
+        nn.Linear(7, 16),
+        nn.ReLU6(),
+        nn.Linear(16, 15),
+        nn.Hardtanh(-0.1, 0.2),
+        nn.Identity(),
+        nn.Dropout(0.5),
+        nn.Linear(15, 6),
+        nn.ReLU(inplace=True),
+    ),
+    "one_layer": lambda: nn.Linear(7, 5),
+    "leaky": lambda: nn.Sequential(nn.Linear(7, 40), nn.LeakyReLU(), nn.Linear(40, 2), nn.Tanh()),
+}
+
+
+@pytest.mark.parametrize("name", sorted(set(CHAINS) - {"leaky"}))
+@pytest.mark.parametrize("shape", [(1,), (5,), (33,), (70,), (2, 3), (0,), ()])
+def test_chains_match_the_loop(measured, name, shape):
+    ens, loop = _pair(CHAINS[name])
+    x = torch.randn(*shape, 7, dtype=torch.float64)
+    xs = torch.randn(N, *shape, 7, dtype=torch.float64)
+    with torch.no_grad():
+        for args, in_dims in (((x,), None), ((xs,), 0)):
+            for _ in range(2):  # measured, then the remembered choice (the fast path)
+                got = ens(*args, in_dims=in_dims)
+                torch.testing.assert_close(got, loop(*args, in_dims=in_dims), atol=1e-12, rtol=0)
+                assert got.is_contiguous()
+            assert ens.explain()["(auto)"].startswith("native"), name
+    assert all("native" in paths for paths in measured)
+
+
+def test_float32_matches_the_loop_and_the_explanation_names_the_chain(measured):
+    ens, loop = _pair(CHAINS["relu"], n=37, dtype=torch.float32)
+    x = torch.randn(100, 7)
+    with torch.no_grad():
+        torch.testing.assert_close(ens(x), loop(x))
+    why = ens.explain()["(auto)"]
+    assert "Linear 7->32, relu, Linear 32->32, relu, Linear 32->1" in why, why
+
+
+def test_a_tanh_is_not_in_the_kernel(measured):
+    ens, loop = _pair(CHAINS["leaky"])
+    x = torch.randn(4, 7, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(ens(x), loop(x))
+        assert not ens.explain()["(auto)"].startswith("native")
+        call = Call(ens._template, N, (x,), {}, (None,))
+        with pytest.raises(Unnative, match=r"'tanh_?' is not in the kernel"):
+            native_forward(call, ens._native, ens._fused)
+
+
+class _Residual(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.a(x)
+
+
+class _TwoInputs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+
+    def forward(self, x: Tensor, y: Tensor) -> Tensor:
+        return self.a(x) * y
+
+
+class _Scaled(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.a(x) * 2
+
+
+@pytest.mark.parametrize(
+    ("factory", "args", "why"),
+    [
+        (_Residual, 1, "is read twice"),
+        (_TwoInputs, 2, "one tensor input"),
+        (_Scaled, 1, "'mul' is not in the kernel"),
+        (lambda: nn.Sequential(nn.ReLU(), nn.Linear(4, 4)), 1, "before the first Linear"),
+        (lambda: nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4)), 1, "'LayerNorm' is not in"),
+        (lambda: nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.LeakyReLU()), 1, "two activations"),
+    ],
+)
+def test_what_is_not_a_chain_runs_the_vectorized_path(measured, factory, args, why):
+    ens, loop = _pair(factory)
+    inputs = [torch.randn(3, 4, dtype=torch.float64) for _ in range(args)]
+    with torch.no_grad():
+        torch.testing.assert_close(ens(*inputs), loop(*inputs))
+        assert not ens.explain()["(auto)"].startswith("native")
+        call = Call(ens._template, N, tuple(inputs), {}, (None,) * args)
+        with pytest.raises(Unnative, match=why):
+            native_forward(call, ens._native, ens._fused)
+
+
+def test_autograd_and_training_dropout_are_refused(measured):
+    ens, loop = _pair(CHAINS["clamps"])
+    x = torch.randn(3, 7, dtype=torch.float64)
+    call = Call(ens._template, N, (x,), {}, (None,))
+    with pytest.raises(Unnative, match="autograd"):
+        native_forward(call, ens._native, ens._fused)
+    torch.testing.assert_close(ens(x), loop(x))  # with autograd: never offered
+    assert all("native" not in paths for paths in measured)
+    ens.train()
+    with torch.no_grad(), pytest.raises(Unnative, match="Dropout in training mode"):
+        native_forward(call, ens._native, ens._fused)
+
+
+def test_settings_and_weights_are_read_at_each_call(measured):
+    ens, loop = _pair(_Functional)
+    x = torch.randn(9, 7, dtype=torch.float64)
+
+    def check() -> None:
+        with torch.no_grad():
+            for _ in range(2):
+                torch.testing.assert_close(ens(x), loop(x), atol=1e-12, rtol=0)
+                assert ens.explain()["(auto)"].startswith("native")
+
+    check()
+    for m in (ens, loop):  # a setting, an in-place update, a new tensor, a bias given
+        m.act.negative_slope = 0.7
+        with torch.no_grad():
+            m.a.weight.add_(0.5)
+        m.c.bias.data = m.c.bias.data * 3
+        m.b.bias = nn.Parameter(torch.ones(N, 11, dtype=torch.float64))
+    check()
+    for m in (ens, loop):
+        m.b.bias = None
+    check()
+
+
+def test_a_layout_the_kernel_does_not_read_runs_the_vectorized_path(measured):
+    ens, loop = _pair(CHAINS["relu"])
+    x = torch.randn(6, 7, dtype=torch.float64)
+    with torch.no_grad():
+        ens(x)
+        assert ens.explain()["(auto)"].startswith("native")
+        for m in (ens, loop):  # out-major: the member's own layout, not the kernel's
+            first = m.get_submodule("0")
+            first.weight = nn.Parameter(first.weight.detach().contiguous() + 1)
+        assert not ens.get_submodule("0").weight.mT.is_contiguous()
+        torch.testing.assert_close(ens(x), loop(x), atol=1e-12, rtol=0)
+        assert ens.explain()["(auto)"].startswith("vectorized")
+
+
+def test_nan_and_inf_go_through_as_in_the_loop(measured):
+    ens, loop = _pair(_Functional)
+    x = torch.randn(40, 7, dtype=torch.float64)
+    x[3, 2], x[7, 0], x[11] = float("nan"), float("inf"), -float("inf")
+    with torch.no_grad():
+        got, expected = ens(x), loop(x)
+    torch.testing.assert_close(got, expected, atol=1e-12, rtol=0, equal_nan=True)
+    assert got.isnan().any()
+
+
+def test_one_thread_and_inference_mode(measured):
+    ens, loop = _pair(CHAINS["relu"], n=40)
+    x = torch.randn(65, 7, dtype=torch.float64)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        with torch.inference_mode():
+            got = ens(x)
+    finally:
+        torch.set_num_threads(threads)
+    with torch.no_grad():
+        torch.testing.assert_close(got, loop(x), atol=1e-12, rtol=0)
+        torch.testing.assert_close(ens(x), got, atol=0, rtol=0)  # (same sums on two threads)
+
+
+def test_copies_and_pickles_start_afresh(measured):
+    ens, loop = _pair(CHAINS["relu"])
+    x = torch.randn(3, 7, dtype=torch.float64)
+    with torch.no_grad():
+        ens(x)
+        for other in (copy.deepcopy(ens), pickle.loads(pickle.dumps(ens))):
+            assert other._native.last is None
+            torch.testing.assert_close(other(x), loop(x), atol=1e-12, rtol=0)
+            assert other.explain()["(auto)"].startswith("native")
+
+
+def test_compile_option_runs_the_kernel_eagerly(measured):
+    torch.manual_seed(0)
+    ens = ve.Ensemble.from_factory(CHAINS["relu"], N, compile=True).eval()
+    loop = ve.Ensemble.from_factory(CHAINS["relu"], N, backend="loop").eval()
+    loop.load_state_dict(ens.state_dict())
+    x = torch.randn(3, 7)
+    with torch.no_grad():
+        torch.testing.assert_close(ens(x), loop(x))
+    assert "the compiled kernel runs eagerly" in ens.explain()["(compile)"]
+
+
+def test_the_library_says_why_it_is_missing(monkeypatch, tmp_path):
+    monkeypatch.setenv("VENSEMBLE_CACHE_DIR", str(tmp_path))
+    try:
+        kernel_library.cache_clear()
+        monkeypatch.setenv("VENSEMBLE_NATIVE", "0")
+        assert kernel_library() == "turned off (VENSEMBLE_NATIVE=0)"
+        kernel_library.cache_clear()
+        monkeypatch.setenv("VENSEMBLE_NATIVE", "1")
+        monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+        assert "no C compiler" in kernel_library()
+        kernel_library.cache_clear()
+        monkeypatch.delenv("CC")
+        assert not isinstance(kernel_library(), str)  # built into the cache directory
+        assert [p.suffix for p in (tmp_path / "kernels").iterdir()] == [".so"]
+    finally:
+        monkeypatch.undo()
+        kernel_library.cache_clear()
+    ens, loop = _pair(CHAINS["relu"])
+    x = torch.randn(3, 7, dtype=torch.float64)
+    monkeypatch.setattr(native, "kernel_library", lambda: "no C compiler (cc not found)")
+    with torch.no_grad():
+        torch.testing.assert_close(ens(x), loop(x))
+    assert not ens.explain()["(auto)"].startswith("native")
+
+
+_ACTIVATIONS = st.sampled_from(
+    [None, nn.ReLU, lambda: nn.LeakyReLU(0.05), lambda: nn.Hardtanh(-0.3, 0.4), nn.ReLU6]
+)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    widths=st.lists(st.integers(1, 40), min_size=2, max_size=5),
+    acts=st.lists(_ACTIVATIONS, min_size=4, max_size=4),
+    rows=st.integers(0, 70),
+    n=st.integers(1, 6),
+    batched=st.booleans(),
+)
+def test_random_chains_match_the_loop(widths, acts, rows, n, batched):
+    def factory() -> nn.Module:
+        layers: list[nn.Module] = []
+        for i, (a, b) in enumerate(itertools.pairwise(widths)):
+            layers.append(nn.Linear(a, b))
+            if acts[i] is not None:
+                layers.append(acts[i]())
+        return nn.Sequential(*layers)
+
+    ens, loop = _pair(factory, n=n)
+    x = torch.randn(*((n,) if batched else ()), rows, widths[0], dtype=torch.float64)
+    call = Call(ens._template, n, (x,), {}, (0 if batched else None,))
+    with torch.no_grad():
+        got, run = native_forward(call, ens._native, ens._fused)
+        expected = loop(x, in_dims=0 if batched else None)
+        torch.testing.assert_close(got, expected, atol=1e-12, rtol=0)
+        torch.testing.assert_close(run(x), expected, atol=1e-12, rtol=0)
+
+
+def test_traces_transforms_and_autocast_see_torch_ops(measured):
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    ens, loop = _pair(CHAINS["relu"], dtype=torch.float32)
+    x, x2 = torch.randn(6, 7), torch.randn(6, 7)
+    with torch.no_grad():
+        ens(x)
+        assert ens.explain()["(auto)"].startswith("native")  # the choice the calls below keep
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # (jit.trace is, in torch 2.13)
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)  # (shape checks, as usual)
+            traced = torch.jit.trace(ens, (x,), check_trace=False)
+        torch.testing.assert_close(traced(x2), loop(x2))
+        graph = make_fx(ens)(x)
+        torch.testing.assert_close(graph(x2), loop(x2))
+        xs = torch.randn(3, 6, 7)
+        torch.testing.assert_close(torch.func.vmap(ens)(xs), torch.stack([loop(t) for t in xs]))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got, expected = ens(x2), loop(x2)
+        assert got.dtype == expected.dtype == torch.bfloat16
+        torch.testing.assert_close(got, expected, atol=0.05, rtol=0.05)
+        torch.testing.assert_close(ens(x2), loop(x2))  # and the kernel again after
+        assert ens.explain()["(auto)"].startswith("native")
