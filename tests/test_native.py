@@ -277,7 +277,7 @@ def test_compile_option_runs_the_kernel_eagerly(measured):
     x = torch.randn(3, 7)
     with torch.no_grad():
         torch.testing.assert_close(ens(x), loop(x))
-    assert "the compiled kernel runs eagerly" in ens.explain()["(compile)"]
+    assert "the native kernel runs eagerly" in ens.explain()["(compile)"]
 
 
 def test_the_library_says_why_it_is_missing(monkeypatch, tmp_path):
@@ -360,3 +360,105 @@ def test_traces_transforms_and_autocast_see_torch_ops(measured):
         torch.testing.assert_close(got, expected, atol=0.05, rtol=0.05)
         torch.testing.assert_close(ens(x2), loop(x2))  # and the kernel again after
         assert ens.explain()["(auto)"].startswith("native")
+
+
+def test_tensors_without_their_memory_are_refused(measured):
+    ens, loop = _pair(CHAINS["relu"])
+    x = torch.randn(6, 7, dtype=torch.float64)
+    with torch.no_grad():
+        ens(x)
+        assert ens.explain()["(auto)"].startswith("native")
+        call = Call(ens._template, N, (x,), {}, (None,))
+        gone = torch.randn(6, 7, dtype=torch.float64)
+        gone.untyped_storage().resize_(0)  # (torch raises for it; the kernel would read 0)
+        with pytest.raises(Unnative, match="no memory"):
+            native_forward(Call(ens._template, N, (gone,), {}, (None,)), ens._native, ens._fused)
+        with pytest.raises(RuntimeError):
+            ens(gone)
+        bias = ens.get_submodule("0").bias
+        kept = bias.detach().clone()
+        bias.untyped_storage().resize_(8)  # (the kernel would read past it)
+        with pytest.raises(Unnative, match="no memory"):
+            native_forward(call, ens._native, ens._fused)
+        bias.untyped_storage().resize_(kept.numel() * 8)
+        bias.copy_(kept)
+        torch.testing.assert_close(ens(x), loop(x), atol=1e-12, rtol=0)
+
+
+def test_a_negated_view_is_read_with_its_sign(measured):
+    ens, loop = _pair(lambda: nn.Sequential(nn.Linear(1, 4), nn.ReLU(), nn.Linear(4, 2)))
+    x = torch.tensor([[0.5 + 2.0j]], dtype=torch.complex128).conj().imag  # -2.0, lazily
+    assert x.is_neg() and x.is_contiguous()
+    with torch.no_grad():
+        for _ in range(2):
+            torch.testing.assert_close(ens(x), loop(x), atol=1e-12, rtol=0)
+
+
+def test_leaky_relu_at_zero_and_settings_out_of_range_as_torch(measured):
+    def zeros(slope: float):
+        def factory() -> nn.Module:
+            first = nn.Linear(7, 3)
+            nn.init.zeros_(first.weight)
+            nn.init.zeros_(first.bias)
+            return nn.Sequential(first, nn.LeakyReLU(slope), nn.Linear(3, 2))
+
+        return factory
+
+    x = torch.randn(4, 7, dtype=torch.float64)
+    with torch.no_grad():
+        ens, loop = _pair(zeros(float("inf")))  # 0 * inf: NaN, in torch
+        got = ens(x)
+        assert ens.explain()["(auto)"].startswith("native") and got.isnan().all()
+        torch.testing.assert_close(got, loop(x), equal_nan=True)
+        ens, loop = _pair(
+            lambda: nn.Sequential(nn.Linear(7, 3), nn.Hardtanh(-1e300, 1e300)), dtype=torch.float32
+        )
+        with pytest.raises(RuntimeError, match="overflow"):
+            loop(x.float())
+        with pytest.raises(RuntimeError, match="overflow"):  # (the kernel refuses; torch raises)
+            ens(x.float())
+
+
+def test_a_fallback_is_measured_again_and_explain_describes_what_ran(measured):
+    ens, loop = _pair(
+        lambda: nn.Sequential(nn.Linear(7, 5), nn.LeakyReLU(0.2), nn.Dropout(), nn.Linear(5, 2))
+    )
+    x = torch.randn(4, 7, dtype=torch.float64)
+    with torch.no_grad():
+        ens(x)
+        assert "Linear 7->5, leaky_relu(0.2), Linear 5->2" in ens.explain()["(auto)"]
+        assert "tiles of 16 rows" in ens.explain()["(auto)"]  # (float64: two 64-byte vectors)
+        for m in (ens, loop):
+            m.get_submodule("1").negative_slope = torch.tensor(0.3)  # not a number: refused
+        torch.testing.assert_close(ens(x), loop(x), atol=1e-12, rtol=0)
+        assert ens.explain()["(auto)"].startswith("vectorized")
+        for m in (ens, loop):
+            m.get_submodule("1").negative_slope = 0.3
+        torch.testing.assert_close(ens(x), loop(x), atol=1e-12, rtol=0)
+        assert ens.explain()["(auto)"].startswith("native")  # measured again
+        ens.train()  # explain() describes the last call's chain, whatever changed since
+        assert "leaky_relu(0.3)" in ens.explain()["(auto)"]
+
+
+def test_too_wide_a_layer_is_refused(measured, monkeypatch):
+    monkeypatch.setattr(native, "MAX_WIDTH", 16)
+    ens, loop = _pair(CHAINS["relu"])  # 32 wide
+    x = torch.randn(4, 7, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(ens(x), loop(x), atol=1e-12, rtol=0)
+        assert not ens.explain()["(auto)"].startswith("native")
+        with pytest.raises(Unnative, match="wider than 16"):
+            native_forward(Call(ens._template, N, (x,), {}, (None,)), ens._native, ens._fused)
+
+
+def test_the_library_never_raises(monkeypatch):
+    def broken() -> None:
+        raise RuntimeError("Could not determine home directory")
+
+    monkeypatch.setattr(native, "_cache_dir", broken)
+    kernel_library.cache_clear()
+    try:
+        assert "Could not determine home directory" in kernel_library()
+    finally:
+        monkeypatch.undo()
+        kernel_library.cache_clear()

@@ -559,7 +559,7 @@ class Ensemble(nn.Module):
                 if self.compile_options is not None:
                     warm = None if last.warmup_s is None else f"warm-up {last.warmup_s:.2f} s"
                     done = warm or "pending"
-                    eager = {"blocked": "the blocks run", "native": "the compiled kernel runs"}
+                    eager = {"blocked": "the blocks run", "native": "the native kernel runs"}
                     ran = (
                         eager.get((self._last_choice or ("",))[0])
                         if self.backend == "auto"
@@ -830,7 +830,7 @@ class Ensemble(nn.Module):
         except Exception:  # (Unnative: a layout, dtype or setting the kernel does not take)
             self._choices.pop(_shape_key(call, self.training), None)
             self._ran_vectorized()
-            return self._vectorized(call, fast_key)
+            return self._vectorized(call)  # (no fast entry: the next call measures again)
         program = self._fused.last
         if fast_key is not None and run is not None and isinstance(program, FusedProgram):
             self._fast.remember(fast_key, (program, self._last_choice, False, run))

@@ -14,9 +14,9 @@ static inline VEC FN(activate)(VEC v, const Layer *l) {
     switch (l->act) {
     case ACT_RELU:
         return (VEC)((MASK)v & ~(v < 0));
-    case ACT_LEAKY: {
-        MASK neg = v < 0;
-        return (VEC)(((MASK)(v * (REAL)l->slope) & neg) | ((MASK)v & ~neg));
+    case ACT_LEAKY: { /* as torch: x > 0 ? x : x * slope (0 * slope is NaN for slope inf) */
+        MASK pos = v > 0;
+        return (VEC)(((MASK)v & pos) | ((MASK)(v * (REAL)l->slope) & ~pos));
     }
     case ACT_CLAMP: {
         MASK low = v < (REAL)l->lo, high = v > (REAL)l->hi;

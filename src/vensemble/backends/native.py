@@ -30,6 +30,8 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import math
+import numbers
 import os
 import platform
 import shutil
@@ -60,6 +62,10 @@ __all__ = [
 ]
 
 _SOURCES = ("_chain.c", "_chain.h")
+# The widest layer the kernel takes: each thread holds two scratch tiles of the widest
+# activation, 2 x 32 rows x 65536 x 4 bytes = 16 MiB at most (a layer that wide gains nothing
+# here anyway: its GEMM is large enough for BLAS)
+MAX_WIDTH = 1 << 16
 _FUNCTION = {torch.float32: "vensemble_chain_f32", torch.float64: "vensemble_chain_f64"}
 
 # activation codes of _chain.c
@@ -105,9 +111,50 @@ def _cpu_identity() -> str:
     return "\n".join(dict.fromkeys(lines))  # (one line of each kind per distinct CPU)
 
 
+def _build(compiler: str, source: Path, target: Path) -> str | None:
+    """Compile ``source`` into ``target`` (atomically: another process may build it too), with
+    the best flags the compiler takes; why not, if it fails."""
+    attempts = [
+        ["-O3", "-march=native", "-fopenmp"],
+        ["-O3", "-fopenmp"],  # (a compiler without -march=native)
+        ["-O3"],  # (without OpenMP: one thread)
+    ]
+    errors = []
+    for flags in attempts:
+        try:
+            with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+                built = Path(tmp) / target.name
+                command = [compiler, *flags, "-shared", "-fPIC", "-o", str(built), str(source)]
+                done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+                if done.returncode == 0:
+                    os.replace(built, target)
+                    return None
+                lines = done.stderr.strip().splitlines()
+                errors.append(lines[-1] if lines else f"exit status {done.returncode}")
+        except (OSError, subprocess.SubprocessError) as err:
+            errors.append(str(err))
+    return f"the kernel did not compile ({'; '.join(errors)})"
+
+
 @functools.cache
 def kernel_library() -> ctypes.CDLL | str:
-    """The compiled kernel (built into the cache directory on first use), or why not."""
+    """The compiled kernel (built into the cache directory on first use), or why not (never
+    raises: a call without it runs another path)."""
+    try:
+        return _load()
+    except Exception as err:  # (no home directory, an unreadable cache, sources missing)
+        return f"the kernel is not at hand ({type(err).__name__}: {err})"
+
+
+def _compiler_version(compiler: str) -> str:
+    try:
+        done = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return done.stdout
+
+
+def _load() -> ctypes.CDLL | str:
     if os.environ.get("VENSEMBLE_NATIVE", "1") == "0":
         return "turned off (VENSEMBLE_NATIVE=0)"
     compiler = shutil.which(os.environ.get("CC", "cc"))
@@ -115,38 +162,29 @@ def kernel_library() -> ctypes.CDLL | str:
         return f"no C compiler ({os.environ.get('CC', 'cc')} not found)"
     here = Path(__file__).parent
     sources = b"".join((here / name).read_bytes() for name in _SOURCES)
-    attempts = [
-        ["-O3", "-march=native", "-fopenmp"],
-        ["-O3", "-fopenmp"],  # (a compiler without -march=native)
-        ["-O3"],  # (without OpenMP: one thread)
-    ]
-    digest = hashlib.sha256(sources + compiler.encode() + _cpu_identity().encode()).hexdigest()
-    target = _cache_dir() / f"chain-{digest[:24]}.so"
-    errors = []
+    # (what the build depends on: a fallback without -march=native or OpenMP is cached too,
+    # and recurs for the same compiler and CPU)
+    identity = "\n".join([compiler, _compiler_version(compiler), _cpu_identity()])
+    digest = hashlib.sha256(sources + identity.encode()).hexdigest()
+    name = f"chain-{digest[:24]}.so"
+    target = _cache_dir() / name
     if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        for flags in attempts:
-            with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-                built = Path(tmp) / target.name
-                command = [compiler, *flags, "-shared", "-fPIC", "-o", str(built)]
-                command.append(str(here / "_chain.c"))
-                try:
-                    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
-                except (OSError, subprocess.SubprocessError) as err:
-                    errors.append(str(err))
-                    continue
-                if done.returncode == 0:
-                    os.replace(built, target)  # (atomic: another process may build it too)
-                    break
-                errors.append(done.stderr.strip().splitlines()[-1] if done.stderr else "failed")
-        else:
-            return f"the kernel did not compile ({'; '.join(errors)})"
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            writable = os.access(target.parent, os.W_OK | os.X_OK)
+        except OSError:
+            writable = False
+        if not writable:  # (a read-only home: this process builds its own)
+            target = Path(tempfile.mkdtemp(prefix="vensemble-")) / name
+        failed = _build(compiler, here / "_chain.c", target)
+        if failed is not None:
+            return failed
     try:
         lib = ctypes.CDLL(str(target))
     except OSError as err:
         return f"the compiled kernel did not load ({err})"
-    for name in _FUNCTION.values():
-        fn = getattr(lib, name)
+    for symbol in _FUNCTION.values():
+        fn = getattr(lib, symbol)
         fn.restype = ctypes.c_int
         fn.argtypes = [
             ctypes.c_int64,
@@ -166,7 +204,7 @@ _Activation = Callable[[], tuple[int, float, float, float]]
 
 
 def _number(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):  # (numpy's too)
         raise Unnative(f"an activation's setting is {value!r}, not a number")
     return float(value)
 
@@ -319,17 +357,26 @@ def _checked(t: Any, what: str, shape: tuple[int, ...], dtype: torch.dtype) -> T
         raise Unnative(f"{what} is {t.dtype} on {t.device}, not {dtype} on the CPU")
     if tuple(t.shape) != shape:
         raise Unnative(f"{what} has shape {tuple(t.shape)}, not {shape}")
-    if not t.is_contiguous():
+    if not t.is_contiguous() or t.is_neg() or t.is_conj() or t._is_zerotensor():
         raise Unnative(f"{what} is not laid out as the kernel reads it")
+    if t.numel() and (
+        t.data_ptr() == 0
+        or t.untyped_storage().nbytes() < (t.storage_offset() + t.numel()) * t.element_size()
+    ):  # (a storage resized, freed, or lazily zero: torch raises; the kernel would read it)
+        raise Unnative(f"{what} has no memory of its own size behind it")
     return t
 
 
-def _act(step: _Step) -> tuple[int, float, float, float]:
+def _act(step: _Step, dtype: torch.dtype) -> tuple[int, float, float, float]:
     found = [a() for a in step.activations]
     real = [a for a in found if a[0] != _NONE]
     if len(real) > 1:
         raise Unnative("two activations in a row")
-    return real[0] if real else (_NONE, 0.0, 0.0, 0.0)
+    act = real[0] if real else (_NONE, 0.0, 0.0, 0.0)
+    top = torch.finfo(dtype).max
+    if any(math.isfinite(v) and abs(v) > top for v in act[1:]):  # (torch raises for it)
+        raise Unnative(f"an activation's setting is out of {dtype}'s range")
+    return act
 
 
 def why_not_now() -> str | None:
@@ -348,9 +395,11 @@ def why_not_now() -> str | None:
     return None
 
 
-def run_chain(lib: ctypes.CDLL, steps: list[_Step], x: Tensor, n: int, batched: bool) -> Tensor:
+def run_chain(
+    lib: ctypes.CDLL, steps: list[_Step], x: Tensor, n: int, batched: bool, plan: NativePlan
+) -> Tensor:
     """The chain for every member: ``x`` ``(n, *lead, in)`` when ``batched``, else ``(*lead,
-    in)`` shared; returns ``(n, *lead, out)``."""
+    in)`` shared; returns ``(n, *lead, out)``. What ran is noted in ``plan.last``."""
     why = why_not_now()
     if why is not None:
         raise Unnative(why)
@@ -366,13 +415,15 @@ def run_chain(lib: ctypes.CDLL, steps: list[_Step], x: Tensor, n: int, batched: 
         if not isinstance(w, Tensor) or w.ndim != 3:
             raise Unnative(f"Linear {i}'s weight is not a stacked tensor")
         _, out_f, in_f = w.shape
+        if max(in_f, out_f) > MAX_WIDTH:
+            raise Unnative(f"Linear {i} is wider than {MAX_WIDTH} (scratch memory per thread)")
         if width is not None and in_f != width:
             raise Unnative(f"Linear {i} takes {in_f} features, the last gives {width}")
         width = out_f
         wt = _checked(w.mT, f"Linear {i}'s weight (transposed)", (n, in_f, out_f), dtype)
         bias = None if b is None else _checked(b, f"Linear {i}'s bias", (n, out_f), dtype)
         keep += [wt, bias]
-        act, slope, lo, hi = _act(step)
+        act, slope, lo, hi = _act(step, dtype)
         layers[i] = _Layer(
             in_f,
             out_f,
@@ -394,6 +445,7 @@ def run_chain(lib: ctypes.CDLL, steps: list[_Step], x: Tensor, n: int, batched: 
     for d in lead:
         rows *= d
     y = torch.empty((n, *lead, width or 0), dtype=dtype)
+    plan.last = (layers, dtype)
     if rows == 0 or y.numel() == 0:
         return y
     fn = getattr(lib, _FUNCTION[dtype])
@@ -414,7 +466,9 @@ class NativePlan(Afresh):
     """Per fused program signature, its chain (or why it is none)."""
 
     chains: Memo = field(default_factory=lambda: Memo("kernel chains"))
-    last: list[_Step] | None = None  # the chain of the most recent call, for explain()
+    # the layers the most recent call ran (sizes and activations; its pointers are not read
+    # again) and their dtype, for explain()
+    last: tuple[Any, torch.dtype] | None = None
 
     def release_views(self) -> None:
         """(Nothing kept refers to the tensors: they are read at each call.)"""
@@ -422,15 +476,19 @@ class NativePlan(Afresh):
     def describe(self) -> str:
         if self.last is None:
             return "the compiled kernel"
+        layers, dtype = self.last
         parts = []
-        for step in self.last:
-            w = step.linear._parameters["weight"]
-            parts.append(f"Linear {w.shape[-1]}->{w.shape[-2]}" if w is not None else "Linear")
-            names = {_RELU: "relu", _LEAKY: "leaky_relu", _CLAMP: "hardtanh"}
-            with_act = [a() for a in step.activations]
-            parts += [names[a[0]] for a in with_act if a[0] != _NONE]
+        for layer in layers:
+            parts.append(f"Linear {layer.in_features}->{layer.out_features}")
+            if layer.act == _RELU:
+                parts.append("relu")
+            elif layer.act == _LEAKY:
+                parts.append(f"leaky_relu({layer.slope:g})")
+            elif layer.act == _CLAMP:
+                parts.append(f"hardtanh({layer.lo:g}, {layer.hi:g})")
+        rows = 2 * 64 // torch.empty((), dtype=dtype).element_size()  # (two 64-byte vectors)
         return (
-            "one compiled kernel runs each member's whole chain on tiles of 32 rows, the "
+            f"one compiled kernel runs each member's whole chain on tiles of {rows} rows, the "
             f"activations in registers and cache ({', '.join(parts)})"
         )
 
@@ -480,12 +538,10 @@ def native_forward(
     if isinstance(steps, str):
         raise Unnative(steps)
     batched, n = call.in_dims[0] is not None, call.n
-    out = run_chain(lib, steps, dynamic[0], n, batched)
-    plan.last = steps
+    out = run_chain(lib, steps, dynamic[0], n, batched, plan)
     chain = steps
 
     def run(x: Tensor) -> Tensor:
-        plan.last = chain
-        return run_chain(lib, chain, x, n, batched)
+        return run_chain(lib, chain, x, n, batched, plan)
 
     return out, run
