@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import pickle
+import threading
 import warnings
 from typing import Any
 
@@ -663,3 +664,33 @@ def test_someone_elses_compiled_model_does_not_recompile_on_our_registration_cou
         for _ in range(4):
             compiled(x)
     assert counter.frame_count == frames
+
+
+def test_calls_from_several_threads_run_one_at_a_time():
+    """auto's measurement and the loop put each member's views into the template's slots: a
+    call running beside them in another thread read those ("mat2 must be a matrix"), and two
+    first calls traced at once saw each other's patched grad-mode switch."""
+    errors: list[str] = []
+    for _ in range(3):
+        torch.manual_seed(0)
+        ens = ve.Ensemble.from_factory(_mlp, 16).eval()
+        loop = _loop_twin(ens)
+        xs = [torch.randn(rows, 6) for rows in (1, 7, 23)]
+        with torch.no_grad():
+            expected = [loop(x) for x in xs]
+
+        def work(k: int, ens=ens, xs=xs, expected=expected) -> None:
+            try:
+                with torch.no_grad():
+                    for i in range(12):
+                        j = (i + k) % len(xs)
+                        torch.testing.assert_close(ens(xs[j]), expected[j], atol=1e-5, rtol=1e-5)
+            except Exception as err:
+                errors.append(repr(err))
+
+        threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert errors == []

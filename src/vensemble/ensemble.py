@@ -7,6 +7,7 @@ import functools
 import math
 import operator
 import textwrap
+import threading
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
@@ -76,6 +77,13 @@ class _FastPaths(dict[tuple[Any, ...], _FastEntry]):
     # the latest call with one tensor input and in_dims=None, as (key, entry): the next call
     # compares its fields directly (no key built, no hash), the common case of a repeated call
     last: tuple[tuple[Any, ...], _FastEntry] | None = None
+
+    def __init__(self) -> None:
+        super().__init__()
+        # taken by every eager call of the ensemble: calls from several threads run one at a
+        # time (auto's measurement and the loop put each member's views into the template's
+        # slots, which a call running beside them would read)
+        self.lock = threading.RLock()
 
     def clear(self) -> None:
         self.last = None
@@ -640,7 +648,16 @@ class Ensemble(nn.Module):
         Returns:
             The members' outputs stacked: a tensor ``(N, ...)``, or the member's tuple/dict
             structure with each tensor stacked.
+
+        Calls from several threads run one at a time (each takes the ensemble's lock; torch's
+        ops inside still use every intra-op thread).
         """
+        if _is_compiling():  # (traced by dynamo: the compiled code's own calls take no lock)
+            return self._forward(args, in_dims, kwargs)
+        with self._fast.lock:
+            return self._forward(args, in_dims, kwargs)
+
+    def _forward(self, args: tuple[Any, ...], in_dims: Any, kwargs: dict[str, Any]) -> Any:
         compiling = _is_compiling()
         if (
             compiling  # (dynamo then guards on the tree itself)
