@@ -2140,3 +2140,33 @@ def test_a_forward_branching_on_the_autograd_mode_is_traced_per_mode():
         with mode():
             for _ in range(2):  # (the second call through the fast path)
                 torch.testing.assert_close(ens(x), loop(x))
+
+
+def test_the_trace_guards_refuse_only_in_the_tracing_thread():
+    """While a member is traced, torch's grad-mode switch and random factories refuse (fx
+    would drop or freeze them), but only in the tracing thread: another thread's
+    ``with torch.no_grad()`` or ``torch.randn`` raised Untraceable."""
+    import threading
+
+    from vensemble.backends.fused import Untraceable, _guarded
+
+    seen: list[str] = []
+
+    def bystander() -> None:
+        try:
+            with torch.no_grad():
+                seen.append(str(torch.randn(3).shape))
+        except Exception as err:
+            seen.append(repr(err))
+
+    with _guarded():
+        other = threading.Thread(target=bystander)
+        other.start()
+        other.join()
+        with pytest.raises(Untraceable, match="changes grad mode"), torch.no_grad():
+            pass
+        with pytest.raises(Untraceable, match=r"torch\.randn without a traced input"):
+            torch.randn(3)
+    assert seen == ["torch.Size([3])"]
+    with torch.no_grad():  # and all put back after
+        torch.randn(3)

@@ -16,6 +16,7 @@ import copy
 import functools
 import inspect
 import operator
+import threading
 import time
 import warnings
 from collections.abc import Callable, Hashable, Iterator
@@ -298,35 +299,73 @@ def signature_key(
     return tuple(key), dynamic
 
 
-def _refuse(what: str) -> Any:
+def _refuse(what: str, original: Callable[..., Any]) -> Any:
     def refuse(*args: Any, **kwargs: Any) -> Any:
-        raise Untraceable(what)
+        if threading.get_ident() in _TRACING:
+            raise Untraceable(what)
+        return original(*args, **kwargs)
 
     return refuse
+
+
+# The threads tracing a member now (with how deeply), and torch's own functions while
+# _guarded() has them patched: the patches are process-wide, but refuse only in a tracing
+# thread (another thread's `with torch.no_grad()` or `torch.randn` runs as usual), and stay
+# in place until the last of several concurrent traces ends.
+_TRACING: dict[int, int] = {}
+_PATCH_LOCK = threading.Lock()
+_PATCHED: dict[str, Any] = {}
+
+
+def _patch() -> None:
+    function = torch.autograd.function.Function
+    apply, set_grad = function.__dict__["apply"], torch._C._set_grad_enabled
+    _PATCHED["apply"], _PATCHED["set_grad"] = apply, set_grad
+    bound_apply = apply.__func__
+
+    def refused_apply(cls: Any, *args: Any, **kwargs: Any) -> Any:
+        if threading.get_ident() in _TRACING:
+            raise Untraceable("the forward calls a custom autograd.Function")
+        return bound_apply(cls, *args, **kwargs)
+
+    function.apply = classmethod(refused_apply)  # type: ignore[method-assign, assignment]
+    what = "the forward changes grad mode (no_grad / enable_grad)"
+    torch._C._set_grad_enabled = _refuse(what, set_grad)
+    factories = {name: getattr(torch, name) for name in _RANDOM_FACTORIES}
+    _PATCHED["factories"] = factories
+    for name, fn in factories.items():
+        setattr(torch, name, _traced_only(fn, name))
+    for name in _AUGMENTED:
+        setattr(fx.Proxy, f"__{name}__", _augmented(name))
+
+
+def _unpatch() -> None:
+    torch.autograd.function.Function.apply = _PATCHED.pop("apply")  # type: ignore[method-assign]
+    torch._C._set_grad_enabled = _PATCHED.pop("set_grad")
+    for name, fn in _PATCHED.pop("factories").items():
+        setattr(torch, name, fn)
+    for name in _AUGMENTED:
+        delattr(fx.Proxy, f"__{name}__")
 
 
 @contextlib.contextmanager
 def _guarded() -> Iterator[None]:
     """While tracing, refuse what fx would silently drop: a custom autograd.Function's backward
     (fx traces into its forward) and grad-mode changes (``no_grad`` blocks leave no trace)."""
-    function = torch.autograd.function.Function
-    apply, set_grad = function.__dict__["apply"], torch._C._set_grad_enabled
-    function.apply = classmethod(_refuse("the forward calls a custom autograd.Function"))  # type: ignore[method-assign, assignment]
-    torch._C._set_grad_enabled = _refuse("the forward changes grad mode (no_grad / enable_grad)")
-    factories = {name: getattr(torch, name) for name in _RANDOM_FACTORIES}
-    for name, fn in factories.items():
-        setattr(torch, name, _traced_only(fn, name))
-    for name in _AUGMENTED:
-        setattr(fx.Proxy, f"__{name}__", _augmented(name))
+    me = threading.get_ident()
+    with _PATCH_LOCK:
+        if not _TRACING:
+            _patch()
+        _TRACING[me] = _TRACING.get(me, 0) + 1
     try:
         yield
     finally:
-        function.apply = apply  # type: ignore[method-assign]
-        torch._C._set_grad_enabled = set_grad
-        for name, fn in factories.items():
-            setattr(torch, name, fn)
-        for name in _AUGMENTED:
-            delattr(fx.Proxy, f"__{name}__")
+        with _PATCH_LOCK:
+            _TRACING[me] -= 1
+            if not _TRACING[me]:
+                del _TRACING[me]
+            if not _TRACING:
+                _unpatch()
 
 
 # Augmented assignments: a Proxy without ``__iadd__`` makes Python run ``h = h + 1``, which
@@ -361,7 +400,9 @@ _RANDOM_FACTORIES = (
 
 def _traced_only(fn: Any, name: str) -> Any:
     def guarded(*args: Any, **kwargs: Any) -> Any:
-        if not any(isinstance(a, fx.Proxy) for a in pytree.tree_leaves((args, kwargs))):
+        if threading.get_ident() in _TRACING and not any(
+            isinstance(a, fx.Proxy) for a in pytree.tree_leaves((args, kwargs))
+        ):
             raise Untraceable(
                 f"the forward calls torch.{name} without a traced input (it would be frozen)"
             )
