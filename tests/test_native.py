@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import fractions
 import itertools
+import os
 import pickle
 import warnings
 
@@ -459,6 +461,55 @@ def test_the_library_never_raises(monkeypatch):
     kernel_library.cache_clear()
     try:
         assert "Could not determine home directory" in kernel_library()
+    finally:
+        monkeypatch.undo()
+        kernel_library.cache_clear()
+
+
+def test_parameters_of_another_layout_for_one_call_keep_the_choice(measured):
+    ens, loop = _pair(CHAINS["relu"])
+    x = torch.randn(6, 7, dtype=torch.float64)
+    other = {k: torch.randn(v.shape, dtype=v.dtype) for k, v in ens.state_dict().items()}
+    assert not other["0.weight"].mT.is_contiguous()  # (out-major, as torch.randn makes it)
+    with torch.no_grad():
+        expected = torch.func.functional_call(loop, other, (x,))
+        for _ in range(3):
+            torch.testing.assert_close(ens(x), loop(x), atol=1e-12, rtol=0)
+            assert ens.explain()["(auto)"].startswith("native")
+            got = torch.func.functional_call(ens, other, (x,))
+            torch.testing.assert_close(got, expected, atol=1e-12, rtol=0)
+    assert len(measured) == 1  # (measured again on every other call before)
+
+
+@pytest.mark.parametrize("slope", [2**70, fractions.Fraction(1, 3)])
+def test_settings_torch_refuses_raise_as_in_the_loop(measured, slope):
+    ens, loop = _pair(lambda: nn.Sequential(nn.Linear(7, 5), nn.LeakyReLU(), nn.Linear(5, 2)))
+    x = torch.randn(3, 7, dtype=torch.float64)
+    with torch.no_grad():
+        ens(x)
+        assert ens.explain()["(auto)"].startswith("native")
+        for m in (ens, loop):
+            m.get_submodule("1").negative_slope = slope
+        with pytest.raises((OverflowError, TypeError)) as raised:
+            loop(x)
+        with pytest.raises(raised.type):
+            ens(x)
+
+
+def test_a_library_someone_else_may_write_is_not_loaded(monkeypatch, tmp_path):
+    monkeypatch.setenv("VENSEMBLE_CACHE_DIR", str(tmp_path))
+    try:
+        kernel_library.cache_clear()
+        assert not isinstance(kernel_library(), str)
+        (built,) = (tmp_path / "kernels").iterdir()
+        assert built.stat().st_mode & 0o777 == 0o755
+        planted = tmp_path / "planted"  # (loading it would fail, or worse)
+        planted.write_bytes(b"not a library")
+        planted.chmod(0o666)
+        os.replace(planted, built)  # (a new file: the loaded library's pages stay intact)
+        kernel_library.cache_clear()
+        assert not isinstance(kernel_library(), str)  # built afresh elsewhere
+        assert built.read_bytes() == b"not a library"
     finally:
         monkeypatch.undo()
         kernel_library.cache_clear()

@@ -44,7 +44,7 @@ from .backends.fused import (
     hook_dicts,
     hooked,
 )
-from .backends.native import NativePlan, may_run, native_forward, why_not_now
+from .backends.native import NativePlan, Unfit, may_run, native_forward, why_not_now
 from .backends.select import check_loop_runs, raise_if_randomness_error, snapshot_buffers
 
 __all__ = ["Ensemble"]
@@ -835,16 +835,21 @@ class Ensemble(nn.Module):
 
     def _natively(self, call: Call, fast_key: tuple[Any, ...] | None) -> Any:
         """auto's ``"native"`` choice (see ``backends.native``); the vectorized path where the
-        kernel does not apply now (the choice is then measured again on the next call; the
-        kernel writes nothing but its output, so nothing is undone). Under a mode of this
-        call alone (autocast, a trace, a torch.func transform) the choice stands, and nothing
-        is remembered for the fast path."""
+        kernel does not apply now (the kernel writes nothing but its output, so nothing is
+        undone). Where the program is no chain any more, the choice is measured again on the
+        next call; under a mode of this call alone (autocast, a trace, a torch.func transform)
+        or with tensors or settings the kernel does not take for this call (parameters in
+        another layout passed to ``functional_call``), the choice stands. Nothing is remembered
+        for the fast path either way."""
         if why_not_now() is not None:
             self._ran_vectorized()
             return self._vectorized(call)
         try:
             out, run = native_forward(call, self._native, self._fused)
-        except Exception:  # (Unnative: a layout, dtype or setting the kernel does not take)
+        except Unfit:  # (this call's tensors or settings: the next one may fit again)
+            self._ran_vectorized()
+            return self._vectorized(call)
+        except Exception:  # (the program is no chain now)
             self._choices.pop(_shape_key(call, self.training), None)
             self._ran_vectorized()
             return self._vectorized(call)  # (no fast entry: the next call measures again)

@@ -54,6 +54,7 @@ from .fused import Afresh, FusedPlan, FusedProgram, Memo, program_for
 
 __all__ = [
     "NativePlan",
+    "Unfit",
     "Unnative",
     "kernel_library",
     "may_run",
@@ -74,6 +75,12 @@ _NONE, _RELU, _LEAKY, _CLAMP = 0, 1, 2, 3
 
 class Unnative(Exception):
     """This call cannot run through the compiled kernel (the reason)."""
+
+
+class Unfit(Unnative):
+    """This call's tensors or settings do not fit the kernel (a layout, a dtype, a setting):
+    the chain does, and the next call may fit again (``torch.func.functional_call`` with
+    parameters in another layout, a setting changed for one call)."""
 
 
 class _Layer(ctypes.Structure):
@@ -127,6 +134,7 @@ def _build(compiler: str, source: Path, target: Path) -> str | None:
                 command = [compiler, *flags, "-shared", "-fPIC", "-o", str(built), str(source)]
                 done = subprocess.run(command, capture_output=True, text=True, timeout=300)
                 if done.returncode == 0:
+                    built.chmod(0o755)  # (whatever the umask: see _own)
                     os.replace(built, target)
                     return None
                 lines = done.stderr.strip().splitlines()
@@ -154,6 +162,14 @@ def _compiler_version(compiler: str) -> str:
     return done.stdout
 
 
+def _own(path: Path) -> bool:
+    """Whether ``path`` is this user's and nobody else may write it (a library loaded from a
+    cache directory others can write to would run their code)."""
+    st = path.stat()
+    mine = not hasattr(os, "getuid") or st.st_uid == os.getuid()
+    return mine and not st.st_mode & 0o022
+
+
 def _load() -> ctypes.CDLL | str:
     if os.environ.get("VENSEMBLE_NATIVE", "1") == "0":
         return "turned off (VENSEMBLE_NATIVE=0)"
@@ -168,6 +184,8 @@ def _load() -> ctypes.CDLL | str:
     digest = hashlib.sha256(sources + identity.encode()).hexdigest()
     name = f"chain-{digest[:24]}.so"
     target = _cache_dir() / name
+    if target.exists() and not _own(target):  # (someone else's file: this process builds its own)
+        target = Path(tempfile.mkdtemp(prefix="vensemble-")) / name
     if not target.exists():
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -204,15 +222,20 @@ _Activation = Callable[[], tuple[int, float, float, float]]
 
 
 def _number(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):  # (numpy's too)
-        raise Unnative(f"an activation's setting is {value!r}, not a number")
+    """A setting as torch takes it: a Python or numpy int or float (an int within 64 bits);
+    torch raises for anything else, so the call runs where it raises too."""
+    numpy = type(value).__module__ == "numpy" and isinstance(value, numbers.Real)
+    if isinstance(value, bool) or not (isinstance(value, (int, float)) or numpy):
+        raise Unfit(f"an activation's setting is {value!r}, not a number torch takes")
+    if isinstance(value, int) and not -(2**63) <= value < 2**64:
+        raise Unfit(f"an activation's setting {value} does not fit in 64 bits")
     return float(value)
 
 
 def _clamp(lo: Any, hi: Any) -> tuple[int, float, float, float]:
     lo, hi = _number(lo), _number(hi)
     if not lo <= hi:  # (torch raises for it)
-        raise Unnative(f"hardtanh's min_val {lo} is above its max_val {hi}")
+        raise Unfit(f"hardtanh's min_val {lo} is above its max_val {hi}")
     return (_CLAMP, 0.0, lo, hi)
 
 
@@ -230,7 +253,7 @@ def _from_module(m: nn.Module) -> _Activation | None:
 
         def dropout() -> tuple[int, float, float, float]:
             if m.training:
-                raise Unnative("a Dropout in training mode draws random numbers")
+                raise Unfit("a Dropout in training mode draws random numbers")
             return (_NONE, 0.0, 0.0, 0.0)
 
         return dropout
@@ -352,18 +375,18 @@ def _chain_of(program: FusedProgram) -> list[_Step] | str:
 def _checked(t: Any, what: str, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
     """``t`` when the kernel may read it as a plain contiguous array of ``shape``."""
     if type(t) not in (Tensor, nn.Parameter) or t.layout != torch.strided:
-        raise Unnative(f"{what} is not a plain tensor")
+        raise Unfit(f"{what} is not a plain tensor")
     if t.device.type != "cpu" or t.dtype != dtype:
-        raise Unnative(f"{what} is {t.dtype} on {t.device}, not {dtype} on the CPU")
+        raise Unfit(f"{what} is {t.dtype} on {t.device}, not {dtype} on the CPU")
     if tuple(t.shape) != shape:
-        raise Unnative(f"{what} has shape {tuple(t.shape)}, not {shape}")
+        raise Unfit(f"{what} has shape {tuple(t.shape)}, not {shape}")
     if not t.is_contiguous() or t.is_neg() or t.is_conj() or t._is_zerotensor():
-        raise Unnative(f"{what} is not laid out as the kernel reads it")
+        raise Unfit(f"{what} is not laid out as the kernel reads it")
     if t.numel() and (
         t.data_ptr() == 0
         or t.untyped_storage().nbytes() < (t.storage_offset() + t.numel()) * t.element_size()
     ):  # (a storage resized, freed, or lazily zero: torch raises; the kernel would read it)
-        raise Unnative(f"{what} has no memory of its own size behind it")
+        raise Unfit(f"{what} has no memory of its own size behind it")
     return t
 
 
@@ -371,11 +394,11 @@ def _act(step: _Step, dtype: torch.dtype) -> tuple[int, float, float, float]:
     found = [a() for a in step.activations]
     real = [a for a in found if a[0] != _NONE]
     if len(real) > 1:
-        raise Unnative("two activations in a row")
+        raise Unfit("two activations in a row")
     act = real[0] if real else (_NONE, 0.0, 0.0, 0.0)
     top = torch.finfo(dtype).max
     if any(math.isfinite(v) and abs(v) > top for v in act[1:]):  # (torch raises for it)
-        raise Unnative(f"an activation's setting is out of {dtype}'s range")
+        raise Unfit(f"an activation's setting is out of {dtype}'s range")
     return act
 
 
@@ -402,10 +425,10 @@ def run_chain(
     in)`` shared; returns ``(n, *lead, out)``. What ran is noted in ``plan.last``."""
     why = why_not_now()
     if why is not None:
-        raise Unnative(why)
+        raise Unfit(why)
     dtype = x.dtype
     if dtype not in _FUNCTION:
-        raise Unnative(f"the input is {dtype} (the kernel takes float32 and float64)")
+        raise Unfit(f"the input is {dtype} (the kernel takes float32 and float64)")
     layers = (_Layer * len(steps))()
     keep = []  # (the tensors read, alive until the kernel returns)
     width = None
@@ -413,12 +436,12 @@ def run_chain(
         params = step.linear._parameters
         w, b = params["weight"], params["bias"]
         if not isinstance(w, Tensor) or w.ndim != 3:
-            raise Unnative(f"Linear {i}'s weight is not a stacked tensor")
+            raise Unfit(f"Linear {i}'s weight is not a stacked tensor")
         _, out_f, in_f = w.shape
         if max(in_f, out_f) > MAX_WIDTH:
-            raise Unnative(f"Linear {i} is wider than {MAX_WIDTH} (scratch memory per thread)")
+            raise Unfit(f"Linear {i} is wider than {MAX_WIDTH} (scratch memory per thread)")
         if width is not None and in_f != width:
-            raise Unnative(f"Linear {i} takes {in_f} features, the last gives {width}")
+            raise Unfit(f"Linear {i} takes {in_f} features, the last gives {width}")
         width = out_f
         wt = _checked(w.mT, f"Linear {i}'s weight (transposed)", (n, in_f, out_f), dtype)
         bias = None if b is None else _checked(b, f"Linear {i}'s bias", (n, out_f), dtype)
@@ -439,7 +462,7 @@ def run_chain(
     in0 = layers[0].in_features
     lead = tuple(x.shape[1:-1] if batched else x.shape[:-1])
     if x.ndim < (2 if batched else 1) or x.shape[-1] != in0 or (batched and x.shape[0] != n):
-        raise Unnative(f"the input has shape {tuple(x.shape)} (the first Linear takes {in0})")
+        raise Unfit(f"the input has shape {tuple(x.shape)} (the first Linear takes {in0})")
     x = _checked(x.contiguous(), "the input", tuple(x.shape), dtype)
     rows = 1
     for d in lead:
@@ -452,7 +475,7 @@ def run_chain(
     stride = rows * in0 if batched else 0
     status = fn(n, rows, x.data_ptr(), stride, len(steps), layers, y.data_ptr(), threads())
     if status != 0:
-        raise Unnative("the kernel could not allocate its scratch memory")
+        raise Unfit("the kernel could not allocate its scratch memory")
     return y
 
 
