@@ -513,3 +513,69 @@ def test_a_library_someone_else_may_write_is_not_loaded(monkeypatch, tmp_path):
     finally:
         monkeypatch.undo()
         kernel_library.cache_clear()
+
+
+class _Flattens(nn.Module):
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.flat = nn.Flatten()
+        self.a = nn.Linear(12, 9)
+        self.b = nn.Linear(9, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.how == "method":
+            x = x.flatten(1)
+        elif self.how == "function":
+            x = torch.flatten(x, start_dim=1)
+        else:
+            x = self.flat(x)
+        return self.b(torch.relu(self.a(x)))
+
+
+@pytest.mark.parametrize("how", ["method", "function", "module"])
+def test_an_input_flattened_first_matches_the_loop(measured, how):
+    ens, loop = _pair(lambda: _Flattens(how))
+    with torch.no_grad():
+        for shape in ((5, 3, 4), (1, 12), (0, 2, 6), (2, 2, 3, 2)):
+            x = torch.randn(*shape, dtype=torch.float64)
+            xs = torch.randn(N, *shape, dtype=torch.float64)
+            for args, in_dims in (((x,), None), ((xs,), 0)):
+                for _ in range(2):
+                    got = ens(*args, in_dims=in_dims)
+                    torch.testing.assert_close(
+                        got, loop(*args, in_dims=in_dims), atol=1e-12, rtol=0
+                    )
+                    assert ens.explain()["(auto)"].startswith("native"), (how, shape)
+        flat = torch.randn(12, dtype=torch.float64)  # (flatten(1) of one dim: torch raises)
+        with pytest.raises(IndexError):
+            loop(flat)
+        with pytest.raises(IndexError):
+            ens(flat)
+
+
+def test_other_flattens_are_not_in_the_kernel(measured):
+    class Partial(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(4, 2)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.a(x.flatten(2))  # (B, 3, 2, 2) -> (B, 3, 4)
+
+    ens, loop = _pair(Partial)
+    x = torch.randn(5, 3, 2, 2, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(ens(x), loop(x), atol=1e-12, rtol=0)
+        assert not ens.explain()["(auto)"].startswith("native")
+    ens, loop = _pair(lambda: _Flattens("module"))
+    x = torch.randn(5, 3, 4, dtype=torch.float64)
+    with torch.no_grad():
+        ens(x)
+        assert ens.explain()["(auto)"].startswith("native")
+        for m in (ens, loop):  # (the module's dims are read at each call)
+            m.flat.start_dim = 2
+        with pytest.raises(RuntimeError):  # (12 features expected, 4 given)
+            loop(x)
+        with pytest.raises(RuntimeError):
+            ens(x)

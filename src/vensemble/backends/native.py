@@ -20,8 +20,9 @@ turns it off.
 ``Ensemble._choose``) whose fused program is such a chain: ``nn.Linear`` layers, each followed
 by at most one of ``ReLU``, ``LeakyReLU``, ``ReLU6``, ``Hardtanh`` (as modules, or as
 ``F.relu``, ``torch.relu``, ``x.relu()``, ``F.leaky_relu``, ``F.relu6``, ``F.hardtanh``) and any
-number of ``nn.Identity`` and eval-mode ``nn.Dropout``, on one float32 or float64 input. The
-layers' settings are read at each call. Results match the loop's up to float rounding: each
+number of ``nn.Identity`` and eval-mode ``nn.Dropout``, on one float32 or float64 input, which
+may be flattened first (``x.flatten(1)``, ``torch.flatten(x, 1)``, ``nn.Flatten()``: an
+image's pixels as features). The layers' settings are read at each call. Results match the loop's up to float rounding: each
 output is the bias plus the products summed in input order, with fused multiply-adds.
 """
 
@@ -48,8 +49,8 @@ import torch.fx as fx
 from torch import Tensor, nn
 
 from ._call import Call
-from ._layers import Fused, _Direct, _Dropout, _Linear
-from ._ops import Elementwise
+from ._layers import Fused, _Direct, _Dropout, _Flatten, _Linear
+from ._ops import Elementwise, _DimMethod
 from .fused import Afresh, FusedPlan, FusedProgram, Memo, program_for
 
 __all__ = [
@@ -337,7 +338,48 @@ class _Step:
     activations: list[_Activation] = field(default_factory=list)
 
 
-def _chain_of(program: FusedProgram) -> list[_Step] | str:
+@dataclass
+class _Chain:
+    """What the kernel runs: the steps, after the input flattened from its dim 1 on (a
+    ``flatten(1)``, ``nn.Flatten()`` first: an image's pixels as features) or not."""
+
+    steps: list[_Step]
+    # None: no flatten; else what checks, at each call, that it is still flatten(1, -1)
+    flatten: Callable[[], None] | None = None
+
+
+def _fixed_flatten() -> None:
+    pass
+
+
+def _flatten_of(node: fx.Node) -> Callable[[], None] | None:
+    """A check that ``node`` is ``flatten(start_dim=1, end_dim=-1)`` of its input (run at
+    each call: a module's dims may change), or ``None`` when it is not a flatten."""
+    owner = getattr(node.target, "__self__", None)
+    module = owner.orig if isinstance(owner, _Flatten) else None
+    partial_of = getattr(getattr(node.target, "func", None), "__self__", None)  # (shared input)
+    if type(partial_of) is nn.Flatten:
+        module = partial_of
+    if type(module) is nn.Flatten:
+        flatten = module
+
+        def check() -> None:
+            if (flatten.start_dim, flatten.end_dim) != (1, -1):
+                raise Unfit("the Flatten's dims are not (1, -1)")
+
+        return check
+    method = node.op == "call_method" and node.target == "flatten"
+    function = node.op == "call_function" and node.target is torch.flatten
+    dims = type(owner) is _DimMethod and owner.target == "flatten"  # (a per-member input)
+    if not (method or function or dims) or set(node.kwargs) - {"start_dim", "end_dim"}:
+        return None
+    args = node.args[1:]
+    start = args[0] if args else node.kwargs.get("start_dim", 0)
+    end = args[1] if len(args) > 1 else node.kwargs.get("end_dim", -1)
+    return _fixed_flatten if (start, end) == (1, -1) and len(args) <= 2 else None
+
+
+def _chain_of(program: FusedProgram) -> _Chain | str:
     """The fused program as Linear layers and activations, or why it is not a chain."""
     nodes = list(program.module.graph.nodes)
     inputs = [n for n in nodes if n.op == "placeholder"]
@@ -345,6 +387,12 @@ def _chain_of(program: FusedProgram) -> list[_Step] | str:
         return f"the forward takes {len(inputs)} inputs (the kernel takes one)"
     steps: list[_Step] = []
     last = inputs[0]
+    flatten = _flatten_of(nodes[1]) if len(nodes) > 1 and nodes[1].args[:1] == (last,) else None
+    if flatten is not None:
+        if len(last.users) != 1:
+            return f"'{last.name}' is read twice (the kernel runs a chain)"
+        last = nodes[1]
+        nodes = nodes[1:]
     for node in nodes[1:]:
         if len(last.users) != 1:
             return f"'{last.name}' is read twice (the kernel runs a chain)"
@@ -369,7 +417,7 @@ def _chain_of(program: FusedProgram) -> list[_Step] | str:
         last = node
     if not steps:
         return "no Linear layer"
-    return steps
+    return _Chain(steps, flatten)
 
 
 def _checked(t: Any, what: str, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
@@ -419,13 +467,19 @@ def why_not_now() -> str | None:
 
 
 def run_chain(
-    lib: ctypes.CDLL, steps: list[_Step], x: Tensor, n: int, batched: bool, plan: NativePlan
+    lib: ctypes.CDLL, chain: _Chain, x: Tensor, n: int, batched: bool, plan: NativePlan
 ) -> Tensor:
     """The chain for every member: ``x`` ``(n, *lead, in)`` when ``batched``, else ``(*lead,
     in)`` shared; returns ``(n, *lead, out)``. What ran is noted in ``plan.last``."""
     why = why_not_now()
     if why is not None:
         raise Unfit(why)
+    steps = chain.steps
+    if chain.flatten is not None:
+        chain.flatten()
+        if x.ndim < (3 if batched else 2):  # (torch raises for it)
+            raise Unfit(f"flatten(1) of an input with {x.ndim - batched} dims")
+        x = x.flatten(2 if batched else 1)
     dtype = x.dtype
     if dtype not in _FUNCTION:
         raise Unfit(f"the input is {dtype} (the kernel takes float32 and float64)")
@@ -516,7 +570,10 @@ class NativePlan(Afresh):
         )
 
 
-_LEAVES = (nn.Linear, nn.ReLU, nn.LeakyReLU, nn.Hardtanh, nn.ReLU6, nn.Identity, nn.Dropout)
+_LEAVES = (
+    *(nn.Linear, nn.ReLU, nn.LeakyReLU, nn.Hardtanh, nn.ReLU6, nn.Identity, nn.Dropout),
+    nn.Flatten,
+)
 
 
 def may_run(template: nn.Module) -> bool:
@@ -554,15 +611,14 @@ def native_forward(
     program, dynamic, key = program_for(call, fused)
     if isinstance(program, str):
         raise Unnative(program)
-    steps = plan.chains.recall(key)
-    if steps is None:
-        steps = _chain_of(program)
-        plan.chains.remember(key, steps)
-    if isinstance(steps, str):
-        raise Unnative(steps)
+    chain = plan.chains.recall(key)
+    if chain is None:
+        chain = _chain_of(program)
+        plan.chains.remember(key, chain)
+    if isinstance(chain, str):
+        raise Unnative(chain)
     batched, n = call.in_dims[0] is not None, call.n
-    out = run_chain(lib, steps, dynamic[0], n, batched, plan)
-    chain = steps
+    out = run_chain(lib, chain, dynamic[0], n, batched, plan)
 
     def run(x: Tensor) -> Tensor:
         return run_chain(lib, chain, x, n, batched, plan)
