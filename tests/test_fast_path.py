@@ -4,8 +4,11 @@ anything that decided the path (options, modes, shapes) sends it back through th
 from __future__ import annotations
 
 import copy
+import os
 import pickle
+import signal
 import threading
+import time
 import warnings
 from typing import Any
 
@@ -694,3 +697,57 @@ def test_calls_from_several_threads_run_one_at_a_time():
         for t in threads:
             t.join()
     assert errors == []
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork")
+def test_a_child_forked_during_a_call_in_another_thread_can_call():
+    """The ensemble's lock, held by a thread that does not exist in a forked child (a
+    DataLoader worker, say), hung the child's first call. (One torch thread, as DataLoader
+    workers run: a child's first parallel op after the parent's hangs in OpenMP itself.)"""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _fork_during_a_call()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _fork_during_a_call() -> None:
+    ens = ve.Ensemble.from_factory(_mlp, 4).eval()
+    x = torch.randn(64, 6)
+    with torch.no_grad():
+        expected = ens(x)
+    stop = threading.Event()
+
+    def busy() -> None:
+        with torch.no_grad():
+            while not stop.is_set():
+                ens(x)
+
+    thread = threading.Thread(target=busy)
+    thread.start()
+    results = []
+    try:
+        for _ in range(3):
+            time.sleep(0.05)
+            read, write = os.pipe()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # (fork with threads: Python's, JAX's if loaded)
+                pid = os.fork()
+            if pid == 0:  # the child: answer within 20 s, or be killed
+                os.close(read)
+                signal.alarm(20)
+                try:
+                    with torch.no_grad():
+                        ok = torch.allclose(ens(x), expected)
+                    os.write(write, b"ok" if ok else b"wrong")
+                finally:
+                    os._exit(0)
+            os.close(write)
+            os.waitpid(pid, 0)
+            results.append(os.read(read, 16).decode() or "no answer")
+            os.close(read)
+    finally:
+        stop.set()
+        thread.join()
+    assert results == ["ok"] * 3

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import time
 import warnings
 from collections.abc import Callable
 
@@ -12,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import vensemble as ve
+from vensemble.backends import fused as fused_module
 
 N = 3
 
@@ -2170,3 +2172,71 @@ def test_the_trace_guards_refuse_only_in_the_tracing_thread():
     assert seen == ["torch.Size([3])"]
     with torch.no_grad():  # and all put back after
         torch.randn(3)
+
+
+class _SlowToTrace(nn.Module):
+    """A member whose trace takes a while: other threads act meanwhile."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.seconds = seconds
+
+    def forward(self, x: Tensor) -> Tensor:
+        if isinstance(x, torch.fx.Proxy):
+            time.sleep(self.seconds)
+        return self.fc(x)
+
+
+def test_traces_in_several_threads_leave_torch_as_it_was():
+    """fx replaces nn.Module.__call__ and __getattr__ process-wide while it traces and puts
+    back what it found: an overlapping trace put the other's wrapper back for good (every
+    module call in the process then raised). One trace runs at a time, and a module another
+    thread calls meanwhile runs as usual."""
+    import threading
+
+    import torch.fx._symbolic_trace as symbolic
+
+    call, getattr_ = nn.Module.__call__, nn.Module.__getattr__
+    slow = [ve.Ensemble([_SlowToTrace(s) for _ in range(2)]) for s in (0.4, 0.6)]
+    x = torch.randn(3, 4)
+    errors: list[str] = []
+
+    def first_call(ens: ve.Ensemble, delay: float) -> None:
+        time.sleep(delay)
+        try:
+            ens(x)
+        except Exception as err:
+            errors.append(repr(err))
+
+    threads = [threading.Thread(target=first_call, args=(e, d)) for e, d in zip(slow, (0, 0.2))]
+    for t in threads:
+        t.start()
+    time.sleep(0.3)
+    plain = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    torch.testing.assert_close(
+        plain(x), torch.relu(plain[0].weight @ x.T + plain[0].bias[:, None]).T
+    )
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert nn.Module.__call__ is call and nn.Module.__getattr__ is getattr_
+    assert not symbolic._is_fx_tracing_flag
+    assert all(isinstance(e._fused.last, fused_module.FusedProgram) for e in slow)
+
+
+def test_a_patch_that_fails_midway_is_undone(monkeypatch):
+    randn, set_grad = torch.randn, torch._C._set_grad_enabled
+    made = []
+
+    def failing(fn, name):
+        if made:
+            raise KeyboardInterrupt
+        made.append(name)
+        return fn
+
+    monkeypatch.setattr(fused_module, "_traced_only", failing)
+    with pytest.raises(KeyboardInterrupt), fused_module._guarded():
+        pass
+    assert torch.randn is randn and torch._C._set_grad_enabled is set_grad
+    assert fused_module._UNDO == [] and fused_module._TRACING == {}

@@ -6,9 +6,11 @@ import contextlib
 import functools
 import math
 import operator
+import os
 import textwrap
 import threading
 import warnings
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -84,6 +86,7 @@ class _FastPaths(dict[tuple[Any, ...], _FastEntry]):
         # time (auto's measurement and the loop put each member's views into the template's
         # slots, which a call running beside them would read)
         self.lock = threading.RLock()
+        _LOCKED[id(self)] = self
 
     def clear(self) -> None:
         self.last = None
@@ -102,6 +105,19 @@ class _FastPaths(dict[tuple[Any, ...], _FastEntry]):
     def __reduce__(self) -> tuple[Any, ...]:
         return (_FastPaths, ())
 
+
+# Every ensemble's _FastPaths: a child forked while another thread was inside a call gets
+# fresh locks (the owner of the inherited one does not exist in the child)
+_LOCKED: weakref.WeakValueDictionary[int, _FastPaths] = weakref.WeakValueDictionary()
+
+
+def _fresh_locks_after_fork() -> None:
+    for fast in list(_LOCKED.values()):
+        fast.lock = threading.RLock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_fresh_locks_after_fork)
 
 # auto's choice under torch.use_deterministic_algorithms(True): fixed, not timed
 _UNMEASURED: tuple[str, dict[str, float]] = ("vectorized", {})

@@ -16,6 +16,7 @@ import copy
 import functools
 import inspect
 import operator
+import os
 import threading
 import time
 import warnings
@@ -308,19 +309,21 @@ def _refuse(what: str, original: Callable[..., Any]) -> Any:
     return refuse
 
 
-# The threads tracing a member now (with how deeply), and torch's own functions while
-# _guarded() has them patched: the patches are process-wide, but refuse only in a tracing
-# thread (another thread's `with torch.no_grad()` or `torch.randn` runs as usual), and stay
-# in place until the last of several concurrent traces ends.
+# The threads tracing a member now (with how deeply), and how to undo each of the patches
+# _guarded() makes: torch's own functions are replaced process-wide, but refuse only in a
+# tracing thread (another thread's `with torch.no_grad()` or `torch.randn` runs as usual).
+# One trace runs at a time (_TRACE_LOCK): fx replaces nn.Module.__call__ and __getattr__
+# process-wide too, and puts back what it found when it started, so an overlapping trace
+# left fx's wrapper in place for good.
 _TRACING: dict[int, int] = {}
 _PATCH_LOCK = threading.Lock()
-_PATCHED: dict[str, Any] = {}
+_TRACE_LOCK = threading.RLock()
+_UNDO: list[Callable[[], None]] = []
 
 
 def _patch() -> None:
     function = torch.autograd.function.Function
     apply, set_grad = function.__dict__["apply"], torch._C._set_grad_enabled
-    _PATCHED["apply"], _PATCHED["set_grad"] = apply, set_grad
     bound_apply = apply.__func__
 
     def refused_apply(cls: Any, *args: Any, **kwargs: Any) -> Any:
@@ -329,23 +332,23 @@ def _patch() -> None:
         return bound_apply(cls, *args, **kwargs)
 
     function.apply = classmethod(refused_apply)  # type: ignore[method-assign, assignment]
+    _UNDO.append(lambda: setattr(function, "apply", apply))
     what = "the forward changes grad mode (no_grad / enable_grad)"
     torch._C._set_grad_enabled = _refuse(what, set_grad)
-    factories = {name: getattr(torch, name) for name in _RANDOM_FACTORIES}
-    _PATCHED["factories"] = factories
-    for name, fn in factories.items():
+    _UNDO.append(lambda: setattr(torch._C, "_set_grad_enabled", set_grad))
+    for name in _RANDOM_FACTORIES:
+        fn = getattr(torch, name)
         setattr(torch, name, _traced_only(fn, name))
+        _UNDO.append(functools.partial(setattr, torch, name, fn))
     for name in _AUGMENTED:
         setattr(fx.Proxy, f"__{name}__", _augmented(name))
+        _UNDO.append(functools.partial(delattr, fx.Proxy, f"__{name}__"))
 
 
 def _unpatch() -> None:
-    torch.autograd.function.Function.apply = _PATCHED.pop("apply")  # type: ignore[method-assign]
-    torch._C._set_grad_enabled = _PATCHED.pop("set_grad")
-    for name, fn in _PATCHED.pop("factories").items():
-        setattr(torch, name, fn)
-    for name in _AUGMENTED:
-        delattr(fx.Proxy, f"__{name}__")
+    """Undo every patch made (all of them, or those made before one failed)."""
+    while _UNDO:
+        _UNDO.pop()()
 
 
 @contextlib.contextmanager
@@ -355,7 +358,11 @@ def _guarded() -> Iterator[None]:
     me = threading.get_ident()
     with _PATCH_LOCK:
         if not _TRACING:
-            _patch()
+            try:
+                _patch()
+            except BaseException:
+                _unpatch()
+                raise
         _TRACING[me] = _TRACING.get(me, 0) + 1
     try:
         yield
@@ -366,6 +373,40 @@ def _guarded() -> Iterator[None]:
                 del _TRACING[me]
             if not _TRACING:
                 _unpatch()
+
+
+def _after_fork_in_child() -> None:
+    """A child forked while another thread traced: that thread is gone, and so are the
+    locks' owners."""
+    global _PATCH_LOCK, _TRACE_LOCK
+    _PATCH_LOCK, _TRACE_LOCK = threading.Lock(), threading.RLock()
+    _TRACING.clear()
+    _unpatch()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+class _Tracer(fx.Tracer):
+    """fx's tracer for the calling thread only: while it traces, a module that another thread
+    calls or reads (through the process-wide wrappers fx installs) runs as usual."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.thread = threading.get_ident()
+
+    def call_module(
+        self, m: nn.Module, forward: Callable[..., Any], args: Any, kwargs: dict[str, Any]
+    ) -> Any:
+        if threading.get_ident() != self.thread:
+            return forward(*args, **kwargs)
+        return super().call_module(m, forward, args, kwargs)
+
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
+        if threading.get_ident() != self.thread:
+            return attr_val
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
 
 
 # Augmented assignments: a Proxy without ``__iadd__`` makes Python run ``h = h + 1``, which
@@ -461,7 +502,7 @@ def _check_hooks(template: nn.Module) -> None:
 @torch.compiler.disable
 def _trace(template: nn.Module, concrete: dict[str, Any], constants: dict[str, Any]) -> fx.Graph:
     _check_hooks(template)
-    tracer = fx.Tracer()
+    tracer = _Tracer()
     # buffers as graph inputs, as parameters are: else an op on a buffer alone (a scaler's
     # `sigma.clamp(...)`, an EMA update in place) runs once, here, on the stacked buffer
     tracer.proxy_buffer_attributes = True
@@ -480,7 +521,7 @@ def _trace(template: nn.Module, concrete: dict[str, Any], constants: dict[str, A
     before = set(template.__dict__)
     held = hold_attributes(template, slots=True)
     try:
-        with _guarded():
+        with _TRACE_LOCK, _guarded():
             graph = tracer.trace(template, concrete_args=concrete)
     except Untraceable:
         raise
