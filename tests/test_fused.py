@@ -6,6 +6,7 @@ import copy
 import time
 import warnings
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -2240,3 +2241,49 @@ def test_a_patch_that_fails_midway_is_undone(monkeypatch):
         pass
     assert torch.randn is randn and torch._C._set_grad_enabled is set_grad
     assert fused_module._UNDO == [] and fused_module._TRACING == {}
+
+
+def test_a_member_calling_an_ensemble_another_thread_calls_does_not_deadlock():
+    """A member that calls a shared ensemble, traced (holding the one-trace lock) while another
+    thread's first call of that ensemble holds its lock and waits to trace: each waited for
+    the other. The member's trace now gives up (its ensemble runs without the fused program)."""
+    import threading
+
+    torch.manual_seed(0)
+    inner = ve.Ensemble.from_factory(lambda: nn.Sequential(nn.Linear(4, 4), nn.Tanh()), 2)
+    tracing = threading.Event()
+
+    class Outer(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x: Tensor) -> Tensor:
+            if isinstance(x, torch.fx.Proxy):
+                tracing.set()
+                time.sleep(0.5)
+            return self.fc(x) + inner(x).sum(0)
+
+    outer = ve.Ensemble.from_factory(Outer, 3)
+    loop = ve.Ensemble.from_factory(Outer, 3, backend="loop")
+    loop.load_state_dict(outer.state_dict())
+    x, y = torch.randn(5, 4), torch.randn(7, 4)
+    got: dict[str, Any] = {}
+
+    def first_outer() -> None:
+        got["outer"] = outer(x)
+
+    def first_inner() -> None:
+        tracing.wait(10)
+        got["inner"] = inner(y)
+
+    threads = [threading.Thread(target=f, daemon=True) for f in (first_outer, first_inner)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not any(t.is_alive() for t in threads)
+    with torch.no_grad():
+        torch.testing.assert_close(got["outer"], loop(x))
+        expected = torch.stack([m(y) for m in inner.unstack()])
+    torch.testing.assert_close(got["inner"], expected)

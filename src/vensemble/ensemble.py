@@ -45,6 +45,7 @@ from .backends.fused import (
     fused_forward,
     hook_dicts,
     hooked,
+    tracing_now,
 )
 from .backends.native import NativePlan, Unfit, may_run, native_forward, why_not_now
 from .backends.select import check_loop_runs, raise_if_randomness_error, snapshot_buffers
@@ -670,8 +671,15 @@ class Ensemble(nn.Module):
         """
         if _is_compiling():  # (traced by dynamo: the compiled code's own calls take no lock)
             return self._forward(args, in_dims, kwargs)
-        with self._fast.lock:
+        lock = self._fast.lock
+        # inside another ensemble's member trace (which holds fx's one-trace lock), waiting
+        # for this ensemble's lock could wait for good: its holder may be waiting to trace
+        if not lock.acquire(blocking=not tracing_now()):
+            raise Untraceable("the member calls an ensemble another thread is calling")
+        try:
             return self._forward(args, in_dims, kwargs)
+        finally:
+            lock.release()
 
     def _forward(self, args: tuple[Any, ...], in_dims: Any, kwargs: dict[str, Any]) -> Any:
         compiling = _is_compiling()

@@ -74,6 +74,7 @@ __all__ = [
     "program_for",
     "signature_key",
     "sole_input",
+    "tracing_now",
 ]
 
 _RANDOM_MODULES = (
@@ -368,11 +369,16 @@ def _guarded() -> Iterator[None]:
         yield
     finally:
         with _PATCH_LOCK:
-            _TRACING[me] -= 1
-            if not _TRACING[me]:
-                del _TRACING[me]
+            depth = _TRACING.pop(me, 0) - 1  # (0: a child forked mid-trace cleared it)
+            if depth > 0:
+                _TRACING[me] = depth
             if not _TRACING:
                 _unpatch()
+
+
+def tracing_now() -> bool:
+    """Whether this thread is tracing a member's forward now."""
+    return threading.get_ident() in _TRACING
 
 
 def _after_fork_in_child() -> None:
