@@ -547,6 +547,9 @@ def test_an_input_flattened_first_matches_the_loop(measured, how):
                         got, loop(*args, in_dims=in_dims), atol=1e-12, rtol=0
                     )
                     assert ens.explain()["(auto)"].startswith("native"), (how, shape)
+                    assert (
+                        "(flatten(1), Linear 12->9, relu, Linear 9->2)" in ens.explain()["(auto)"]
+                    )
         flat = torch.randn(12, dtype=torch.float64)  # (flatten(1) of one dim: torch raises)
         with pytest.raises(IndexError):
             loop(flat)

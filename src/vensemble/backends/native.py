@@ -522,7 +522,7 @@ def run_chain(
     for d in lead:
         rows *= d
     y = torch.empty((n, *lead, width or 0), dtype=dtype)
-    plan.last = (layers, dtype)
+    plan.last = (layers, dtype, chain.flatten is not None)
     if rows == 0 or y.numel() == 0:
         return y
     fn = getattr(lib, _FUNCTION[dtype])
@@ -544,8 +544,8 @@ class NativePlan(Afresh):
 
     chains: Memo = field(default_factory=lambda: Memo("kernel chains"))
     # the layers the most recent call ran (sizes and activations; its pointers are not read
-    # again) and their dtype, for explain()
-    last: tuple[Any, torch.dtype] | None = None
+    # again), their dtype and whether the input was flattened first, for explain()
+    last: tuple[Any, torch.dtype, bool] | None = None
 
     def release_views(self) -> None:
         """(Nothing kept refers to the tensors: they are read at each call.)"""
@@ -553,8 +553,8 @@ class NativePlan(Afresh):
     def describe(self) -> str:
         if self.last is None:
             return "the compiled kernel"
-        layers, dtype = self.last
-        parts = []
+        layers, dtype, flattened = self.last
+        parts = ["flatten(1)"] if flattened else []
         for layer in layers:
             parts.append(f"Linear {layer.in_features}->{layer.out_features}")
             if layer.act == _RELU:
