@@ -1,6 +1,7 @@
 """Where the compiled chain kernel wins: each of auto's inference paths forced on the same
-ensemble, in one process, in interleaved rounds (medians; ratios are medians of per-round
-ratios against the vectorized path, the fused program at once).
+ensemble, in one process, in interleaved rounds (``vensemble._timing``, as the suite times:
+medians; ratios are medians of per-round ratios against the vectorized path, the fused
+program at once).
 
     .venv/bin/python benchmarks/native_bench.py              # 21 rounds, no_grad, float32
     .venv/bin/python benchmarks/native_bench.py --rounds 7
@@ -14,15 +15,16 @@ loop first.
 from __future__ import annotations
 
 import argparse
-import itertools
+import functools
 import statistics
-import time
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
 import vensemble as ve
+from vensemble._bench_workloads import mlp as workload_mlp
+from vensemble._timing import interleaved_samples
 from vensemble.backends._call import Call
 from vensemble.backends.blocked import Unblockable, blocked_forward
 from vensemble.backends.fused import fused_forward
@@ -31,15 +33,8 @@ from vensemble.backends.native import kernel_library, native_forward
 
 
 def mlp(*dims: int) -> Callable[[], nn.Module]:
-    def make() -> nn.Module:
-        layers: list[nn.Module] = []
-        for i, (a, b) in enumerate(itertools.pairwise(dims)):
-            layers.append(nn.Linear(a, b))
-            if i < len(dims) - 2:
-                layers.append(nn.ReLU())
-        return nn.Sequential(*layers)
-
-    return make
+    """The suite's MLP (``Linear``/``ReLU``) of these widths, as a member factory."""
+    return functools.partial(workload_mlp, dims)
 
 
 # (name, member factory, members, input shape (shared by all members))
@@ -74,7 +69,6 @@ def main() -> None:
             "vectorized": lambda c=call, e=ens: fused_forward(c, e._fused),
             "loop": lambda c=call: loop_forward(c),
         }
-        times: dict[str, list[float]] = {}
         with torch.no_grad():
             expected = loop_forward(call)
             for path, fn in list(paths.items()):
@@ -82,13 +76,7 @@ def main() -> None:
                     torch.testing.assert_close(fn(), expected, atol=1e-4, rtol=1e-4)
                 except Unblockable:  # (fewer than 2 * MIN_BLOCK members, or one block)
                     del paths[path]
-            for _ in range(args.rounds):
-                for path, fn in paths.items():
-                    repeats = 3 if path == "loop" else 10
-                    start = time.perf_counter()
-                    for _ in range(repeats):
-                        fn()
-                    times.setdefault(path, []).append((time.perf_counter() - start) / repeats)
+            times = interleaved_samples(paths, args.rounds, round_time=0.03)
         med = {p: statistics.median(t) * 1e3 for p, t in times.items()}
         ratio = statistics.median(a / b for a, b in zip(times["native"], times["vectorized"]))
         cells = [f"{med[p]:.3f}" if p in med else "n/a" for p in ("native", "blocked")]

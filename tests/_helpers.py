@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ZOO", "Tied", "assert_tree_close", "member_loop", "zoo_input"]
+__all__ = ["ZOO", "Tied", "assert_tree_close", "fake_measurement", "member_loop", "zoo_input"]
 
 
 class MLP(nn.Module):
@@ -116,3 +116,28 @@ def assert_tree_close(actual: Any, expected: Any, atol: float, rtol: float = 1e-
             assert_tree_close(actual[k], expected[k], atol, rtol)
     else:
         assert actual == expected
+
+
+def fake_measurement(
+    monkeypatch: Any, times: dict[str, float], probe: str, refused: type[Exception]
+) -> list[list[str]]:
+    """auto's measurement replaced: each path offered takes ``times[path]`` seconds (1.0 when
+    not listed); ``probe`` first runs once, as the real warm-up would, and is left out where
+    it raises ``refused``. Returns the paths each measurement was offered."""
+    from vensemble import ensemble as ensemble_module
+
+    offered: list[list[str]] = []
+
+    def timings(paths: dict[str, Any], restore: Callable[[], None], **kwargs: Any) -> Any:
+        offered.append(list(paths))
+        if probe in paths:
+            try:
+                paths[probe]()
+            except refused:
+                paths = {k: v for k, v in paths.items() if k != probe}
+            finally:
+                restore()
+        return {k: times.get(k, 1.0) for k in paths}
+
+    monkeypatch.setattr(ensemble_module, "measure_paths", timings)
+    return offered

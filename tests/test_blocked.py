@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 import vensemble as ve
-from _helpers import ZOO, assert_tree_close, zoo_input
+from _helpers import ZOO, assert_tree_close, fake_measurement, zoo_input
 from vensemble import ensemble as ensemble_module
 from vensemble.backends import blocked
 from vensemble.backends import fused as fused_module
@@ -27,21 +27,8 @@ def measured(monkeypatch) -> list[list[str]]:
     monkeypatch.setattr(blocked, "BLOCK_BYTES", 1)
     monkeypatch.setattr(blocked, "MIN_BLOCK", 3)
     monkeypatch.setattr(ensemble_module, "MIN_BLOCK", 3)
-    offered: list[list[str]] = []
-
-    def timings(paths, restore, **kwargs):
-        offered.append(list(paths))
-        if "blocked" in paths:
-            try:  # what the real measurement's warm-up finds: a path that raises is left out
-                paths["blocked"]()
-            except Unblockable:
-                paths = {k: v for k, v in paths.items() if k != "blocked"}
-            finally:
-                restore()
-        return {k: {"blocked": 0.1, "vectorized": 0.5}.get(k, 1.0) for k in paths}
-
-    monkeypatch.setattr(ensemble_module, "measure_paths", timings)
-    return offered
+    times = {"blocked": 0.1, "vectorized": 0.5}
+    return fake_measurement(monkeypatch, times, "blocked", Unblockable)
 
 
 def _calls(monkeypatch, module, name: str) -> list[tuple[object, ...]]:

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from torch import Tensor, nn
 
 import vensemble as ve
-from vensemble import ensemble as ensemble_module
+from _helpers import fake_measurement
 from vensemble.backends import native
 from vensemble.backends._call import Call
 from vensemble.backends.native import Unnative, kernel_library, native_forward
@@ -33,22 +33,8 @@ pytestmark = pytest.mark.skipif(
 def measured(monkeypatch) -> list[list[str]]:
     """auto measuring "native" fastest where it runs (then the blocks, then the vectorized
     path); returns the paths each measurement was offered."""
-    offered: list[list[str]] = []
-
-    def timings(paths, restore, **kwargs):
-        offered.append(list(paths))
-        if "native" in paths:
-            try:  # what the real measurement's warm-up finds: a path that raises is left out
-                paths["native"]()
-            except Unnative:
-                paths = {k: v for k, v in paths.items() if k != "native"}
-            finally:
-                restore()
-        fake = {"native": 0.1, "blocked": 0.3, "vectorized": 0.5}
-        return {k: fake.get(k, 1.0) for k in paths}
-
-    monkeypatch.setattr(ensemble_module, "measure_paths", timings)
-    return offered
+    times = {"native": 0.1, "blocked": 0.3, "vectorized": 0.5}
+    return fake_measurement(monkeypatch, times, "native", Unnative)
 
 
 def _pair(factory, n: int = N, dtype=torch.float64) -> tuple[ve.Ensemble, ve.Ensemble]:

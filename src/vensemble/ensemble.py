@@ -47,7 +47,7 @@ from .backends.fused import (
     hooked,
     tracing_now,
 )
-from .backends.native import NativePlan, Unfit, may_run, native_forward, why_not_now
+from .backends.native import NativePlan, Unfit, may_run, native_forward
 from .backends.select import check_loop_runs, raise_if_randomness_error, snapshot_buffers
 
 __all__ = ["Ensemble"]
@@ -869,9 +869,7 @@ class Ensemble(nn.Module):
             self._choices.pop(_shape_key(call, self.training), None)
             self._ran_vectorized()
             return self._vectorized(call, fast_key)
-        program = self._fused.last
-        if fast_key is not None and run is not None and isinstance(program, FusedProgram):
-            self._fast.remember(fast_key, (program, self._last_choice, False, run))
+        self._remember_runner(fast_key, run)
         return out
 
     def _natively(self, call: Call, fast_key: tuple[Any, ...] | None) -> Any:
@@ -882,22 +880,21 @@ class Ensemble(nn.Module):
         or with tensors or settings the kernel does not take for this call (parameters in
         another layout passed to ``functional_call``), the choice stands. Nothing is remembered
         for the fast path either way."""
-        if why_not_now() is not None:
-            self._ran_vectorized()
-            return self._vectorized(call)
         try:
             out, run = native_forward(call, self._native, self._fused)
-        except Unfit:  # (this call's tensors or settings: the next one may fit again)
-            self._ran_vectorized()
-            return self._vectorized(call)
-        except Exception:  # (the program is no chain now)
-            self._choices.pop(_shape_key(call, self.training), None)
+        except Exception as err:  # (Unfit: this call's mode, tensors or settings)
+            if not isinstance(err, Unfit):  # (the program is no chain now)
+                self._choices.pop(_shape_key(call, self.training), None)
             self._ran_vectorized()
             return self._vectorized(call)  # (no fast entry: the next call measures again)
+        self._remember_runner(fast_key, run)
+        return out
+
+    def _remember_runner(self, fast_key: tuple[Any, ...] | None, run: Any) -> None:
+        """Keep ``run`` (a blocked or native runner) for the fast path of this call's key."""
         program = self._fused.last
         if fast_key is not None and run is not None and isinstance(program, FusedProgram):
             self._fast.remember(fast_key, (program, self._last_choice, False, run))
-        return out
 
     def _ran_vectorized(self) -> None:
         """For explain(): a call auto chose to run in blocks or through the compiled kernel

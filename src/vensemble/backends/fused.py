@@ -325,13 +325,7 @@ _UNDO: list[Callable[[], None]] = []
 def _patch() -> None:
     function = torch.autograd.function.Function
     apply, set_grad = function.__dict__["apply"], torch._C._set_grad_enabled
-    bound_apply = apply.__func__
-
-    def refused_apply(cls: Any, *args: Any, **kwargs: Any) -> Any:
-        if threading.get_ident() in _TRACING:
-            raise Untraceable("the forward calls a custom autograd.Function")
-        return bound_apply(cls, *args, **kwargs)
-
+    refused_apply = _refuse("the forward calls a custom autograd.Function", apply.__func__)
     function.apply = classmethod(refused_apply)  # type: ignore[method-assign, assignment]
     _UNDO.append(lambda: setattr(function, "apply", apply))
     what = "the forward changes grad mode (no_grad / enable_grad)"

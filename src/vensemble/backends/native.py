@@ -60,7 +60,6 @@ __all__ = [
     "kernel_library",
     "may_run",
     "native_forward",
-    "why_not_now",
 ]
 
 _SOURCES = ("_chain.c", "_chain.h")
@@ -438,19 +437,20 @@ def _checked(t: Any, what: str, shape: tuple[int, ...], dtype: torch.dtype) -> T
     return t
 
 
-def _act(step: _Step, dtype: torch.dtype) -> tuple[int, float, float, float]:
+def _act(step: _Step, top: float) -> tuple[int, float, float, float]:
+    """The activation after ``step``'s Linear, its settings within ``top`` (the dtype's
+    largest value) in magnitude."""
     found = [a() for a in step.activations]
     real = [a for a in found if a[0] != _NONE]
     if len(real) > 1:
         raise Unfit("two activations in a row")
     act = real[0] if real else (_NONE, 0.0, 0.0, 0.0)
-    top = torch.finfo(dtype).max
     if any(math.isfinite(v) and abs(v) > top for v in act[1:]):  # (torch raises for it)
-        raise Unfit(f"an activation's setting is out of {dtype}'s range")
+        raise Unfit(f"an activation's setting is out of the dtype's range (+-{top:g})")
     return act
 
 
-def why_not_now() -> str | None:
+def _why_not_now() -> str | None:
     """Why the kernel may not run here, now: what autograd records needs torch's ops, and a
     trace, a transform or a mode would not see a kernel that torch does not call."""
     if torch.is_grad_enabled() or fwAD._current_level >= 0:
@@ -471,7 +471,7 @@ def run_chain(
 ) -> Tensor:
     """The chain for every member: ``x`` ``(n, *lead, in)`` when ``batched``, else ``(*lead,
     in)`` shared; returns ``(n, *lead, out)``. What ran is noted in ``plan.last``."""
-    why = why_not_now()
+    why = _why_not_now()
     if why is not None:
         raise Unfit(why)
     steps = chain.steps
@@ -484,6 +484,7 @@ def run_chain(
     if dtype not in _FUNCTION:
         raise Unfit(f"the input is {dtype} (the kernel takes float32 and float64)")
     layers = (_Layer * len(steps))()
+    top = torch.finfo(dtype).max
     keep = []  # (the tensors read, alive until the kernel returns)
     width = None
     for i, step in enumerate(steps):
@@ -500,7 +501,7 @@ def run_chain(
         wt = _checked(w.mT, f"Linear {i}'s weight (transposed)", (n, in_f, out_f), dtype)
         bias = None if b is None else _checked(b, f"Linear {i}'s bias", (n, out_f), dtype)
         keep += [wt, bias]
-        act, slope, lo, hi = _act(step, dtype)
+        act, slope, lo, hi = _act(step, top)
         layers[i] = _Layer(
             in_f,
             out_f,
@@ -597,12 +598,10 @@ def native_forward(
     path (tensor input only), or ``None``.
 
     Raises:
-        Unnative: not here (autograd, forward-mode AD, no compiler, not a chain, a layout
-            or dtype the kernel does not read); the caller runs the vectorized path.
+        Unnative: not here (no compiler, not a chain); the caller runs the vectorized path.
+        Unfit: not for this call (autograd, forward-mode AD, a trace or a mode, a layout or
+            dtype the kernel does not read: see :func:`run_chain`).
     """
-    why = why_not_now()
-    if why is not None:
-        raise Unnative(why)
     lib = kernel_library()
     if isinstance(lib, str):
         raise Unnative(lib)
