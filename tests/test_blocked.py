@@ -625,3 +625,25 @@ def test_a_setting_of_a_traced_torch_layer_subclass_is_seen(measured):
             x1, x2 = x0.clone(), x0.clone()
             torch.testing.assert_close(ens(x1), fused(x2))
             torch.testing.assert_close(x1, x2)
+
+
+def test_a_call_the_blocks_refuse_is_measured_again_next_time(measured):
+    """A call chosen for blocks that runs at once instead (a setting changed since) forgets the
+    choice, and the next call measures again, as documented: the fallback used to remember
+    the vectorized program for the fast path, which the next calls then took for good."""
+
+    def net() -> nn.Module:
+        return nn.Sequential(nn.LeakyReLU(0.5), nn.Linear(4, 2))
+
+    ens, loop = _pair(net)
+    x = torch.randn(5, 4, dtype=torch.float64)
+    with torch.no_grad():
+        ens(x)
+        assert ens.explain()["(auto)"].startswith("blocked") and len(measured) == 1
+        ens.get_submodule("0").inplace = True  # (refused: it would write x once per block)
+        torch.testing.assert_close(ens(x.clone()), loop(x.clone()))
+        assert ens.explain()["(auto)"].startswith("vectorized")
+        ens.get_submodule("0").inplace = False
+        torch.testing.assert_close(ens(x), loop(x))
+    assert len(measured) == 2
+    assert ens.explain()["(auto)"].startswith("blocked")

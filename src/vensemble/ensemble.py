@@ -866,9 +866,7 @@ class Ensemble(nn.Module):
         try:
             out, run = blocked_forward(call, self._blocked, self._fused)
         except Exception:  # (Unblockable: the program changed since the choice was measured)
-            self._choices.pop(_shape_key(call, self.training), None)
-            self._ran_vectorized()
-            return self._vectorized(call, fast_key)
+            return self._instead(call, forget=True)
         self._remember_runner(fast_key, run)
         return out
 
@@ -883,12 +881,18 @@ class Ensemble(nn.Module):
         try:
             out, run = native_forward(call, self._native, self._fused)
         except Exception as err:  # (Unfit: this call's mode, tensors or settings)
-            if not isinstance(err, Unfit):  # (the program is no chain now)
-                self._choices.pop(_shape_key(call, self.training), None)
-            self._ran_vectorized()
-            return self._vectorized(call)  # (no fast entry: the next call measures again)
+            return self._instead(call, forget=not isinstance(err, Unfit))  # (or no chain now)
         self._remember_runner(fast_key, run)
         return out
+
+    def _instead(self, call: Call, forget: bool) -> Any:
+        """The vectorized path for a call auto chose to run in blocks or through the kernel,
+        where that does not apply now; with ``forget``, its choice is measured again on the
+        next call. Nothing is remembered for the fast path, which would skip either."""
+        if forget:
+            self._choices.pop(_shape_key(call, self.training), None)
+        self._ran_vectorized()
+        return self._vectorized(call)
 
     def _remember_runner(self, fast_key: tuple[Any, ...] | None, run: Any) -> None:
         """Keep ``run`` (a blocked or native runner) for the fast path of this call's key."""
