@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
+import types
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -1798,6 +1800,111 @@ def test_a_plain_setting_changed_after_calls_is_used(backend):
     assert ens.member(1)[2].temperature == 0.5
 
 
+@dataclasses.dataclass
+class _Config:
+    tau: float = 1.0
+    shift: float = 0.0
+
+
+class _Configured(nn.Module):
+    """Settings held in containers and on a torch layer, all read by this forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+        self.fc.gain = 1.0  # a plain attribute put on torch's layer, read by the parent
+        self.cfg = _Config()
+        self.extra = {"scale": 1.0}
+        self.ns = types.SimpleNamespace(bias=0.0)
+        self.offsets = [0.0]
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.fc(x) * self.fc.gain / self.cfg.tau + self.cfg.shift
+        return h * self.extra["scale"] + self.ns.bias + self.offsets[0]
+
+
+_CHANGES = {
+    "dataclass field": lambda m: setattr(m.cfg, "tau", 0.25),
+    "second dataclass field": lambda m: setattr(m.cfg, "shift", 3.0),
+    "dict value": lambda m: m.extra.__setitem__("scale", -2.0),
+    "namespace field": lambda m: setattr(m.ns, "bias", 0.5),
+    "list item": lambda m: m.offsets.__setitem__(0, 7.0),
+    "torch layer's plain attribute": lambda m: setattr(m.fc, "gain", 4.0),
+}
+
+
+@pytest.mark.parametrize("backend", ["fused", "auto"])
+@pytest.mark.parametrize("change", list(_CHANGES))
+def test_a_setting_inside_a_container_changed_after_calls_is_used(backend, change):
+    # fx writes self.cfg.tau, self.extra["scale"], self.fc.gain into the program: only the
+    # module's own attributes were watched, so changing these after calls changed nothing
+    torch.manual_seed(0)
+    members = [nn.Sequential(nn.Linear(4, 4), _Configured()) for _ in range(N)]
+    ens = ve.Ensemble(copy.deepcopy(members), backend=backend)
+    x = torch.randn(5, 4)
+    with torch.no_grad():
+        for _ in range(2):
+            torch.testing.assert_close(ens(x), torch.stack([m(x) for m in members]))
+        for m in [*members, ens]:
+            _CHANGES[change](m.get_submodule("1"))
+        expected = torch.stack([m(x) for m in members])
+        for _ in range(2):
+            torch.testing.assert_close(ens(x), expected)
+
+
+def test_a_forward_keeping_state_in_a_container_is_traced_once():
+    # what a module's own forward assigns is its state, not a setting; a watched container
+    # that only the forward's reads touch keeps the program
+    torch.manual_seed(0)
+    members = [nn.Sequential(nn.Linear(4, 4), _Configured()) for _ in range(N)]
+    ens = ve.Ensemble(copy.deepcopy(members), backend="fused")
+    x = torch.randn(5, 4)
+    with torch.no_grad():
+        ens(x)
+        program = ens._fused.last
+        ens(x)
+        assert ens._fused.last is program
+
+
+class _RootTemperature(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+        self.temperature = 1.0
+        self._private = 2.0
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(x) / self.temperature * self._private
+
+
+@pytest.mark.parametrize("backend", ["loop", "vmap", "fused", "auto"])
+def test_a_root_setting_is_read_and_written_through_the_ensemble(backend):
+    # `ens.temperature = 0.5` set an attribute on the ensemble that no member read, and
+    # `ens.temperature` raised AttributeError: the setting is the template's, every member's
+    torch.manual_seed(0)
+    members = [_RootTemperature() for _ in range(N)]
+    ens = ve.Ensemble(copy.deepcopy(members), backend=backend)
+    x = torch.randn(5, 4)
+    assert ens.temperature == 1.0
+    with torch.no_grad():
+        ens(x)
+        for temperature in (0.5, 0.125):
+            ens.temperature = temperature
+            for m in members:
+                m.temperature = temperature
+            for _ in range(2):
+                torch.testing.assert_close(ens(x), torch.stack([m(x) for m in members]))
+    assert "temperature" not in ens.__dict__
+    assert ens.temperature == 0.125 and ens.member(2).temperature == 0.125
+    assert [m.temperature for m in ens.unstack()] == [0.125] * N
+    with pytest.raises(AttributeError):
+        getattr(ens, "_private")  # noqa: B009  (a private name is the ensemble's own)
+    ens.note = "mine"  # a name the member does not have stays on the ensemble
+    assert ens.__dict__["note"] == "mine" and not hasattr(ens.member(0), "note")
+    with pytest.raises(AttributeError, match="nothing_here"):
+        getattr(ens, "nothing_here")  # noqa: B009
+
+
 class _KeepsLast(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -1930,7 +2037,7 @@ def test_only_the_settings_the_code_reads_are_watched():
     from vensemble._tree import traced_settings
 
     m = _Helped(4)
-    assert [name for _, name, _ in traced_settings(list(m.modules()))] == ["_temperature"]
+    assert [name for _, name, _, _ in traced_settings(list(m.modules()))] == ["_temperature"]
     torch.manual_seed(0)
     members = [nn.Sequential(_Helped(4)) for _ in range(N)]
     ens = ve.Ensemble(copy.deepcopy(members), backend="fused")

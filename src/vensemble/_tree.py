@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import dis
 import functools
+import itertools
+import operator
 import types
 from collections.abc import Iterator
 from typing import Any
@@ -44,25 +46,34 @@ _module.register_module_buffer_registration_hook(_bump)
 
 # --- plain settings of the modules a trace reads through ------------------------------------
 # A fused or folded program is an fx trace of the members' own forwards: fx writes the plain
-# values it reads there (``self.temperature``, ``self.scale``) into the program. torch's own
-# layers are not traced through (the fused layers read their settings at each call), so only
-# the modules of other classes are watched.
+# values it reads there (``self.temperature``, ``self.scale``, ``self.cfg["tau"]``) into the
+# program. torch's own layers are not traced through (the fused layers read their settings at
+# each call); the code of the modules of other classes is, and what it reads is watched: the
+# names their methods mention, on any module of the tree (a parent's forward may read
+# ``self.fc.scale``), and one level into a container setting (a config dict's values, a
+# dataclass's or namespace's fields, a list's items).
 
-Setting = tuple[dict[str, Any], str, Any]
+# (module.__dict__, name, value, what the value held one level down or None)
+Setting = tuple[dict[str, Any], str, Any, "tuple[Any, ...] | None"]
 
 
 def traced_settings(modules: list[torch.nn.Module]) -> list[Setting]:
-    """``(module.__dict__, name, value)`` for each plain (non-tensor, non-module) attribute
-    that the code of a module whose forward a trace reads through names (its class's methods
-    other than ``__init__``: ``self.temperature`` yes, a size used only to build the layers no):
-    each call compares them, so the fewer the cheaper."""
+    """``(module.__dict__, name, value, held)`` for each plain (non-tensor, non-module)
+    attribute of ``modules`` that the code of a module whose forward a trace reads through
+    names (its class's methods other than ``__init__``: ``self.temperature`` yes, a size used
+    only to build the layers no); ``held`` is what a container value holds (see ``_held``).
+    Each call compares them, so the fewer the cheaper. A module's own forward's bookkeeping
+    (what it assigns to ``self``) is not a setting; of torch's layers, only public names are
+    watched (their private ones are state their methods reassign)."""
+    read = frozenset().union(*{_names_of(m)[0] for m in modules if not _torchs(m)})
     return [
-        (m.__dict__, name, value)
+        (m.__dict__, name, value, _held(value))
         for m in modules
-        if not type(m).__module__.startswith("torch.")
         for name, value in m.__dict__.items()
-        if name in _names_read(type(m))  # type: ignore[arg-type]
+        if name in read
         and name not in _INTERNALS
+        and name not in _names_of(m)[1]
+        and not (name[0] == "_" and _torchs(m))
         and not isinstance(value, (torch.Tensor, torch.nn.Module))
     ]
 
@@ -70,16 +81,28 @@ def traced_settings(modules: list[torch.nn.Module]) -> list[Setting]:
 _INTERNALS = frozenset(torch.nn.Module().__dict__) | {"training"}
 
 
+def _torchs(m: torch.nn.Module) -> bool:
+    """Whether ``m`` is one of torch's own layers (not traced through)."""
+    return type(m).__module__.startswith("torch.")
+
+
+def _names_of(m: torch.nn.Module) -> tuple[frozenset[str], frozenset[str]]:
+    """:func:`_names_read` of ``m``'s class."""
+    return _names_read(type(m))  # type: ignore[arg-type]  # (a class is hashable)
+
+
 @functools.lru_cache(maxsize=1024)
-def _names_read(cls: type) -> frozenset[str]:
-    """Every name the methods of ``cls`` and its bases, ``__init__`` aside, mention: their
-    code objects' ``co_names``, nested functions' included. ``nn.Module``'s own are left out
-    (its internals: see ``_INTERNALS``); of torch's layers, the public ones: a subclass of
-    one (``class MyLeaky(nn.LeakyReLU)``) is traced through, and its settings with it
-    (``negative_slope``, ``inplace``), but not the layer's bookkeeping, which its methods
-    reassign (``nn.LSTM._flat_weights``, on every call that swaps the weights in)."""
+def _names_read(cls: type) -> tuple[frozenset[str], frozenset[str]]:
+    """Every name the methods of ``cls`` and its bases, ``__init__`` aside, mention (their
+    code objects' ``co_names``, nested functions' included), less what its ``forward``
+    assigns to ``self`` (``self.x = ...``, ``self.x += ...``: its own state, not a setting);
+    and that set of assigned names. ``nn.Module``'s own are left out (its internals: see
+    ``_INTERNALS``); of torch's layers, the public ones: a subclass of one (``class
+    MyLeaky(nn.LeakyReLU)``) is traced through, and its settings with it (``negative_slope``,
+    ``inplace``), but not the layer's bookkeeping, which its methods reassign
+    (``nn.LSTM._flat_weights``, on every call that swaps the weights in)."""
     names: set[str] = set()
-    stored: set[str] = set()  # what forward assigns: its own state, not a setting
+    stored: set[str] = set()
     for klass in cls.__mro__:
         if klass is object or klass is torch.nn.Module:
             continue
@@ -98,7 +121,7 @@ def _names_read(cls: type) -> frozenset[str]:
                         stored.update(
                             i.argval for i in dis.get_instructions(c) if i.opname == "STORE_ATTR"
                         )
-    return frozenset(names - stored)
+    return frozenset(names - stored), frozenset(stored)
 
 
 def _code_objects(code: types.CodeType) -> Iterator[types.CodeType]:
@@ -109,10 +132,35 @@ def _code_objects(code: types.CodeType) -> Iterator[types.CodeType]:
             yield from _code_objects(const)
 
 
+def _held(value: Any) -> tuple[Any, ...] | None:
+    """What a container setting holds, one level down: a dict's keys and values, a list's
+    items, the fields of an object with a ``__dict__`` (a dataclass, a namespace, a config
+    object); ``None`` for anything else (numbers, strings, tuples, functions, classes)."""
+    if isinstance(value, dict):
+        return tuple(itertools.chain.from_iterable(value.items()))
+    if isinstance(value, list):
+        return tuple(value)
+    if isinstance(value, (type, types.ModuleType, types.FunctionType, types.MethodType)):
+        return None
+    fields = getattr(value, "__dict__", None)
+    if isinstance(fields, dict):
+        return tuple(itertools.chain.from_iterable(fields.items()))
+    return None
+
+
 _GONE = object()
 
 
 def settings_changed(settings: list[Setting]) -> bool:
     """Whether one of ``settings`` was assigned another object since it was taken (an
-    annealed temperature): programs traced with the old value must go."""
-    return any(d.get(name, _GONE) is not value for d, name, value in settings)
+    annealed temperature), or a container setting holds other objects (``cfg.tau = 0.5``):
+    programs traced with the old values must go."""
+    return any(
+        d.get(name, _GONE) is not value or (held is not None and not _same(held, _held(value)))
+        for d, name, value, held in settings
+    )
+
+
+def _same(old: tuple[Any, ...], new: tuple[Any, ...] | None) -> bool:
+    """Whether two ``_held`` snapshots hold the same objects, one by one."""
+    return new is not None and len(old) == len(new) and all(map(operator.is_, old, new))

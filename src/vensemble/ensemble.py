@@ -139,6 +139,15 @@ def _loop_wins(loop: float, vectorized: float, device: torch.device) -> bool:
     return loop < _MARGIN * vectorized
 
 
+def _root_setting(template: nn.Module, name: str) -> bool:
+    """Whether ``name`` is a public plain attribute of the member's root module (not one of
+    ``nn.Module``'s own; private names are the ensemble's own)."""
+    return name[:1] != "_" and name in template.__dict__ and name not in _MODULE_INTERNALS
+
+
+_MODULE_INTERNALS = frozenset(nn.Module().__dict__) | {"training"}
+
+
 def _shape_key(call: Call, training: bool) -> Any:
     """What the fastest path depends on: input shapes, dtypes, devices, values and mode."""
     grad = torch.is_grad_enabled()
@@ -534,6 +543,35 @@ class Ensemble(nn.Module):
         if local_metadata.get("assign_to_params_buffers", False):
             # new tensors, maybe in another layout: what was learned of the old is stale
             self._forget_programs()
+
+    # The members' own plain settings on their root module (``self.temperature = 1.0`` in the
+    # model's ``__init__``) are the template's, shared by every member (members must agree
+    # on them: see ``validate_members``): the ensemble reads and writes them there, so that
+    # ``ens.temperature = 0.5`` anneals every member, as ``ens.head.scale = 0.5`` does one
+    # level down, instead of setting an attribute no member reads.
+
+    def __getattr__(self, name: str) -> Any:
+        """``nn.Module``'s lookup (parameters, buffers, submodules), then a plain setting of
+        the member's root module."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            template = self.__dict__.get("_template")
+            if template is None or not _root_setting(template, name):
+                raise
+            return template.__dict__[name]
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        template = self.__dict__.get("_template")
+        if (
+            template is not None
+            and name not in self.__dict__
+            and _root_setting(template, name)
+            and not hasattr(type(self), name)
+        ):
+            setattr(template, name, value)  # (every member's: the programs notice it)
+        else:
+            super().__setattr__(name, value)
 
     def __repr__(self) -> str:
         member = textwrap.indent(repr(self._template), "  ").lstrip()
