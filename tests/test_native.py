@@ -568,3 +568,64 @@ def test_other_flattens_are_not_in_the_kernel(measured):
             loop(x)
         with pytest.raises(RuntimeError):
             ens(x)
+
+
+@pytest.mark.parametrize("rows", [1, 15, 16, 17, 31, 32, 33, 40, 48, 49])
+def test_float32_tiles_of_one_vector_and_of_two_match_the_loop(measured, rows):
+    # a tile of at most 16 float32 rows runs one vector of rows (half the work); the others two
+    ens, loop = _pair(CHAINS["relu"], n=5, dtype=torch.float32)
+    x = torch.randn(rows, 7)
+    xs = torch.randn(5, rows, 7)
+    with torch.no_grad():
+        torch.testing.assert_close(ens(x), loop(x))
+        torch.testing.assert_close(ens(xs, in_dims=0), loop(xs, in_dims=0))
+        assert ens.explain()["(auto)"].startswith("native")
+
+
+def test_the_kernel_structs_are_built_once_and_again_when_a_parameter_or_setting_changes(
+    measured, monkeypatch
+):
+    built = []
+    layers = native._layers
+    monkeypatch.setattr(native, "_layers", lambda *a: built.append(1) or layers(*a))
+    ens, loop = _pair(_Functional)
+    x = torch.randn(9, 7, dtype=torch.float64)
+
+    def check(builds: int) -> None:
+        with torch.no_grad():
+            for _ in range(3):
+                torch.testing.assert_close(ens(x), loop(x), atol=1e-12, rtol=0)
+                assert ens.explain()["(auto)"].startswith("native")
+        assert len(built) == builds
+
+    check(1)
+    with torch.no_grad():
+        for m in (ens, loop):  # in place: the same memory, read at each call
+            m.a.weight.mul_(2)
+    check(1)
+    for m in (ens, loop):
+        m.act.negative_slope = 0.7
+    check(2)
+    for m in (ens, loop):  # new memory behind the same parameter
+        m.c.bias.data = m.c.bias.data * 3
+    check(3)
+    for m in (ens, loop):
+        m.b.bias = nn.Parameter(torch.ones(N, 11, dtype=torch.float64))
+    check(4)
+
+
+def test_conversions_swapping_parameters_let_go_of_the_kernel_structs(measured):
+    # torch.utils.swap_tensors refuses a tensor that a view kept by the structs refers to
+    ens, loop = _pair(CHAINS["relu"], dtype=torch.float32)
+    x = torch.randn(6, 7)
+    swap = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        with torch.no_grad():
+            ens(x)
+            ens.double()
+            loop.double()
+            torch.testing.assert_close(ens(x.double()), loop(x.double()), atol=1e-12, rtol=0)
+            assert ens.explain()["(auto)"].startswith("native")
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(swap)

@@ -497,6 +497,7 @@ class Ensemble(nn.Module):
         for program, *_ in self._fast.values():  # (it may hold programs the plan dropped)
             program.release_views()
         self._blocked.release_views()  # (its blocks mirror the new tensors on the next call)
+        self._native.release_views()
         self._fast.clear()
 
     def _lay_out_members(self, fmt: torch.memory_format) -> None:

@@ -28,7 +28,8 @@ static inline VEC FN(activate)(VEC v, const Layer *l) {
     }
 }
 
-/* Outputs o0 .. o0 + NB - 1 of one layer for one tile: A (in, TILE) -> B (out, TILE). */
+/* Outputs o0 .. o0 + NB - 1 of one layer for one tile: A (in, TILE) -> B (out, TILE).
+ * block: both vectors of rows; half: the first only (a tile of at most LANES rows). */
 #define BLOCK(NB)                                                                              \
     static void FN(block##NB)(const REAL *restrict A, const Layer *l, const REAL *w,           \
                               const REAL *b, int64_t o0, REAL *restrict B) {                   \
@@ -49,6 +50,22 @@ static inline VEC FN(activate)(VEC v, const Layer *l) {
             *(VEC *)(B + (o0 + j) * TILE) = FN(activate)(lo[j], l);                            \
             *(VEC *)(B + (o0 + j) * TILE + LANES) = FN(activate)(hi[j], l);                    \
         }                                                                                      \
+    }                                                                                          \
+    static void FN(half##NB)(const REAL *restrict A, const Layer *l, const REAL *w,            \
+                             const REAL *b, int64_t o0, REAL *restrict B) {                    \
+        VEC lo[NB];                                                                            \
+        _Pragma("GCC unroll 8") for (int j = 0; j < NB; j++) {                                 \
+            lo[j] = FN(splat)(b ? b[o0 + j] : (REAL)0);                                        \
+        }                                                                                      \
+        const int64_t in = l->in, out = l->out;                                                \
+        for (int64_t k = 0; k < in; k++) {                                                     \
+            VEC a0 = *(const VEC *)(A + k * TILE);                                             \
+            const REAL *wk = w + k * out + o0;                                                 \
+            _Pragma("GCC unroll 8") for (int j = 0; j < NB; j++) lo[j] += wk[j] * a0;          \
+        }                                                                                      \
+        _Pragma("GCC unroll 8") for (int j = 0; j < NB; j++) {                                 \
+            *(VEC *)(B + (o0 + j) * TILE) = FN(activate)(lo[j], l);                            \
+        }                                                                                      \
     }
 
 BLOCK(8)
@@ -57,10 +74,24 @@ BLOCK(2)
 BLOCK(1)
 #undef BLOCK
 
-static void FN(layer)(const REAL *A, const Layer *l, int64_t m, REAL *B) {
+/* One layer for one tile of member m; half: only the tile's first vector of rows is live. */
+static void FN(layer)(const REAL *A, const Layer *l, int64_t m, REAL *B, int half) {
     const REAL *w = (const REAL *)l->w + m * l->w_stride;
     const REAL *b = l->b ? (const REAL *)l->b + m * l->b_stride : NULL;
     int64_t o = 0;
+    if (half) {
+        for (; o + 8 <= l->out; o += 8) FN(half8)(A, l, w, b, o, B);
+        if (o + 4 <= l->out) {
+            FN(half4)(A, l, w, b, o, B);
+            o += 4;
+        }
+        if (o + 2 <= l->out) {
+            FN(half2)(A, l, w, b, o, B);
+            o += 2;
+        }
+        if (o < l->out) FN(half1)(A, l, w, b, o, B);
+        return;
+    }
     for (; o + 8 <= l->out; o += 8) FN(block8)(A, l, w, b, o, B);
     if (o + 4 <= l->out) {
         FN(block4)(A, l, w, b, o, B);
@@ -103,8 +134,9 @@ int FN(vensemble_chain)(int64_t n, int64_t rows, const REAL *x, int64_t x_stride
                 for (int64_t r = nr; r < TILE; r++) A[k * TILE + r] = 0;
             }
             REAL *src = A, *dst = B;
+            const int half = nr <= LANES; /* (a batch of a few rows: half the work) */
             for (int i = 0; i < depth; i++) {
-                FN(layer)(src, &layers[i], m, dst);
+                FN(layer)(src, &layers[i], m, dst, half);
                 REAL *swap = src;
                 src = dst;
                 dst = swap;
