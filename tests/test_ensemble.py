@@ -776,3 +776,30 @@ def test_auto_measures_an_ensemble_built_under_inference_mode():
     x = torch.randn(5, 4)
     with torch.no_grad():  # auto's measurement puts the buffers back: within inference mode
         torch.testing.assert_close(ens(x), loop(x))
+
+
+def test_a_path_far_behind_in_one_noisy_run_is_timed_again(monkeypatch):
+    """One run 3x behind the best dropped a path: another process taking the cores for one
+    run made auto keep a path 6.6x slower for good."""
+    import vensemble.backends._autotune as autotune
+
+    times = {  # seconds of each timed run, in order; warm-ups are not timed
+        "spiked": iter([15.0, 0.06, 0.05, 0.07, 0.06, 0.06]),
+        "steady": iter([0.1] * 6),
+        "slow": iter([10.0] * 6),
+        "behind the new best": iter([0.25] * 6),  # (within 3x of 0.1, not of 0.06)
+    }
+    timed: list[str] = []
+
+    def fake_time(fn, device, repeats):
+        name = fn()
+        timed.append(name)
+        return next(times[name])
+
+    monkeypatch.setattr(autotune, "_time", fake_time)
+    paths = {name: (lambda name=name: name) for name in times}
+    timings = autotune.measure_paths(paths, restore=lambda: None, device=None, repeats=5)
+    assert timings == {"spiked": 0.05, "steady": 0.1, "slow": 10.0, "behind the new best": 0.25}
+    # far behind in a run and in the second look: out after that
+    assert timed.count("slow") == timed.count("behind the new best") == 2
+    assert timed.count("spiked") == 6 and timed.count("steady") == 5

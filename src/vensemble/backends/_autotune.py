@@ -183,7 +183,17 @@ def measure_paths(
             with torch.random.fork_rng(devices=cuda):
                 second[name] = _time(fn, dev, repeats=1)
             restore()
-        best = min(second.values())
+        timed_again: set[str] = set()  # (once more, later: a noisy moment may have hit it)
+        while True:
+            best = min(second.values())
+            behind = [k for k in paths if second[k] > _FAR_BEHIND * best and k not in timed_again]
+            if not behind:
+                break
+            for name in behind:
+                with torch.random.fork_rng(devices=cuda):
+                    second[name] = min(second[name], _time(paths[name], dev, repeats=1))
+                restore()
+                timed_again.add(name)
         timings = dict(second)
         contenders = {k: fn for k, fn in paths.items() if second[k] <= _FAR_BEHIND * best}
         for _ in range(repeats - 1):  # interleaved rounds: a noisy moment hits every path alike
@@ -194,7 +204,11 @@ def measure_paths(
     return timings
 
 
-_FAR_BEHIND = 3.0  # a path this many times slower than the best in one run is out
+# A path this many times slower than the best in each of two runs is out. One run is not
+# enough: another process taking the cores for some 30 ms made the vectorized and native paths
+# of 10 x MLP 23-256-256-1 at batch 1 measure 15 ms against the loop's 0.44 (they take 0.06
+# and 0.13), and auto ran the loop, 6.6x slower, for good.
+_FAR_BEHIND = 3.0
 
 
 class BackwardFailed(Exception):
