@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 import vensemble as ve
 from _dist_worker import LRS, dropout_net, inputs, net, train
@@ -153,6 +153,29 @@ def test_world1_outputs_equal_the_ensemble_without_a_process_group():
         assert torch.equal(shard(xs, in_dims=0), ref(xs, in_dims=0))
         assert torch.equal(shard(x, gather=False), ref(x))
     _equal_rows(shard.to_ensemble([3, 1]).state_dict(), ref.select([3, 1]).state_dict(), 0, 2)
+
+
+class _Tempered(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+        self.temperature = 1.0
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(x) / self.temperature
+
+
+def test_world1_root_settings_are_the_local_blocks():
+    # shard.temperature = 0.5 set an attribute no member read
+    shard = ShardedEnsemble(_Tempered, 3, seed=0)
+    ref = ve.Ensemble.from_factory(_Tempered, 3, seed=0)
+    x = torch.randn(5, 4)
+    assert shard.temperature == 1.0
+    with torch.no_grad():
+        shard(x)
+        shard.temperature = ref.temperature = 0.5
+        torch.testing.assert_close(shard(x), ref(x))
+    assert shard.local.temperature == 0.5 and "temperature" not in shard.__dict__
 
 
 def test_world1_in_a_process_group_keeps_the_gradient_graph(tmp_path):

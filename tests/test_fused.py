@@ -7,6 +7,7 @@ import dataclasses
 import time
 import types
 import warnings
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -1806,6 +1807,11 @@ class _Config:
     shift: float = 0.0
 
 
+@dataclasses.dataclass(slots=True)
+class _Slotted:
+    gain: float = 1.0
+
+
 class _Configured(nn.Module):
     """Settings held in containers and on a torch layer, all read by this forward."""
 
@@ -1813,13 +1819,17 @@ class _Configured(nn.Module):
         super().__init__()
         self.fc = nn.Linear(4, 3)
         self.fc.gain = 1.0  # a plain attribute put on torch's layer, read by the parent
+        self.fc._mine = 1.0  # a private one
         self.cfg = _Config()
+        self.slotted = _Slotted()
         self.extra = {"scale": 1.0}
         self.ns = types.SimpleNamespace(bias=0.0)
         self.offsets = [0.0]
+        self.skip: set[int] = set()
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.fc(x) * self.fc.gain / self.cfg.tau + self.cfg.shift
+        h = self.fc(x) * self.fc.gain * self.fc._mine / self.cfg.tau + self.cfg.shift
+        h = h * self.slotted.gain * (2.0 if 1 in self.skip else 1.0)
         return h * self.extra["scale"] + self.ns.bias + self.offsets[0]
 
 
@@ -1830,6 +1840,9 @@ _CHANGES = {
     "namespace field": lambda m: setattr(m.ns, "bias", 0.5),
     "list item": lambda m: m.offsets.__setitem__(0, 7.0),
     "torch layer's plain attribute": lambda m: setattr(m.fc, "gain", 4.0),
+    "torch layer's private attribute": lambda m: setattr(m.fc, "_mine", -1.0),
+    "slotted dataclass field": lambda m: setattr(m.slotted, "gain", 5.0),
+    "set item": lambda m: m.skip.add(1),
 }
 
 
@@ -1864,6 +1877,103 @@ def test_a_forward_keeping_state_in_a_container_is_traced_once():
         program = ens._fused.last
         ens(x)
         assert ens._fused.last is program
+
+
+class _Counting(nn.Module):
+    """A forward that keeps state in containers it holds (and a config it only reads)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+        self.stats = {"calls": 0}
+        self.seen: list[int] = []
+        self.cfg = _Config()
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.stats["calls"] += 1
+        self.seen.append(1)
+        return self.fc(x) / self.cfg.tau
+
+
+@pytest.mark.parametrize("backend", ["fused", "auto"])
+def test_containers_the_forward_changes_are_its_state_not_settings(backend):
+    # watched as settings, each call's own change forgot the programs: a trace per call
+    torch.manual_seed(0)
+    members = [_Counting() for _ in range(N)]
+    ens = ve.Ensemble(copy.deepcopy(members), backend=backend)
+    x = torch.randn(5, 4)
+    with torch.no_grad():
+        ens(x)
+        program = ens._fused.last
+        for _ in range(5):
+            ens(x)
+        assert ens._fused.last is program
+        assert [name for _, name, _, _ in ens._settings] == ["cfg"]  # still a setting
+        for m in [*members, ens]:
+            m.cfg.tau = 0.5
+        torch.testing.assert_close(ens(x), torch.stack([m(x) for m in members]))
+
+
+def test_unusual_settings_are_watched_without_raising():
+    from vensemble._tree import traced_settings
+
+    class Owner:
+        step = 0
+
+    class Owned(nn.Module):
+        def __init__(self, owner: Any) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 2)
+            self.width = 4
+            self.owner = owner  # a dead weakref.proxy raises for anything asked of it
+            self.vocabulary = [str(i) for i in range(1000)]  # watched as one object
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.fc(x)
+
+        def log(self) -> str:
+            return f"{self.owner.step} {len(self.vocabulary)}"
+
+        def extra_repr(self) -> str:  # (sizes: not what a forward reads)
+            return f"{self.width} {self.fc.in_features}"
+
+    owner = Owner()
+    ens = ve.Ensemble([Owned(weakref.proxy(owner)) for _ in range(N)], backend="fused")
+    watched = {name: held for _, name, _, held in traced_settings(ens._module_list)}
+    assert watched == {"owner": (), "vocabulary": None}
+    x = torch.randn(5, 4)
+    with torch.no_grad():
+        expected = ens(x)
+        del owner
+        torch.testing.assert_close(ens(x), expected)
+
+
+def _scaled(module: nn.Module, h: Tensor) -> Tensor:
+    return h / module.temperature  # (read outside the class: no name of it to watch)
+
+
+class _HelpedFromOutside(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+        self.temperature = 1.0
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _scaled(self, self.fc(x))
+
+
+@pytest.mark.parametrize("backend", ["fused", "auto"])
+def test_a_root_setting_written_through_the_ensemble_forgets_the_programs(backend):
+    torch.manual_seed(0)
+    members = [_HelpedFromOutside() for _ in range(N)]
+    ens = ve.Ensemble(copy.deepcopy(members), backend=backend)
+    x = torch.randn(5, 4)
+    with torch.no_grad():
+        ens(x)
+        ens.temperature = 0.25
+        for m in members:
+            m.temperature = 0.25
+        torch.testing.assert_close(ens(x), torch.stack([m(x) for m in members]))
 
 
 class _RootTemperature(nn.Module):

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch.nn.modules import module as _module
 
-__all__ = ["GENERATION", "settings_changed", "traced_settings"]
+__all__ = ["GENERATION", "changed_settings", "settings_changed", "traced_settings"]
 
 GENERATION = [0]  # a list, so that readers hold the one mutable cell
 
@@ -50,21 +50,26 @@ _module.register_module_buffer_registration_hook(_bump)
 # program. torch's own layers are not traced through (the fused layers read their settings at
 # each call); the code of the modules of other classes is, and what it reads is watched: the
 # names their methods mention, on any module of the tree (a parent's forward may read
-# ``self.fc.scale``), and one level into a container setting (a config dict's values, a
-# dataclass's or namespace's fields, a list's items).
+# ``self.fc.scale``; on torch's layers only the attributes torch's code does not set itself),
+# and one level into a small container setting (a config dict's values, a dataclass's or
+# namespace's fields, a list's or set's items). What the forward itself changes is its
+# state, not a setting: the ensemble stops watching what changes during its own calls.
 
 # (module.__dict__, name, value, what the value held one level down or None)
 Setting = tuple[dict[str, Any], str, Any, "tuple[Any, ...] | None"]
 
 
-def traced_settings(modules: list[torch.nn.Module]) -> list[Setting]:
+def traced_settings(
+    modules: list[torch.nn.Module], state: frozenset[tuple[int, str]] = frozenset()
+) -> list[Setting]:
     """``(module.__dict__, name, value, held)`` for each plain (non-tensor, non-module)
     attribute of ``modules`` that the code of a module whose forward a trace reads through
-    names (its class's methods other than ``__init__``: ``self.temperature`` yes, a size used
-    only to build the layers no); ``held`` is what a container value holds (see ``_held``).
-    Each call compares them, so the fewer the cheaper. A module's own forward's bookkeeping
-    (what it assigns to ``self``) is not a setting; of torch's layers, only public names are
-    watched (their private ones are state their methods reassign)."""
+    names (its class's methods other than ``__init__`` and the dunder and ``extra_repr`` ones:
+    ``self.temperature`` yes, a size used only to build the layers no); ``held`` is what a
+    container value holds (see ``_held``). Each call compares them, so the fewer the cheaper.
+    Not settings: a module's own forward's bookkeeping (what it assigns to ``self``), what
+    torch's code sets on its own layers, and ``state`` (``(id(module.__dict__), name)`` pairs:
+    what changed during a call)."""
     read = frozenset().union(*{_names_of(m)[0] for m in modules if not _torchs(m)})
     return [
         (m.__dict__, name, value, _held(value))
@@ -73,8 +78,8 @@ def traced_settings(modules: list[torch.nn.Module]) -> list[Setting]:
         if name in read
         and name not in _INTERNALS
         and name not in _names_of(m)[1]
-        and not (name[0] == "_" and _torchs(m))
-        and not isinstance(value, (torch.Tensor, torch.nn.Module))
+        and (id(m.__dict__), name) not in state
+        and not issubclass(type(value), (torch.Tensor, torch.nn.Module))  # (a proxy's own)
     ]
 
 
@@ -87,41 +92,53 @@ def _torchs(m: torch.nn.Module) -> bool:
 
 
 def _names_of(m: torch.nn.Module) -> tuple[frozenset[str], frozenset[str]]:
-    """:func:`_names_read` of ``m``'s class."""
-    return _names_read(type(m))  # type: ignore[arg-type]  # (a class is hashable)
+    """What ``m``'s code reads, and what is not a setting of ``m``: for torch's own layers,
+    what torch's code sets on them; else what its forward assigns (see :func:`_names_read`)."""
+    names = _names_read(type(m))  # type: ignore[arg-type]  # (a class is hashable)
+    return (frozenset(), names[2]) if _torchs(m) else names[:2]
+
+
+# methods whose names say nothing of what a forward reads (a repr names every size)
+_NOT_READ_IN_FORWARD = ("extra_repr",)
 
 
 @functools.lru_cache(maxsize=1024)
-def _names_read(cls: type) -> tuple[frozenset[str], frozenset[str]]:
-    """Every name the methods of ``cls`` and its bases, ``__init__`` aside, mention (their
-    code objects' ``co_names``, nested functions' included), less what its ``forward``
-    assigns to ``self`` (``self.x = ...``, ``self.x += ...``: its own state, not a setting);
-    and that set of assigned names. ``nn.Module``'s own are left out (its internals: see
-    ``_INTERNALS``); of torch's layers, the public ones: a subclass of one (``class
-    MyLeaky(nn.LeakyReLU)``) is traced through, and its settings with it (``negative_slope``,
-    ``inplace``), but not the layer's bookkeeping, which its methods reassign
-    (``nn.LSTM._flat_weights``, on every call that swaps the weights in)."""
+def _names_read(cls: type) -> tuple[frozenset[str], frozenset[str], frozenset[str]]:
+    """Every name the methods of ``cls`` and its bases mention (their code objects'
+    ``co_names``, nested functions' included; not ``__init__``, the other dunder methods or
+    ``extra_repr``), less what its ``forward`` assigns to ``self`` (``self.x = ...``,
+    ``self.x += ...``: its own state, not a setting); that set of assigned names; and every
+    name torch's own classes among them assign (``self.x = ...`` in any method,
+    ``__init__`` too: a torch layer's own attributes). ``nn.Module``'s own are left out (its
+    internals: see ``_INTERNALS``); of torch's layers, the public ones: a subclass of one
+    (``class MyLeaky(nn.LeakyReLU)``) is traced through, and its settings with it
+    (``negative_slope``, ``inplace``), but not the layer's bookkeeping, which its methods
+    reassign (``nn.LSTM._flat_weights``, on every call that swaps the weights in)."""
     names: set[str] = set()
-    stored: set[str] = set()
+    stored: set[str] = set()  # what forward assigns: its own state, not a setting
+    torchs: set[str] = set()  # what torch's code assigns
     for klass in cls.__mro__:
         if klass is object or klass is torch.nn.Module:
             continue
         public_only = klass.__module__.startswith("torch.")
         for attr, member in vars(klass).items():
-            if attr == "__init__":
-                continue
             if isinstance(member, (staticmethod, classmethod)):
                 member = member.__func__
             funcs = [member.fget, member.fset] if isinstance(member, property) else [member]
             for f in funcs:
                 code = getattr(f, "__code__", None)
                 for c in _code_objects(code) if isinstance(code, types.CodeType) else ():
+                    assigned = {
+                        i.argval for i in dis.get_instructions(c) if i.opname == "STORE_ATTR"
+                    }
+                    if public_only:
+                        torchs.update(assigned)
+                    if attr.startswith("__") or attr in _NOT_READ_IN_FORWARD:
+                        continue
                     names.update(n for n in c.co_names if not (public_only and n[0] == "_"))
                     if attr == "forward":  # (self.x = ..., self.x += ...)
-                        stored.update(
-                            i.argval for i in dis.get_instructions(c) if i.opname == "STORE_ATTR"
-                        )
-    return frozenset(names - stored), frozenset(stored)
+                        stored.update(assigned)
+    return frozenset(names - stored), frozenset(stored), frozenset(torchs)
 
 
 def _code_objects(code: types.CodeType) -> Iterator[types.CodeType]:
@@ -133,19 +150,41 @@ def _code_objects(code: types.CodeType) -> Iterator[types.CodeType]:
 
 
 def _held(value: Any) -> tuple[Any, ...] | None:
-    """What a container setting holds, one level down: a dict's keys and values, a list's
-    items, the fields of an object with a ``__dict__`` (a dataclass, a namespace, a config
-    object); ``None`` for anything else (numbers, strings, tuples, functions, classes)."""
-    if isinstance(value, dict):
-        return tuple(itertools.chain.from_iterable(value.items()))
-    if isinstance(value, list):
-        return tuple(value)
-    if isinstance(value, (type, types.ModuleType, types.FunctionType, types.MethodType)):
+    """What a container setting holds, one level down: a dict's keys and values, a list's or
+    set's items, the fields of an object with a ``__dict__`` or ``__slots__`` (a dataclass, a
+    namespace, a config object); ``None`` for anything else (numbers, strings, tuples,
+    functions, classes) and for containers of more than ``_MAX_HELD`` entries (a vocabulary:
+    each call would copy it), which are watched as one object."""
+    kind = type(value)  # (not isinstance: a dead weakref.proxy raises for its __class__)
+    try:
+        if issubclass(kind, dict):
+            held = tuple(itertools.chain.from_iterable(value.items()))
+        elif issubclass(kind, (list, set)):
+            held = tuple(value)
+        elif issubclass(kind, (type, types.ModuleType, types.FunctionType, types.MethodType)):
+            return None
+        elif isinstance(getattr(value, "__dict__", None), dict):
+            held = tuple(itertools.chain.from_iterable(vars(value).items()))
+        elif slots := _slots(kind):  # type: ignore[arg-type]  # (a class is hashable)
+            held = tuple(getattr(value, name, _GONE) for name in slots)
+        else:
+            return None
+    except Exception:  # (a dead weakref.proxy, an object whose attributes raise)
         return None
-    fields = getattr(value, "__dict__", None)
-    if isinstance(fields, dict):
-        return tuple(itertools.chain.from_iterable(fields.items()))
-    return None
+    return held if len(held) <= 2 * _MAX_HELD else None
+
+
+_MAX_HELD = 64
+
+
+@functools.lru_cache(maxsize=256)
+def _slots(cls: type) -> tuple[str, ...]:
+    """The ``__slots__`` of ``cls`` and its bases (a ``@dataclass(slots=True)``'s fields)."""
+    names: list[str] = []
+    for klass in cls.__mro__:
+        declared = vars(klass).get("__slots__", ())
+        names += [declared] if isinstance(declared, str) else list(declared)
+    return tuple(n for n in names if n not in ("__dict__", "__weakref__"))
 
 
 _GONE = object()
@@ -158,6 +197,16 @@ def settings_changed(settings: list[Setting]) -> bool:
     return any(
         d.get(name, _GONE) is not value or (held is not None and not _same(held, _held(value)))
         for d, name, value, held in settings
+    )
+
+
+def changed_settings(settings: list[Setting]) -> frozenset[tuple[int, str]]:
+    """The ``(id(module.__dict__), name)`` of each setting that changed (see
+    :func:`settings_changed`), as :func:`traced_settings` takes them in ``state``."""
+    return frozenset(
+        (id(d), name)
+        for d, name, value, held in settings
+        if d.get(name, _GONE) is not value or (held is not None and not _same(held, _held(value)))
     )
 
 

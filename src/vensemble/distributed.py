@@ -129,6 +129,30 @@ class ShardedEnsemble(nn.Module):
         local = Ensemble(members, **ensemble_options).to(_default_device(comm, device))
         self.local = local
 
+    # The members' plain settings on their root module, as on an Ensemble (see there):
+    # ``shard.temperature = 0.5`` sets this rank's block's (every rank must set it alike).
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            local = self.__dict__.get("_modules", {}).get("local")
+            if not isinstance(local, Ensemble) or not local._has_root_setting(name):
+                raise
+            return getattr(local, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        local = self.__dict__.get("_modules", {}).get("local")
+        if (
+            isinstance(local, Ensemble)
+            and name not in self.__dict__
+            and not hasattr(type(self), name)
+            and local._has_root_setting(name)
+        ):
+            setattr(local, name, value)
+        else:
+            super().__setattr__(name, value)
+
     def _setup(self, comm: Comm, n: int) -> None:
         if n < comm.world:
             raise EnsembleError(

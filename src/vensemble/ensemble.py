@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from ._errors import EnsembleError
 from ._layout import in_member_format, use_kernel_layout
 from ._state import member_module, reindex_template, stack_members, validate_members
-from ._tree import GENERATION, settings_changed, traced_settings
+from ._tree import GENERATION, changed_settings, settings_changed, traced_settings
 from .backends import (
     BACKENDS,
     AutoPlan,
@@ -288,6 +288,7 @@ class Ensemble(nn.Module):
         self._choices = Memo("auto's measured choices")  # call key -> (path, timings)
         self._last_choice: tuple[str, dict[str, float]] | None = None
         self._fast = _FastPaths()
+        self._forward_state: frozenset[tuple[int, str]] = frozenset()  # (see _settings_are_state)
         self._forget_programs()  # (makes the empty plans)
         self._index_modules()
         self.training = template.training
@@ -306,7 +307,7 @@ class Ensemble(nn.Module):
         self._generation = GENERATION[0]
         self._hook_dicts = hook_dicts(self._module_list)
         self._own_hook_dicts = hook_dicts([self])
-        self._settings = traced_settings(self._module_list)  # (none for torch's own layers)
+        self._settings = traced_settings(self._module_list, self._forward_state)
 
     def _check_modules(self, compiling: bool) -> None:
         """Re-index after a submodule was replaced, added or removed. Eager calls come here
@@ -320,7 +321,7 @@ class Ensemble(nn.Module):
             self._reindex_modules()
         elif settings_changed(self._settings):  # traced programs hold the old values
             self._forget_programs()
-            self._settings = traced_settings(self._module_list)
+            self._settings = traced_settings(self._module_list, self._forward_state)
         if not compiling:  # (a side effect strict export would warn of)
             self.__dict__["_generation"] = generation
 
@@ -564,15 +565,19 @@ class Ensemble(nn.Module):
 
     def __setattr__(self, name: str, value: Any) -> None:
         template = self.__dict__.get("_template")
-        if (
-            template is not None
-            and name not in self.__dict__
-            and _root_setting(template, name)
-            and not hasattr(type(self), name)
-        ):
-            setattr(template, name, value)  # (every member's: the programs notice it)
+        if template is not None and self._has_root_setting(name):
+            setattr(template, name, value)  # every member's
+            self._forget_programs()  # (whichever code reads it: a helper function too)
         else:
             super().__setattr__(name, value)
+
+    def _has_root_setting(self, name: str) -> bool:
+        """Whether ``name`` is read and written as the members' root setting (see above)."""
+        return (
+            name not in self.__dict__
+            and not hasattr(type(self), name)
+            and _root_setting(self._template, name)
+        )
 
     def __repr__(self) -> str:
         member = textwrap.indent(repr(self._template), "  ").lstrip()
@@ -720,9 +725,20 @@ class Ensemble(nn.Module):
         if not lock.acquire(blocking=not tracing_now()):
             raise Untraceable("the member calls an ensemble another thread is calling")
         try:
-            return self._forward(args, in_dims, kwargs)
+            out = self._forward(args, in_dims, kwargs)
+            if self._settings and settings_changed(self._settings):
+                self._settings_are_state()
+            return out
         finally:
             lock.release()
+
+    def _settings_are_state(self) -> None:
+        """Settings that changed during a call of the ensemble are the forward's own state
+        (``self.stats["calls"] += 1``, ``self.seen.append(x)``), not settings the user
+        changes: no longer watched (each change would forget every program, and a forward
+        that changes them on every call would be traced on every call)."""
+        self._forward_state = self._forward_state | changed_settings(self._settings)
+        self._settings = traced_settings(self._module_list, self._forward_state)
 
     def _forward(self, args: tuple[Any, ...], in_dims: Any, kwargs: dict[str, Any]) -> Any:
         compiling = _is_compiling()
