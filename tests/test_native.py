@@ -225,10 +225,11 @@ def test_nan_and_inf_go_through_as_in_the_loop(measured):
     ens, loop = _pair(_Functional)
     x = torch.randn(40, 7, dtype=torch.float64)
     x[3, 2], x[7, 0], x[11] = float("nan"), float("inf"), -float("inf")
-    with torch.no_grad():
-        got, expected = ens(x), loop(x)
-    torch.testing.assert_close(got, expected, atol=1e-12, rtol=0, equal_nan=True)
-    assert got.isnan().any()
+    for rows in (x, x[2:8], x[11:12]):  # (tiles of rows; a few rows, outputs in the lanes)
+        with torch.no_grad():
+            got, expected = ens(rows), loop(rows)
+        torch.testing.assert_close(got, expected, atol=1e-12, rtol=0, equal_nan=True)
+        assert got.isnan().any()
 
 
 def test_one_thread_and_inference_mode(measured):
@@ -415,7 +416,10 @@ def test_a_fallback_is_measured_again_and_explain_describes_what_ran(measured):
     with torch.no_grad():
         ens(x)
         assert "Linear 7->5, leaky_relu(0.2), Linear 5->2" in ens.explain()["(auto)"]
+        assert "all 4 rows at once, the outputs in the vector lanes" in ens.explain()["(auto)"]
+        ens(torch.randn(9, 7, dtype=torch.float64))
         assert "tiles of 16 rows" in ens.explain()["(auto)"]  # (float64: two 64-byte vectors)
+        ens(x)
         for m in (ens, loop):
             m.get_submodule("1").negative_slope = torch.tensor(0.3)  # not a number: refused
         torch.testing.assert_close(ens(x), loop(x), atol=1e-12, rtol=0)
@@ -570,7 +574,35 @@ def test_other_flattens_are_not_in_the_kernel(measured):
             ens(x)
 
 
-@pytest.mark.parametrize("rows", [1, 15, 16, 17, 31, 32, 33, 40, 48, 49])
+def _wide() -> nn.Module:
+    # outputs in blocks of 4 vectors, of 1 vector, and one by one (a batch of a few rows)
+    return nn.Sequential(
+        nn.Linear(7, 90),
+        nn.ReLU(),
+        nn.Linear(90, 130),
+        nn.LeakyReLU(0.1),
+        nn.Linear(130, 17),
+        nn.Hardtanh(-0.3, 0.4),
+        nn.Linear(17, 1),
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 6, 7, 8, 9])
+def test_a_batch_of_a_few_rows_matches_the_loop(measured, rows, dtype):
+    # up to 8 rows: outputs in the vector lanes, all rows at once
+    ens, loop = _pair(_wide, n=4, dtype=dtype)
+    x = torch.randn(rows, 7, dtype=dtype)
+    xs = torch.randn(4, rows, 7, dtype=dtype)
+    tol = {"atol": 1e-12, "rtol": 0} if dtype == torch.float64 else {}
+    with torch.no_grad():
+        for _ in range(2):
+            torch.testing.assert_close(ens(x), loop(x), **tol)
+            torch.testing.assert_close(ens(xs, in_dims=0), loop(xs, in_dims=0), **tol)
+        assert ens.explain()["(auto)"].startswith("native")
+
+
+@pytest.mark.parametrize("rows", [1, 8, 9, 15, 16, 17, 31, 32, 33, 40, 48, 49])
 def test_float32_tiles_of_one_vector_and_of_two_match_the_loop(measured, rows):
     # a tile of at most 16 float32 rows runs one vector of rows (half the work); the others two
     ens, loop = _pair(CHAINS["relu"], n=5, dtype=torch.float32)

@@ -8,8 +8,9 @@
  *
  * Layout inside a tile: features-major, rows in the vector lanes (A[k * TILE + r]). Output o
  * of a layer for TILE rows is bias[o] + sum_k W^T[k, o] * A[k, :]: a broadcast of one weight
- * times two vectors of rows (one, for a tile of at most a vector's rows: a batch of a few rows
- * costs half). Any width runs at full vector width (a one-output head too), and
+ * times two vectors of rows (one, for a tile of at most a vector's rows: half the work). A
+ * batch of at most FEW rows runs the other way round, outputs in the lanes and all rows at
+ * once (see _chain.h). Any width runs at full vector width (a one-output head too), and
  * the weights are read in the ensemble's in-major layout (W^T, (in, out) per member), as
  * stored, without a copy. _chain.h holds the code; it is included once per dtype.
  */

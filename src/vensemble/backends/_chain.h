@@ -104,6 +104,138 @@ static void FN(layer)(const REAL *A, const Layer *l, int64_t m, REAL *B, int hal
     if (o < l->out) FN(block1)(A, l, w, b, o, B);
 }
 
+/* A batch of at most FEW rows (an agent acting): outputs in the vector lanes instead, all
+ * rows at once, so each weight is read once per call and no lane computes a padding row.
+ * Row-major activations: A[r * in + k] -> B[r * out + o]. NV vectors of outputs at a time
+ * (then one, then one output at a time for the last fewer than LANES). */
+#define FEW 8
+#define NV 4
+
+static inline VEC FN(load)(const REAL *p) {
+    VEC v;
+    __builtin_memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static inline void FN(store)(REAL *p, VEC v) { __builtin_memcpy(p, &v, sizeof v); }
+
+static inline REAL FN(activate1)(REAL v, const Layer *l) {
+    switch (l->act) {
+    case ACT_RELU:
+        return v < 0 ? (REAL)0 : v; /* (as the vector code: NaN and -0.0 go through) */
+    case ACT_LEAKY:
+        return v > 0 ? v : v * (REAL)l->slope;
+    case ACT_CLAMP:
+        return v < (REAL)l->lo ? (REAL)l->lo : v > (REAL)l->hi ? (REAL)l->hi : v;
+    default:
+        return v;
+    }
+}
+
+#define FEW_ROWS(R)                                                                            \
+    static void FN(few##R)(const REAL *restrict A, const Layer *l, const REAL *w,              \
+                           const REAL *b, REAL *restrict B) {                                  \
+        const int64_t in = l->in, out = l->out;                                                \
+        int64_t o0 = 0;                                                                        \
+        for (; o0 + NV * LANES <= out; o0 += NV * LANES) {                                     \
+            VEC acc[R][NV];                                                                    \
+            _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++) {                             \
+                VEC bv = b ? FN(load)(b + o0 + v * LANES) : FN(splat)(0);                      \
+                _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) acc[r][v] = bv;            \
+            }                                                                                  \
+            for (int64_t k = 0; k < in; k++) {                                                 \
+                VEC wv[NV];                                                                    \
+                _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++) wv[v] =                   \
+                    FN(load)(w + k * out + o0 + v * LANES);                                    \
+                _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {                          \
+                    REAL a = A[r * in + k];                                                    \
+                    _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++) acc[r][v] +=          \
+                        a * wv[v];                                                             \
+                }                                                                              \
+            }                                                                                  \
+            _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {                              \
+                _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++) FN(store)(               \
+                    B + r * out + o0 + v * LANES, FN(activate)(acc[r][v], l));                 \
+            }                                                                                  \
+        }                                                                                      \
+        for (; o0 + LANES <= out; o0 += LANES) {                                               \
+            VEC acc[R];                                                                        \
+            VEC bv = b ? FN(load)(b + o0) : FN(splat)(0);                                      \
+            _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) acc[r] = bv;                   \
+            for (int64_t k = 0; k < in; k++) {                                                 \
+                VEC wv = FN(load)(w + k * out + o0);                                           \
+                _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) acc[r] += A[r * in + k] * wv; \
+            }                                                                                  \
+            _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) FN(store)(                    \
+                B + r * out + o0, FN(activate)(acc[r], l));                                    \
+        }                                                                                      \
+        for (; o0 < out; o0++) {                                                               \
+            REAL acc[R];                                                                       \
+            _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) acc[r] = b ? b[o0] : (REAL)0;  \
+            for (int64_t k = 0; k < in; k++) {                                                 \
+                REAL wk = w[k * out + o0];                                                     \
+                _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) acc[r] += A[r * in + k] * wk; \
+            }                                                                                  \
+            _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) B[r * out + o0] =              \
+                FN(activate1)(acc[r], l);                                                      \
+        }                                                                                      \
+    }
+
+FEW_ROWS(1)
+FEW_ROWS(2)
+FEW_ROWS(3)
+FEW_ROWS(4)
+FEW_ROWS(5)
+FEW_ROWS(6)
+FEW_ROWS(7)
+FEW_ROWS(8)
+#undef FEW_ROWS
+
+static void FN(few)(const REAL *A, const Layer *l, int64_t m, int64_t rows, REAL *B) {
+    const REAL *w = (const REAL *)l->w + m * l->w_stride;
+    const REAL *b = l->b ? (const REAL *)l->b + m * l->b_stride : NULL;
+    switch (rows) {
+    case 1: FN(few1)(A, l, w, b, B); break;
+    case 2: FN(few2)(A, l, w, b, B); break;
+    case 3: FN(few3)(A, l, w, b, B); break;
+    case 4: FN(few4)(A, l, w, b, B); break;
+    case 5: FN(few5)(A, l, w, b, B); break;
+    case 6: FN(few6)(A, l, w, b, B); break;
+    case 7: FN(few7)(A, l, w, b, B); break;
+    default: FN(few8)(A, l, w, b, B); break;
+    }
+}
+
+/* The chain for rows <= FEW, one member per task: see FN(few). */
+static int FN(chain_few)(int64_t n, int64_t rows, const REAL *x, int64_t x_stride,
+                         int32_t depth, const Layer *layers, REAL *y, int32_t threads,
+                         int64_t widest) {
+    const int64_t in0 = layers[0].in, out = layers[depth - 1].out;
+    const size_t bytes = (size_t)widest * FEW * sizeof(REAL);
+    int failed = 0;
+#pragma omp parallel num_threads(threads) reduction(| : failed)
+    {
+        REAL *A = malloc(bytes), *B = malloc(bytes);
+        if (!A || !B) failed = 1;
+#pragma omp for schedule(static)
+        for (int64_t m = 0; m < n; m++) {
+            if (!A || !B) continue;
+            __builtin_memcpy(A, x + m * x_stride, (size_t)(rows * in0) * sizeof(REAL));
+            REAL *src = A, *dst = B;
+            for (int i = 0; i < depth; i++) {
+                FN(few)(src, &layers[i], m, rows, dst);
+                REAL *swap = src;
+                src = dst;
+                dst = swap;
+            }
+            __builtin_memcpy(y + m * rows * out, src, (size_t)(rows * out) * sizeof(REAL));
+        }
+        free(A);
+        free(B);
+    }
+    return failed ? -1 : 0;
+}
+
 /* y (n, rows, out of the last layer) = the chain applied to x: (rows, in of the first layer),
  * the same for every member when x_stride is 0, else member m's rows start at x + m *
  * x_stride. Returns 0, or -1 when scratch memory could not be allocated (y is then partly
@@ -115,6 +247,7 @@ int FN(vensemble_chain)(int64_t n, int64_t rows, const REAL *x, int64_t x_stride
         if (layers[i].in > widest) widest = layers[i].in;
         if (layers[i].out > widest) widest = layers[i].out;
     }
+    if (rows <= FEW) return FN(chain_few)(n, rows, x, x_stride, depth, layers, y, threads, widest);
     const int64_t tiles = (rows + TILE - 1) / TILE, in0 = layers[0].in;
     const int64_t out = layers[depth - 1].out;
     const size_t bytes = (size_t)widest * TILE * sizeof(REAL); /* (a multiple of 64) */
@@ -152,5 +285,7 @@ int FN(vensemble_chain)(int64_t n, int64_t rows, const REAL *x, int64_t x_stride
 }
 
 #undef TILE
+#undef FEW
+#undef NV
 #undef VEC
 #undef MASK
