@@ -661,3 +661,36 @@ def test_conversions_swapping_parameters_let_go_of_the_kernel_structs(measured):
             assert ens.explain()["(auto)"].startswith("native")
     finally:
         torch.__future__.set_swap_module_params_on_conversion(swap)
+
+
+def test_a_setting_changed_to_minus_zero_is_a_new_setting(measured):
+    # the structs' key compared settings with ==, and 0.0 == -0.0: zeros kept the old sign
+    def factory() -> nn.Module:
+        first = nn.Linear(7, 3)
+        nn.init.zeros_(first.weight)
+        nn.init.constant_(first.bias, -1.0)
+        return nn.Sequential(first, nn.LeakyReLU(0.0))
+
+    ens, loop = _pair(factory)
+    x = torch.randn(4, 7, dtype=torch.float64)
+    with torch.no_grad():
+        for slope in (0.0, -0.0, 0.0):
+            for m in (ens, loop):
+                m.get_submodule("1").negative_slope = slope
+            got, expected = ens(x), loop(x)
+            assert ens.explain()["(auto)"].startswith("native")
+            assert torch.equal(got, expected) and (got == 0).all()
+            assert torch.equal(got.signbit(), expected.signbit()), slope
+
+
+def test_swapping_a_parameter_after_calls(measured):
+    # the structs held a view of the parameter itself, which swap_tensors refuses
+    ens, loop = _pair(CHAINS["relu"])
+    x = torch.randn(6, 7, dtype=torch.float64)
+    with torch.no_grad():
+        ens(x)
+        for m in (ens, loop):
+            w = m.get_submodule("2").weight
+            torch.utils.swap_tensors(w, nn.Parameter(w.detach() * 2))
+        torch.testing.assert_close(ens(x), loop(x), atol=1e-12, rtol=0)
+        assert ens.explain()["(auto)"].startswith("native")

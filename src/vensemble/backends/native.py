@@ -352,7 +352,7 @@ class _Chain:
     # None: no flatten; else what checks, at each call, that it is still flatten(1, -1)
     flatten: Callable[[], None] | None = None
     # the last call's kernel structs, while their key (see _layers_key) holds: (key, layers,
-    # the last layer's width, the tensors they point into)
+    # the last layer's width, what they point into: see _layers)
     laid: tuple[Any, ...] | None = field(default=None, repr=False)
 
 
@@ -493,10 +493,9 @@ def run_chain(
     if dtype not in _FUNCTION:
         raise Unfit(f"the input is {dtype} (the kernel takes float32 and float64)")
     acts = [_act(step, _TOP[dtype]) for step in steps]  # (the settings: read at each call)
-    key = _layers_key(steps, n, dtype, acts)
     laid = chain.laid
-    if laid is None or laid[0] != key:
-        laid = chain.laid = (key, *_layers(steps, n, dtype, acts))
+    if laid is None or laid[0] != _layers_key(_live(steps), n, dtype, acts):
+        laid = chain.laid = _layers(steps, n, dtype, acts)
     layers, width = laid[1], laid[2]
     in0 = layers[0].in_features
     lead = tuple(x.shape[1:-1] if batched else x.shape[:-1])
@@ -521,36 +520,62 @@ def run_chain(
 _TOP = {dtype: torch.finfo(dtype).max for dtype in _FUNCTION}  # (an activation setting's range)
 
 
-def _layers_key(
-    steps: list[_Step], n: int, dtype: torch.dtype, acts: list[tuple[int, float, float, float]]
-) -> tuple[Any, ...]:
-    """What :func:`_layers` checked and built its structs from: each weight's and bias's
-    identity (the structs hold them alive, so an id is not reused), memory and its size,
-    shape, strides, dtype and sign bit, and the activations' settings. About 0.8 us a
-    tensor, where the full check costs 3."""
-    key: list[Any] = [n, dtype, *acts]
+def _live(steps: list[_Step]) -> list[tuple[int, Any]]:
+    """``(id, tensor)`` of each Linear's weight and bias as the template holds them now."""
+    out = []
     for step in steps:
         params = step.linear._parameters
-        for t in (params["weight"], params["bias"]):
-            if type(t) is not nn.Parameter and type(t) is not Tensor:
-                key.append(type(t))  # (None, or something _layers refuses)
-            else:
-                key += (id(t), t.data_ptr(), t.shape, t.stride(), t.dtype, t.is_neg())
-                key.append(t.untyped_storage().nbytes())
+        w, b = params["weight"], params["bias"]
+        out += [(id(w), w), (id(b), b)]
+    return out
+
+
+def _layers_key(
+    tensors: list[tuple[int, Any]],
+    n: int,
+    dtype: torch.dtype,
+    acts: list[tuple[int, float, float, float]],
+) -> tuple[Any, ...]:
+    """What :func:`_layers` checked and built its structs from: each weight's and bias's
+    identity (the structs keep the parameter objects alive, so an id is not reused), memory
+    and its size, shape, strides, dtype and sign bit, and the activations' settings exactly
+    (``-0.0`` is not ``0.0``, a NaN is itself). About 0.8 us a tensor, where the full check
+    costs 3."""
+    key: list[Any] = [n, dtype, *[tuple(map(_exactly, act)) for act in acts]]
+    for ident, t in tensors:
+        if type(t) is not nn.Parameter and type(t) is not Tensor:
+            key.append(type(t))  # (None, or something _layers refuses)
+        else:
+            key += (ident, t.data_ptr(), t.shape, t.stride(), t.dtype, t.is_neg())
+            key.append(t.untyped_storage().nbytes())
     return tuple(key)
+
+
+def _exactly(v: Any) -> Any:
+    """A setting as a key: a float by its bits."""
+    return v.hex() if type(v) is float else v
 
 
 def _layers(
     steps: list[_Step], n: int, dtype: torch.dtype, acts: list[tuple[int, float, float, float]]
-) -> tuple[ctypes.Array[_Layer], int, list[Tensor | None]]:
-    """The kernel's ``Layer`` structs for ``steps`` (their tensors checked), the last
-    layer's width, and the tensors the structs point into (kept alive with them)."""
+) -> tuple[Any, ...]:
+    """``(key, structs, the last layer's width, what they point into)``: the kernel's
+    ``Layer`` structs for ``steps``, their tensors checked, and their key (see
+    :func:`_layers_key`), both from one look at each parameter: an alias of it (``detach``),
+    which keeps its memory alive while the structs point into it (a parameter given new
+    memory in another thread does not free what a running kernel reads) without holding the
+    parameter's own tensor (``torch.utils.swap_tensors`` refuses one a view holds)."""
     layers = (_Layer * len(steps))()
-    keep: list[Tensor | None] = []
+    read: list[tuple[int, Any]] = []
+    keep: list[Any] = []
     width = None
     for i, step in enumerate(steps):
         params = step.linear._parameters
-        w, b = params["weight"], params["bias"]
+        w0, b0 = params["weight"], params["bias"]
+        w = w0.detach() if isinstance(w0, Tensor) else w0
+        b = b0.detach() if isinstance(b0, Tensor) else b0
+        read += [(id(w0), w), (id(b0), b)]
+        keep += [w0, b0]  # (their ids stay theirs while the key holds them)
         if not isinstance(w, Tensor) or w.ndim != 3:
             raise Unfit(f"Linear {i}'s weight is not a stacked tensor")
         _, out_f, in_f = w.shape
@@ -561,7 +586,7 @@ def _layers(
         width = out_f
         wt = _checked(w.mT, f"Linear {i}'s weight (transposed)", (n, in_f, out_f), dtype)
         bias = None if b is None else _checked(b, f"Linear {i}'s bias", (n, out_f), dtype)
-        keep += [w, b, wt, bias]
+        keep += [wt, bias]
         act, slope, lo, hi = acts[i]
         layers[i] = _Layer(
             in_f,
@@ -575,7 +600,7 @@ def _layers(
             lo,
             hi,
         )
-    return layers, width or 0, keep
+    return _layers_key(read, n, dtype, acts), layers, width or 0, keep
 
 
 def threads() -> int:
