@@ -416,10 +416,7 @@ def test_a_fallback_is_measured_again_and_explain_describes_what_ran(measured):
     with torch.no_grad():
         ens(x)
         assert "Linear 7->5, leaky_relu(0.2), Linear 5->2" in ens.explain()["(auto)"]
-        assert "all 4 rows at once, the outputs in the vector lanes" in ens.explain()["(auto)"]
-        ens(torch.randn(9, 7, dtype=torch.float64))
         assert "tiles of 16 rows" in ens.explain()["(auto)"]  # (float64: two 64-byte vectors)
-        ens(x)
         for m in (ens, loop):
             m.get_submodule("1").negative_slope = torch.tensor(0.3)  # not a number: refused
         torch.testing.assert_close(ens(x), loop(x), atol=1e-12, rtol=0)
@@ -694,3 +691,56 @@ def test_swapping_a_parameter_after_calls(measured):
             torch.utils.swap_tensors(w, nn.Parameter(w.detach() * 2))
         torch.testing.assert_close(ens(x), loop(x), atol=1e-12, rtol=0)
         assert ens.explain()["(auto)"].startswith("native")
+
+
+@pytest.mark.parametrize("rows", [1, 9])
+@pytest.mark.parametrize("bounds", [(-0.0, 1.0), (-1.0, -0.0)])
+def test_a_bound_of_minus_zero_clamps_to_minus_zero(measured, bounds, rows):
+    # the vector lanes splatted -0.0 as 0.0 + -0.0, which is +0.0; torch's clamp keeps -0.0
+    ens, loop = _pair(lambda: nn.Sequential(nn.Linear(4, 17), nn.Hardtanh(*bounds)))
+    x = torch.randn(rows, 4, dtype=torch.float64)
+    with torch.no_grad():
+        got, expected = ens(x), loop(x)
+    assert ens.explain()["(auto)"].startswith("native")
+    torch.testing.assert_close(got, expected, atol=1e-12, rtol=0)
+    zeros = expected == 0
+    assert zeros.any() and torch.equal(got[zeros].signbit(), expected[zeros].signbit())
+
+
+@pytest.mark.parametrize(
+    ("widths", "rows", "few"),
+    [
+        ((23, 256, 256, 1), 8, True),
+        ((23, 256, 256, 1), 1, True),
+        ((8, 15, 15, 1), 8, False),  # narrower than a vector: the tail would be all scalars
+        ((8, 15, 15, 1), 1, False),  # (a tie: the tile)
+        ((1000, 10), 1, False),
+        ((64, 63, 63, 1), 8, False),
+        ((64, 63, 63, 1), 1, True),
+    ],
+)
+def test_a_few_rows_run_in_the_lanes_only_where_that_does_less_work(measured, widths, rows, few):
+    # 1000 x 8-15-15-1 on 8 rows: 1609 us in the lanes (every output a scalar) against 200 on a tile
+    def factory() -> nn.Module:
+        layers: list[nn.Module] = []
+        for a, b in itertools.pairwise(widths):
+            layers += [nn.Linear(a, b), nn.ReLU()]
+        return nn.Sequential(*layers[:-1])
+
+    ens, loop = _pair(factory, n=2, dtype=torch.float32)
+    x = torch.randn(rows, widths[0])
+    with torch.no_grad():
+        torch.testing.assert_close(ens(x), loop(x))
+    why = ens.explain()["(auto)"]
+    assert why.startswith("native")
+    assert ("outputs in the vector lanes" in why) is few, why
+    assert ("tiles of 32 rows" in why) is not few, why
+
+
+def test_no_rows_leave_the_explanation_of_the_last_call_that_ran(measured):
+    ens, _ = _pair(CHAINS["relu"])
+    with torch.no_grad():
+        ens(torch.randn(40, 7, dtype=torch.float64))
+        why = ens.explain()["(auto)"]
+        assert ens(torch.randn(0, 7, dtype=torch.float64)).shape == (N, 0, 1)
+    assert ens.explain()["(auto)"] == why

@@ -9,6 +9,10 @@ typedef INT FN(mask) __attribute__((vector_size(64)));
 
 static inline VEC FN(splat)(REAL s) { return (VEC){0} + s; }
 
+/* s in every lane, its sign kept: a bound of -0.0 clamps to -0.0, as torch's clamp (0.0 + -0.0
+ * is +0.0; -0.0 - 0.0 is -0.0). A bias is splat (its -0.0 as +0.0, as the loop's GEMM ends). */
+static inline VEC FN(exact)(REAL s) { return s - (VEC){0}; }
+
 /* NaN stays NaN, as in torch: every comparison below is false for it. */
 static inline VEC FN(activate)(VEC v, const Layer *l) {
     switch (l->act) {
@@ -20,7 +24,7 @@ static inline VEC FN(activate)(VEC v, const Layer *l) {
     }
     case ACT_CLAMP: {
         MASK low = v < (REAL)l->lo, high = v > (REAL)l->hi;
-        VEC lo = FN(splat)((REAL)l->lo), hi = FN(splat)((REAL)l->hi);
+        VEC lo = FN(exact)((REAL)l->lo), hi = FN(exact)((REAL)l->hi);
         return (VEC)(((MASK)lo & low) | ((MASK)hi & high) | ((MASK)v & ~(low | high)));
     }
     default:
@@ -206,6 +210,21 @@ static void FN(few)(const REAL *A, const Layer *l, int64_t m, int64_t rows, REAL
     }
 }
 
+/* Whether a batch of rows (<= FEW) runs the few-rows way: when it does less work than the tile
+ * of at most one vector of rows, which computes one vector per output and input (its lanes
+ * the rows, padded), where the few-rows way computes, per row and input, one vector per LANES
+ * outputs and one scalar per output left over (a layer narrower than a vector: all scalars). */
+int FN(vensemble_few_rows)(int64_t rows, int32_t depth, const Layer *layers) {
+    if (rows < 1 || rows > FEW) return 0;
+    int64_t few = 0, tile = 0;
+    for (int i = 0; i < depth; i++) {
+        const int64_t in = layers[i].in, out = layers[i].out;
+        few += rows * in * (out / LANES + out % LANES);
+        tile += in * out;
+    }
+    return few < tile;
+}
+
 /* The chain for rows <= FEW, one member per task: see FN(few). */
 static int FN(chain_few)(int64_t n, int64_t rows, const REAL *x, int64_t x_stride,
                          int32_t depth, const Layer *layers, REAL *y, int32_t threads,
@@ -247,7 +266,8 @@ int FN(vensemble_chain)(int64_t n, int64_t rows, const REAL *x, int64_t x_stride
         if (layers[i].in > widest) widest = layers[i].in;
         if (layers[i].out > widest) widest = layers[i].out;
     }
-    if (rows <= FEW) return FN(chain_few)(n, rows, x, x_stride, depth, layers, y, threads, widest);
+    if (FN(vensemble_few_rows)(rows, depth, layers))
+        return FN(chain_few)(n, rows, x, x_stride, depth, layers, y, threads, widest);
     const int64_t tiles = (rows + TILE - 1) / TILE, in0 = layers[0].in;
     const int64_t out = layers[depth - 1].out;
     const size_t bytes = (size_t)widest * TILE * sizeof(REAL); /* (a multiple of 64) */

@@ -8,8 +8,9 @@ memory and reads them back for the next layer, and its small GEMMs (1000 x 128x3
 chain on tiles of 32 rows instead (16 and fewer: one vector of rows, half the work), its
 activations in registers and L1, the weights read in the ensemble's stored (in-major) layout.
 A batch of at most 8 rows (an agent acting) runs all its rows at once with the outputs in the
-vector lanes, each weight read once: 10 x MLP 23-256-256-1 at batch 1 took 44 us against 65
-for the vectorized path.
+vector lanes, each weight read once, where that does less work (layers at least a vector
+wide: see ``vensemble_few_rows`` in ``_chain.h``): 10 x MLP 23-256-256-1 at batch 1 took 44 us
+against 65 for the vectorized path.
 The kernel's per-layer structs are checked and built once and reused while the parameters are
 the same tensors on the same memory and the settings the same (see ``_layers_key``). On the 2-core AMD EPYC sandbox (torch 2.13, 2
 threads) those 1000 members took 1.9 ms per call against 3.2-3.5 ms for the fused program
@@ -73,7 +74,8 @@ _SOURCES = ("_chain.c", "_chain.h")
 # here anyway: its GEMM is large enough for BLAS)
 MAX_WIDTH = 1 << 16
 _FUNCTION = {torch.float32: "vensemble_chain_f32", torch.float64: "vensemble_chain_f64"}
-FEW_ROWS = 8  # _chain.h's FEW: a batch of at most this many rows runs outputs in the lanes
+# whether a batch of rows runs the outputs in the lanes (see _chain.h), per kernel function
+_FEW_ROWS = {name: name.replace("chain", "few_rows") for name in _FUNCTION.values()}
 
 # activation codes of _chain.c
 _NONE, _RELU, _LEAKY, _CLAMP = 0, 1, 2, 3
@@ -220,6 +222,9 @@ def _load() -> ctypes.CDLL | str:
             ctypes.c_void_p,
             ctypes.c_int32,
         ]
+        few = getattr(lib, _FEW_ROWS[symbol])
+        few.restype = ctypes.c_int
+        few.argtypes = [ctypes.c_int64, ctypes.c_int32, ctypes.POINTER(_Layer)]
     return lib
 
 
@@ -506,9 +511,9 @@ def run_chain(
     for d in lead:
         rows *= d
     y = torch.empty((n, *lead, width), dtype=dtype)
-    plan.last = (layers, dtype, chain.flatten is not None, rows)
     if rows == 0 or y.numel() == 0:
         return y
+    plan.last = (layers, dtype, chain.flatten is not None, rows)
     fn = getattr(lib, _FUNCTION[dtype])
     stride = rows * in0 if batched else 0
     status = fn(n, rows, x.data_ptr(), stride, len(steps), layers, y.data_ptr(), threads())
@@ -638,7 +643,9 @@ class NativePlan(Afresh):
             elif layer.act == _CLAMP:
                 parts.append(f"hardtanh({layer.lo:g}, {layer.hi:g})")
         chain = ", ".join(parts)
-        if rows <= FEW_ROWS:
+        lib = kernel_library()
+        few = getattr(lib, _FEW_ROWS[_FUNCTION[dtype]], None)  # (the library that ran it)
+        if few is not None and few(rows, len(layers), layers):
             return (
                 f"one compiled kernel runs each member's whole chain on all {rows} rows at once, "
                 f"the outputs in the vector lanes, each weight read once ({chain})"
