@@ -111,9 +111,11 @@ static void FN(layer)(const REAL *A, const Layer *l, int64_t m, REAL *B, int hal
 /* A batch of at most FEW rows (an agent acting): outputs in the vector lanes instead, all
  * rows at once, so each weight is read once per call and no lane computes a padding row.
  * Row-major activations: A[r * in + k] -> B[r * out + o]. NV vectors of outputs at a time,
- * then one, then one for the last fewer than LANES outputs (its other lanes idle). */
+ * then one, then one for the last fewer than LANES outputs (its other lanes idle), or, for
+ * fewer than VEC_TAIL of them, one output at a time. */
 #define FEW 8
 #define NV 4
+#define VEC_TAIL 4 /* the last outputs of a layer, when fewer: one at a time (a value head) */
 
 static inline VEC FN(load)(const REAL *p) {
     VEC v;
@@ -122,6 +124,20 @@ static inline VEC FN(load)(const REAL *p) {
 }
 
 static inline void FN(store)(REAL *p, VEC v) { __builtin_memcpy(p, &v, sizeof v); }
+
+/* One lane of FN(activate): for the last output or few of a layer. */
+static inline REAL FN(activate1)(REAL v, const Layer *l) {
+    switch (l->act) {
+    case ACT_RELU:
+        return v < 0 ? (REAL)0 : v; /* (as the vector code: NaN and -0.0 go through) */
+    case ACT_LEAKY:
+        return v > 0 ? v : v * (REAL)l->slope;
+    case ACT_CLAMP:
+        return v < (REAL)l->lo ? (REAL)l->lo : v > (REAL)l->hi ? (REAL)l->hi : v;
+    default:
+        return v;
+    }
+}
 
 #define FEW_ROWS(R)                                                                            \
     static void FN(few##R)(const REAL *restrict A, const Layer *l, const REAL *w,              \
@@ -160,6 +176,20 @@ static inline void FN(store)(REAL *p, VEC v) { __builtin_memcpy(p, &v, sizeof v)
             _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) FN(store)(                    \
                 B + r * out + o0, FN(activate)(acc[r], l));                                    \
         }                                                                                      \
+        if (out - o0 > 0 && out - o0 < VEC_TAIL) { /* a last output or few, one at a time */   \
+            for (; o0 < out; o0++) {                                                           \
+                REAL acc[R];                                                                   \
+                _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) acc[r] =                   \
+                    b ? b[o0] : (REAL)0;                                                       \
+                for (int64_t k = 0; k < in; k++) {                                             \
+                    REAL wk = w[k * out + o0];                                                 \
+                    _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) acc[r] +=              \
+                        A[r * in + k] * wk;                                                    \
+                }                                                                              \
+                _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) B[r * out + o0] =          \
+                    FN(activate1)(acc[r], l);                                                  \
+            }                                                                                  \
+        }                                                                                      \
         if (o0 < out) { /* the last fewer than LANES outputs: one vector, lanes past out idle */ \
             const int64_t tail = out - o0, total = in * out;                                   \
             /* inputs whose vector of weights from o0 lies inside this member's W^T: it runs   \
@@ -173,15 +203,19 @@ static inline void FN(store)(REAL *p, VEC v) { __builtin_memcpy(p, &v, sizeof v)
                 VEC wv = FN(load)(w + k * out + o0);                                           \
                 _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) acc[r] += A[r * in + k] * wv; \
             }                                                                                  \
+            REAL lanes[R][LANES]; /* (the sums so far, in memory: added to lane by lane) */    \
+            __builtin_memcpy(lanes, acc, sizeof lanes);                                        \
             for (int64_t k = kv; k < in; k++) {                                                \
                 for (int64_t j = 0; j < tail; j++) {                                           \
                     REAL wk = w[k * out + o0 + j];                                             \
-                    _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) acc[r][j] +=           \
+                    _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) lanes[r][j] +=         \
                         A[r * in + k] * wk;                                                    \
                 }                                                                              \
             }                                                                                  \
+            __builtin_memcpy(acc, lanes, sizeof lanes);                                        \
             _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {                              \
-                VEC v = FN(activate)(acc[r], l);                                               \
+                REAL v[LANES];                                                                 \
+                FN(store)(v, FN(activate)(acc[r], l));                                         \
                 for (int64_t j = 0; j < tail; j++) B[r * out + o0 + j] = v[j];                 \
             }                                                                                  \
         }                                                                                      \
@@ -226,7 +260,10 @@ int FN(vensemble_few_rows)(int64_t rows, int32_t depth, const Layer *layers) {
         const int64_t o0 = out - tail, total = in * out;
         int64_t kv = total - o0 >= LANES ? (total - o0 - LANES) / out + 1 : 0; /* as in FEW_ROWS */
         if (kv > in) kv = in;
-        few += rows * (in * (out / LANES) + (tail ? kv + (in - kv) * tail + tail : 0)) + tail;
+        if (tail > 0 && tail < VEC_TAIL)
+            few += rows * (in * (out / LANES) + in * tail);
+        else
+            few += rows * (in * (out / LANES) + (tail ? kv + (in - kv) * tail + tail : 0)) + tail;
         tile += in * out;
     }
     return few < tile;
@@ -314,5 +351,6 @@ int FN(vensemble_chain)(int64_t n, int64_t rows, const REAL *x, int64_t x_stride
 #undef TILE
 #undef FEW
 #undef NV
+#undef VEC_TAIL
 #undef VEC
 #undef MASK
