@@ -368,6 +368,34 @@ def test_a_flipped_bit_in_the_weights_is_caught_by_the_checksum(saved, tmp_path)
         assert torch.equal(v, before[k])
 
 
+class _Tempered(nn.Module):
+    def __init__(self, temperature: float = 1.0) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+        self.temperature = temperature
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(x) / self.temperature
+
+
+def test_a_file_saved_after_annealing_a_setting_says_how_to_load_it(tmp_path):
+    ens = ve.Ensemble.from_factory(_Tempered, 3, seed=0)
+    ens.temperature = 0.5
+    path = tmp_path / "annealed.safetensors"
+    save(ens, path)
+    with pytest.raises(ve.EnsembleError, match="Only plain settings differ") as err:
+        load(path, _Tempered)
+    assert "root module attribute 'temperature' is 0.5 in the file, 1.0 in the model" in str(
+        err.value
+    )
+    loaded = load(path, lambda: _Tempered(0.5))
+    x = torch.randn(5, 4)
+    torch.testing.assert_close(loaded(x), ens(x))
+    with pytest.raises(ve.EnsembleError) as err:  # (no such hint for other differences)
+        load(path, lambda: nn.Linear(4, 3))
+    assert "Only plain settings differ" not in str(err.value)
+
+
 def test_another_architecture_is_refused_naming_every_difference(saved):
     _, path = saved
 

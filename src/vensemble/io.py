@@ -233,9 +233,16 @@ def _check_fits(info: FileInfo, template: nn.Module, member: bool) -> list[str]:
     model_fp = fingerprint(template) if member else member_fingerprint(template)
     if diffs := fingerprint_differences(info.fingerprint, model_fp):
         more = f"\n  (and {len(diffs) - 12} more)" if len(diffs) > 12 else ""
+        settings = all(" attribute '" in d for d in diffs)
+        hint = (
+            "\nOnly plain settings differ (changed after building, e.g. an annealed "
+            "ens.temperature = 0.5): build the model with the file's settings, then load"
+            if settings
+            else ""
+        )
         raise EnsembleError(
             f"{info.path} was saved from a different architecture than the model given (file "
-            f"fingerprint {info.digest}):\n  - " + "\n  - ".join(diffs[:12]) + more
+            f"fingerprint {info.digest}):\n  - " + "\n  - ".join(diffs[:12]) + more + hint
         )
     names = list(unique_tensors(template))
     stored = sorted(k for k in info.shapes if not k.startswith(OPTIMIZER_PREFIX))
