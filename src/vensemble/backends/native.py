@@ -79,6 +79,7 @@ _FEW_ROWS = {name: name.replace("chain", "few_rows") for name in _FUNCTION.value
 
 # activation codes of _chain.c
 _NONE, _RELU, _LEAKY, _CLAMP = 0, 1, 2, 3
+_NO_ACTIVATION = (_NONE, 0.0, 0.0, 0.0)
 
 
 class Unnative(Exception):
@@ -454,7 +455,14 @@ def _checked(t: Any, what: str, shape: tuple[int, ...], dtype: torch.dtype) -> T
 def _act(step: _Step, top: float) -> tuple[int, float, float, float]:
     """The activation after ``step``'s Linear, its settings within ``top`` (the dtype's
     largest value) in magnitude."""
-    found = [a() for a in step.activations]
+    activations = step.activations
+    if not activations:
+        return _NO_ACTIVATION
+    if len(activations) == 1:  # (the common case, and a ReLU has no settings to check)
+        act = activations[0]()
+        if act[0] == _RELU or act[0] == _NONE:
+            return act
+    found = [a() for a in activations]
     real = [a for a in found if a[0] != _NONE]
     if len(real) > 1:
         raise Unfit("two activations in a row")
