@@ -2013,6 +2013,11 @@ def test_a_root_setting_is_read_and_written_through_the_ensemble(backend):
     assert ens.__dict__["note"] == "mine" and not hasattr(ens.member(0), "note")
     with pytest.raises(AttributeError, match="nothing_here"):
         getattr(ens, "nothing_here")  # noqa: B009
+    assert "temperature" in dir(ens) and "_private" not in dir(ens) and "forward" in dir(ens)
+    del ens.temperature  # every member's
+    assert not hasattr(ens, "temperature") and not hasattr(ens.member(0), "temperature")
+    del ens.note
+    assert "note" not in ens.__dict__
 
 
 class _KeepsLast(nn.Module):

@@ -571,6 +571,21 @@ class Ensemble(nn.Module):
         else:
             super().__setattr__(name, value)
 
+    def __delattr__(self, name: str) -> None:
+        template = self.__dict__.get("_template")
+        if template is not None and self._has_root_setting(name):
+            delattr(template, name)  # every member's
+            self._forget_programs()
+        else:
+            super().__delattr__(name)
+
+    def __dir__(self) -> list[str]:
+        template = self.__dict__.get("_template")
+        own = super().__dir__()
+        if template is None:
+            return list(own)
+        return sorted({*own, *(k for k in template.__dict__ if self._has_root_setting(k))})
+
     def _has_root_setting(self, name: str) -> bool:
         """Whether ``name`` is read and written as the members' root setting (see above)."""
         return (
