@@ -176,6 +176,11 @@ def test_world1_root_settings_are_the_local_blocks():
         shard.temperature = ref.temperature = 0.5
         torch.testing.assert_close(shard(x), ref(x))
     assert shard.local.temperature == 0.5 and "temperature" not in shard.__dict__
+    assert "temperature" in dir(shard)
+    del shard.temperature
+    assert not hasattr(shard.local, "temperature")
+    shard.temperature = 0.25
+    assert shard.local.temperature == 0.25 and "temperature" not in shard.__dict__
 
 
 def test_world1_in_a_process_group_keeps_the_gradient_graph(tmp_path):

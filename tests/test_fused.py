@@ -2018,6 +2018,42 @@ def test_a_root_setting_is_read_and_written_through_the_ensemble(backend):
     assert not hasattr(ens, "temperature") and not hasattr(ens.member(0), "temperature")
     del ens.note
     assert "note" not in ens.__dict__
+    ens.temperature = 0.5  # set again after its deletion: every member's again
+    assert "temperature" not in ens.__dict__ and ens.member(1).temperature == 0.5
+
+
+class _OptionalMask(nn.Module):
+    mask: Tensor | None = None  # a class default, not set in __init__
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.fc(x)
+        return y if self.mask is None else y * self.mask
+
+
+@pytest.mark.parametrize("backend", ["loop", "fused", "auto"])
+def test_a_setting_with_a_class_default_is_the_members(backend):
+    # ens.mask = ... set an attribute on the ensemble; the members kept the class's None
+    torch.manual_seed(0)
+    members = [_OptionalMask() for _ in range(N)]
+    ens = ve.Ensemble(copy.deepcopy(members), backend=backend)
+    x = torch.randn(5, 4)
+    assert ens.mask is None and "mask" in dir(ens)
+    with torch.no_grad():
+        ens(x)
+        ens.mask = torch.zeros(3)
+        for m in members:
+            m.mask = torch.zeros(3)
+        torch.testing.assert_close(ens(x), torch.stack([m(x) for m in members]))
+        assert (ens(x) == 0).all() and "mask" not in ens.__dict__
+        del ens.mask  # the class default again
+        for m in members:
+            del m.mask
+        torch.testing.assert_close(ens(x), torch.stack([m(x) for m in members]))
+        assert ens.mask is None
 
 
 class _KeepsLast(nn.Module):

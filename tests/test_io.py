@@ -383,7 +383,7 @@ def test_a_file_saved_after_annealing_a_setting_says_how_to_load_it(tmp_path):
     ens.temperature = 0.5
     path = tmp_path / "annealed.safetensors"
     save(ens, path)
-    with pytest.raises(ve.EnsembleError, match="Only plain settings differ") as err:
+    with pytest.raises(ve.EnsembleError, match="Only settings differ") as err:
         load(path, _Tempered)
     assert "root module attribute 'temperature' is 0.5 in the file, 1.0 in the model" in str(
         err.value
@@ -393,7 +393,15 @@ def test_a_file_saved_after_annealing_a_setting_says_how_to_load_it(tmp_path):
     torch.testing.assert_close(loaded(x), ens(x))
     with pytest.raises(ve.EnsembleError) as err:  # (no such hint for other differences)
         load(path, lambda: nn.Linear(4, 3))
-    assert "Only plain settings differ" not in str(err.value)
+    assert "Only settings differ" not in str(err.value)
+    dropout = ve.Ensemble.from_factory(lambda: nn.Sequential(nn.Linear(4, 3), nn.Dropout(0.5)), 2)
+    dropout.get_submodule("1").p = 0.1  # a torch layer's setting annealed
+    save(dropout, tmp_path / "dropout.safetensors")
+    with pytest.raises(ve.EnsembleError, match="Only settings differ"):
+        load(
+            tmp_path / "dropout.safetensors",
+            lambda: nn.Sequential(nn.Linear(4, 3), nn.Dropout(0.5)),
+        )
 
 
 def test_another_architecture_is_refused_naming_every_difference(saved):

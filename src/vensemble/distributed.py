@@ -153,6 +153,25 @@ class ShardedEnsemble(nn.Module):
         else:
             super().__setattr__(name, value)
 
+    def __delattr__(self, name: str) -> None:
+        local = self.__dict__.get("_modules", {}).get("local")
+        if (
+            isinstance(local, Ensemble)
+            and name not in self.__dict__
+            and not hasattr(type(self), name)
+            and local._has_root_setting(name)
+        ):
+            delattr(local, name)
+        else:
+            super().__delattr__(name)
+
+    def __dir__(self) -> list[str]:
+        local = self.__dict__.get("_modules", {}).get("local")
+        own = set(super().__dir__())
+        if not isinstance(local, Ensemble):
+            return sorted(own)
+        return sorted(own | {k for k in dir(local) if local._has_root_setting(k)})
+
     def _setup(self, comm: Comm, n: int) -> None:
         if n < comm.world:
             raise EnsembleError(

@@ -140,9 +140,20 @@ def _loop_wins(loop: float, vectorized: float, device: torch.device) -> bool:
 
 
 def _root_setting(template: nn.Module, name: str) -> bool:
-    """Whether ``name`` is a public plain attribute of the member's root module (not one of
-    ``nn.Module``'s own; private names are the ensemble's own)."""
-    return name[:1] != "_" and name in template.__dict__ and name not in _MODULE_INTERNALS
+    """Whether ``name`` is a public plain setting of the member's root module: an attribute
+    of its own (not one of ``nn.Module``'s; private names are the ensemble's own), or a plain
+    value its class holds as a default (``mask = None`` in the class body)."""
+    if name[:1] == "_" or name in _MODULE_INTERNALS:
+        return False
+    if name in template.__dict__:
+        return True
+    for klass in type(template).__mro__:
+        if klass.__module__.startswith("torch.") or klass is object:
+            continue
+        if name in vars(klass):
+            default = vars(klass)[name]
+            return not (callable(default) or hasattr(default, "__get__"))  # (no descriptor)
+    return False
 
 
 _MODULE_INTERNALS = frozenset(nn.Module().__dict__) | {"training"}
@@ -559,9 +570,9 @@ class Ensemble(nn.Module):
             return super().__getattr__(name)
         except AttributeError:
             template = self.__dict__.get("_template")
-            if template is None or not _root_setting(template, name):
+            if template is None or not self._has_root_setting(name):
                 raise
-            return template.__dict__[name]
+            return getattr(template, name)
 
     def __setattr__(self, name: str, value: Any) -> None:
         template = self.__dict__.get("_template")
@@ -576,6 +587,7 @@ class Ensemble(nn.Module):
         if template is not None and self._has_root_setting(name):
             delattr(template, name)  # every member's
             self._forget_programs()
+            self.__dict__.setdefault("_deleted_settings", set()).add(name)  # (set again later)
         else:
             super().__delattr__(name)
 
@@ -584,14 +596,18 @@ class Ensemble(nn.Module):
         own = super().__dir__()
         if template is None:
             return list(own)
-        return sorted({*own, *(k for k in template.__dict__ if self._has_root_setting(k))})
+        return sorted({*own, *(k for k in dir(template) if self._has_root_setting(k))})
 
     def _has_root_setting(self, name: str) -> bool:
-        """Whether ``name`` is read and written as the members' root setting (see above)."""
+        """Whether ``name`` is read and written as the members' root setting (see above): one
+        the root module has, or had until it was deleted through the ensemble."""
         return (
             name not in self.__dict__
             and not hasattr(type(self), name)
-            and _root_setting(self._template, name)
+            and (
+                _root_setting(self._template, name)
+                or name in self.__dict__.get("_deleted_settings", ())
+            )
         )
 
     def __repr__(self) -> str:

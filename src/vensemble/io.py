@@ -233,10 +233,13 @@ def _check_fits(info: FileInfo, template: nn.Module, member: bool) -> list[str]:
     model_fp = fingerprint(template) if member else member_fingerprint(template)
     if diffs := fingerprint_differences(info.fingerprint, model_fp):
         more = f"\n  (and {len(diffs) - 12} more)" if len(diffs) > 12 else ""
-        settings = all(" attribute '" in d for d in diffs)
+        settings = all(
+            (" attribute '" in d or " is configured '" in d) and "<missing>" not in d for d in diffs
+        )
         hint = (
-            "\nOnly plain settings differ (changed after building, e.g. an annealed "
-            "ens.temperature = 0.5): build the model with the file's settings, then load"
+            "\nOnly settings differ (changed after building, e.g. an annealed "
+            "ens.temperature = 0.5 or a Dropout's p): build the model with the file's settings, "
+            "then load"
             if settings
             else ""
         )
