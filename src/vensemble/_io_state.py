@@ -29,6 +29,7 @@ __all__ = [
     "fingerprint_differences",
     "member_fingerprint",
     "new_ensemble",
+    "only_settings_differ",
     "template_module",
     "unique_tensors",
 ]
@@ -219,6 +220,21 @@ def fingerprint_differences(saved: dict[str, Any], model: dict[str, Any]) -> lis
             f"tied weights differ: the file ties {saved['ties']}, the model ties {model['ties']}"
         )
     return out
+
+
+def only_settings_differ(saved: dict[str, Any], model: dict[str, Any]) -> bool:
+    """Whether the fingerprints differ in settings alone: what torch's layers are configured
+    with (``extra_repr``) and the values of the modules' plain attributes (the same names in
+    both: an attribute one side lacks is another architecture)."""
+
+    def without_settings(fp: dict[str, Any]) -> dict[str, Any]:
+        modules = {
+            path: {**m, "extra_repr": "", "attributes": dict.fromkeys(m["attributes"], "")}
+            for path, m in fp["modules"].items()
+        }
+        return {**fp, "modules": modules}
+
+    return not fingerprint_differences(without_settings(saved), without_settings(model))
 
 
 # ----------------------------------------------------------------------------- optimizer

@@ -194,22 +194,20 @@ def settings_changed(settings: list[Setting]) -> bool:
     """Whether one of ``settings`` was assigned another object since it was taken (an
     annealed temperature), or a container setting holds other objects (``cfg.tau = 0.5``):
     programs traced with the old values must go."""
-    return any(
-        d.get(name, _GONE) is not value or (held is not None and not _same(held, _held(value)))
-        for d, name, value, held in settings
-    )
+    return any(map(_changed, settings))
 
 
 def changed_settings(settings: list[Setting]) -> frozenset[tuple[int, str]]:
     """The ``(id(module.__dict__), name)`` of each setting that changed (see
     :func:`settings_changed`), as :func:`traced_settings` takes them in ``state``."""
-    return frozenset(
-        (id(d), name)
-        for d, name, value, held in settings
-        if d.get(name, _GONE) is not value or (held is not None and not _same(held, _held(value)))
-    )
+    return frozenset((id(s[0]), s[1]) for s in settings if _changed(s))
 
 
-def _same(old: tuple[Any, ...], new: tuple[Any, ...] | None) -> bool:
-    """Whether two ``_held`` snapshots hold the same objects, one by one."""
-    return new is not None and len(old) == len(new) and all(map(operator.is_, old, new))
+def _changed(setting: Setting) -> bool:
+    d, name, value, held = setting
+    if d.get(name, _GONE) is not value:
+        return True
+    if held is None:
+        return False
+    new = _held(value)  # (the same objects, one by one)
+    return new is None or len(held) != len(new) or not all(map(operator.is_, held, new))

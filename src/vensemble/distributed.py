@@ -136,24 +136,34 @@ class ShardedEnsemble(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            local = self.__dict__.get("_modules", {}).get("local")
-            if not isinstance(local, Ensemble) or not local._has_root_setting(name):
+            local = self._holding(name)
+            if local is None:
                 raise
             return getattr(local, name)
 
     def __setattr__(self, name: str, value: Any) -> None:
-        local = self.__dict__.get("_modules", {}).get("local")
-        if (
-            isinstance(local, Ensemble)
-            and name not in self.__dict__
-            and not hasattr(type(self), name)
-            and local._has_root_setting(name)
-        ):
+        local = self._holding(name)
+        if local is not None:
             setattr(local, name, value)
         else:
             super().__setattr__(name, value)
 
     def __delattr__(self, name: str) -> None:
+        local = self._holding(name)
+        if local is not None:
+            delattr(local, name)
+        else:
+            super().__delattr__(name)
+
+    def __dir__(self) -> list[str]:
+        own = set(super().__dir__())
+        local = self.__dict__.get("_modules", {}).get("local")
+        if not isinstance(local, Ensemble):
+            return sorted(own)
+        return sorted(own | {k for k in dir(local) if local._has_root_setting(k)})
+
+    def _holding(self, name: str) -> Ensemble | None:
+        """The local block when ``name`` is the members' root setting, not this module's."""
         local = self.__dict__.get("_modules", {}).get("local")
         if (
             isinstance(local, Ensemble)
@@ -161,16 +171,8 @@ class ShardedEnsemble(nn.Module):
             and not hasattr(type(self), name)
             and local._has_root_setting(name)
         ):
-            delattr(local, name)
-        else:
-            super().__delattr__(name)
-
-    def __dir__(self) -> list[str]:
-        local = self.__dict__.get("_modules", {}).get("local")
-        own = set(super().__dir__())
-        if not isinstance(local, Ensemble):
-            return sorted(own)
-        return sorted(own | {k for k in dir(local) if local._has_root_setting(k)})
+            return local
+        return None
 
     def _setup(self, comm: Comm, n: int) -> None:
         if n < comm.world:

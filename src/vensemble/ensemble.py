@@ -569,23 +569,20 @@ class Ensemble(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            template = self.__dict__.get("_template")
-            if template is None or not self._has_root_setting(name):
+            if not self._has_root_setting(name):
                 raise
-            return getattr(template, name)
+            return getattr(self._template, name)
 
     def __setattr__(self, name: str, value: Any) -> None:
-        template = self.__dict__.get("_template")
-        if template is not None and self._has_root_setting(name):
-            setattr(template, name, value)  # every member's
+        if self._has_root_setting(name):
+            setattr(self._template, name, value)  # every member's
             self._forget_programs()  # (whichever code reads it: a helper function too)
         else:
             super().__setattr__(name, value)
 
     def __delattr__(self, name: str) -> None:
-        template = self.__dict__.get("_template")
-        if template is not None and self._has_root_setting(name):
-            delattr(template, name)  # every member's
+        if self._has_root_setting(name):
+            delattr(self._template, name)  # every member's
             self._forget_programs()
             self.__dict__.setdefault("_deleted_settings", set()).add(name)  # (set again later)
         else:
@@ -600,13 +597,15 @@ class Ensemble(nn.Module):
 
     def _has_root_setting(self, name: str) -> bool:
         """Whether ``name`` is read and written as the members' root setting (see above): one
-        the root module has, or had until it was deleted through the ensemble."""
+        the root module has, or had until it was deleted through the ensemble (``False``
+        while the ensemble is being built)."""
+        template = self.__dict__.get("_template")
         return (
-            name not in self.__dict__
+            template is not None
+            and name not in self.__dict__
             and not hasattr(type(self), name)
             and (
-                _root_setting(self._template, name)
-                or name in self.__dict__.get("_deleted_settings", ())
+                _root_setting(template, name) or name in self.__dict__.get("_deleted_settings", ())
             )
         )
 

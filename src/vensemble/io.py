@@ -33,6 +33,7 @@ from ._io_state import (
     fingerprint_differences,
     member_fingerprint,
     new_ensemble,
+    only_settings_differ,
     template_module,
     unique_tensors,
 )
@@ -233,14 +234,11 @@ def _check_fits(info: FileInfo, template: nn.Module, member: bool) -> list[str]:
     model_fp = fingerprint(template) if member else member_fingerprint(template)
     if diffs := fingerprint_differences(info.fingerprint, model_fp):
         more = f"\n  (and {len(diffs) - 12} more)" if len(diffs) > 12 else ""
-        settings = all(
-            (" attribute '" in d or " is configured '" in d) and "<missing>" not in d for d in diffs
-        )
         hint = (
             "\nOnly settings differ (changed after building, e.g. an annealed "
             "ens.temperature = 0.5 or a Dropout's p): build the model with the file's settings, "
             "then load"
-            if settings
+            if only_settings_differ(info.fingerprint, model_fp)
             else ""
         )
         raise EnsembleError(

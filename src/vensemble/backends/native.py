@@ -260,13 +260,13 @@ def _from_module(m: nn.Module) -> _Activation | None:
     if kind in (nn.Hardtanh, nn.ReLU6):
         return lambda: _clamp(m.min_val, m.max_val)
     if kind is nn.Identity:
-        return lambda: (_NONE, 0.0, 0.0, 0.0)
+        return lambda: _NO_ACTIVATION
     if kind is nn.Dropout:
 
         def dropout() -> tuple[int, float, float, float]:
             if m.training:
                 raise Unfit("a Dropout in training mode draws random numbers")
-            return (_NONE, 0.0, 0.0, 0.0)
+            return _NO_ACTIVATION
 
         return dropout
     return None
@@ -466,7 +466,7 @@ def _act(step: _Step, top: float) -> tuple[int, float, float, float]:
     real = [a for a in found if a[0] != _NONE]
     if len(real) > 1:
         raise Unfit("two activations in a row")
-    act = real[0] if real else (_NONE, 0.0, 0.0, 0.0)
+    act = real[0] if real else _NO_ACTIVATION
     if any(math.isfinite(v) and abs(v) > top for v in act[1:]):  # (torch raises for it)
         raise Unfit(f"an activation's setting is out of the dtype's range (+-{top:g})")
     return act
@@ -666,7 +666,13 @@ class NativePlan(Afresh):
 
 
 _LEAVES = (
-    *(nn.Linear, nn.ReLU, nn.LeakyReLU, nn.Hardtanh, nn.ReLU6, nn.Identity, nn.Dropout),
+    nn.Linear,
+    nn.ReLU,
+    nn.LeakyReLU,
+    nn.Hardtanh,
+    nn.ReLU6,
+    nn.Identity,
+    nn.Dropout,
     nn.Flatten,
 )
 
