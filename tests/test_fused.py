@@ -2545,3 +2545,42 @@ def test_a_member_calling_an_ensemble_another_thread_calls_does_not_deadlock():
         torch.testing.assert_close(got["outer"], loop(x))
         expected = torch.stack([m(y) for m in inner.unstack()])
     torch.testing.assert_close(got["inner"], expected)
+
+
+class _RootScale(nn.Module):
+    """Parameters read directly by the forward: the root's own, and a child's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+        self.scale = nn.Parameter(torch.randn(3))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # reductions: a tensor taken for all members at once would be reduced over them too
+        return self.lin(x) * self.scale.sum() + torch.einsum("bi,ji->bj", x, self.lin.weight)
+
+
+@pytest.mark.parametrize("backend", ["fused", "auto"])
+def test_functional_call_parameters_read_directly_are_each_members(backend):
+    """torch.func.functional_call puts plain tensors in the parameter slots: the program reads
+    them at run time, per member, as it reads Parameters (fx took them for constants: the
+    program reduced over all members' values, and kept them for every later call)."""
+    torch.manual_seed(0)
+    members = [_RootScale().double() for _ in range(N)]
+    ens = ve.Ensemble(copy.deepcopy(members), backend=backend)
+    loop = ve.Ensemble(copy.deepcopy(members), backend="loop")
+    x = torch.randn(5, 3, dtype=torch.float64)
+    params = {k: torch.randn_like(v) for k, v in ens.named_parameters()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ve.FallbackWarning)  # the fused program runs it
+        for grad in (False, True):
+            with torch.set_grad_enabled(grad):
+                got = torch.func.functional_call(ens, params, (x,))
+                expected = torch.func.functional_call(loop, params, (x,))
+            torch.testing.assert_close(got, expected, atol=1e-12, rtol=0)
+        grads = torch.func.grad(lambda p: torch.func.functional_call(ens, p, (x,)).sum())(params)
+        want = torch.func.grad(lambda p: torch.func.functional_call(loop, p, (x,)).sum())(params)
+        for key, g in grads.items():
+            torch.testing.assert_close(g, want[key], atol=1e-12, rtol=0, msg=key)
+        # and the ensemble's own parameters again on the next call
+        torch.testing.assert_close(ens(x), loop(x), atol=1e-12, rtol=0)

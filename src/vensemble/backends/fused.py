@@ -406,6 +406,17 @@ class _Tracer(fx.Tracer):
     def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
         if threading.get_ident() != self.thread:
             return attr_val
+        if isinstance(attr_val, Tensor) and not isinstance(attr_val, nn.Parameter):
+            # a parameter slot holding a plain tensor (torch.func.functional_call puts the
+            # tensors it is given there): read at run time, as a Parameter is. fx would take
+            # it for a constant: the program would run every later call with these values,
+            # and as one tensor shared by all members (w.sum() summed over the members)
+            for name, p in self.root.named_parameters():
+                if p is attr_val:
+                    if name not in parameter_proxy_cache:
+                        proxy = self.create_proxy("get_attr", name, (), {})
+                        parameter_proxy_cache[name] = proxy
+                    return parameter_proxy_cache[name]
         return super().getattr(attr, attr_val, parameter_proxy_cache)
 
 
