@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import math
 import warnings
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -571,6 +573,43 @@ def test_auto_times_nothing_under_deterministic_algorithms(deterministic, monkey
     torch.testing.assert_close(out, ve.Ensemble.from_factory(net, 3, seed=0)(x), atol=0, rtol=0)
     loop = ve.Ensemble.from_factory(net, 3, seed=0, backend="loop")
     torch.testing.assert_close(out, loop(x), atol=1e-5, rtol=1e-5)  # the reference, to rounding
+
+
+def test_a_path_that_raises_in_a_timed_run_leaves_nothing_behind():
+    """auto's measurement undoes every run's side effects: an optional path (the loop, a
+    rewrite) that raises in a timed run, after its warm-up went through, is left out; any
+    other path's error propagates, with the model's state and the RNG put back first."""
+    from vensemble.backends._autotune import measure_paths
+
+    state = {"written": 0}
+
+    def restore() -> None:
+        state["written"] = 0
+
+    def path(fails_on: int | None) -> Callable[[], None]:
+        runs = [0]
+
+        def run() -> None:
+            runs[0] += 1
+            state["written"] += 1  # a side effect (a BatchNorm's running stats)
+            torch.rand(3)  # a draw
+            if runs[0] == fails_on:
+                raise RuntimeError("boom")
+
+        return run
+
+    torch.manual_seed(0)
+    rng = torch.get_rng_state()
+    paths = {"vectorized": path(None), "loop": path(2), "native": path(4)}
+    timings = measure_paths(paths, restore=restore, device=None, optional=frozenset({"loop", "native"}))  # fmt: skip
+    assert set(timings) == {"vectorized"}  # each optional path raised in a timed run
+    assert all(0 < t < math.inf for t in timings.values())
+    assert state["written"] == 0
+    assert torch.equal(torch.get_rng_state(), rng)
+    with pytest.raises(RuntimeError, match="boom"):
+        measure_paths({"vectorized": path(3)}, restore=restore, device=None)
+    assert state["written"] == 0
+    assert torch.equal(torch.get_rng_state(), rng)
 
 
 def test_auto_with_compile_times_the_compiled_program_against_the_loop(monkeypatch):

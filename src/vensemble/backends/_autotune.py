@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Hashable
 from typing import Any, TypeVar
@@ -155,8 +156,9 @@ def measure_paths(
     ``restore`` undoes each run's side effects on the model (BatchNorm running stats); the
     global RNG state is restored too, so measuring changes nothing a later call sees.
     ``warmups``: untimed runs per path before timing (default 1; a compiled path needs its
-    compile and its first compiled call behind it). A path in ``optional`` that raises in its
-    warm-up is left out of the result; any other path's error propagates.
+    compile and its first compiled call behind it). A path in ``optional`` that raises, in its
+    warm-up or a timed run, is left out of the result; any other path's error propagates,
+    after ``restore`` (and the RNG state) undid the failed run's side effects.
     """
     dev = device or torch.device("cpu")
     cuda = [dev.index or 0] if dev.type == "cuda" else []
@@ -177,30 +179,43 @@ def measure_paths(
                 finally:
                     restore()
         paths = {name: fn for name, fn in paths.items() if name not in failed}
+
+        def timed(name: str) -> float:
+            """One timed run of ``name``; ``inf`` for an optional path that raises (it is
+            left out then). Its side effects and the RNG state are undone either way."""
+            try:
+                with torch.random.fork_rng(devices=cuda):
+                    return _time(paths[name], dev, repeats=1)
+            except Exception:
+                if name not in optional:
+                    raise
+                failed.add(name)
+                return math.inf
+            finally:
+                restore()
+
         # the second run is the first honest one; a path already far behind is not re-run
-        second = {}
-        for name, fn in paths.items():
-            with torch.random.fork_rng(devices=cuda):
-                second[name] = _time(fn, dev, repeats=1)
-            restore()
+        second = {name: timed(name) for name in list(paths)}
         timed_again: set[str] = set()  # (once more, later: a noisy moment may have hit it)
         while True:
             best = min(second.values())
-            behind = [k for k in paths if second[k] > _FAR_BEHIND * best and k not in timed_again]
+            behind = [
+                k
+                for k in paths
+                if second[k] > _FAR_BEHIND * best and k not in timed_again and k not in failed
+            ]
             if not behind:
                 break
             for name in behind:
-                with torch.random.fork_rng(devices=cuda):
-                    second[name] = min(second[name], _time(paths[name], dev, repeats=1))
-                restore()
+                second[name] = min(second[name], timed(name))
                 timed_again.add(name)
         timings = dict(second)
-        contenders = {k: fn for k, fn in paths.items() if second[k] <= _FAR_BEHIND * best}
+        contenders = [k for k in paths if second[k] <= _FAR_BEHIND * best]
         for _ in range(repeats - 1):  # interleaved rounds: a noisy moment hits every path alike
-            for name, fn in contenders.items():
-                with torch.random.fork_rng(devices=cuda):
-                    timings[name] = min(timings[name], _time(fn, dev, repeats=1))
-                restore()
+            for name in contenders:
+                if name not in failed:
+                    timings[name] = min(timings[name], timed(name))
+        timings = {name: t for name, t in timings.items() if name not in failed}
     return timings
 
 
