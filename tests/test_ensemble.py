@@ -6,6 +6,7 @@ import copy
 import math
 import warnings
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -573,6 +574,43 @@ def test_auto_times_nothing_under_deterministic_algorithms(deterministic, monkey
     torch.testing.assert_close(out, ve.Ensemble.from_factory(net, 3, seed=0)(x), atol=0, rtol=0)
     loop = ve.Ensemble.from_factory(net, 3, seed=0, backend="loop")
     torch.testing.assert_close(out, loop(x), atol=1e-5, rtol=1e-5)  # the reference, to rounding
+
+
+class _Scaled(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(5, 5)
+        self.register_buffer("scale", torch.rand(5) + 0.5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (self.lin(x) * self.scale).tanh().sum(-1)
+
+
+@pytest.mark.parametrize("transform", ["grad", "jacrev", "functional_call"])
+def test_auto_inside_a_torch_func_transform_measures_nothing(transform):
+    """auto's first call inside torch.func.grad raised: putting the buffers back after a
+    timed run writes into tensors the transform captured. Inside a transform nothing is
+    measured (the vectorized path runs), as under a trace; a plain call measures later."""
+    torch.manual_seed(0)
+    members = [_Scaled().double() for _ in range(3)]
+    ens = ve.Ensemble(copy.deepcopy(members), backend="auto")
+    loop = ve.Ensemble(copy.deepcopy(members), backend="loop")
+    x = torch.randn(4, 5, dtype=torch.float64)
+
+    def run(model: nn.Module) -> Any:
+        if transform == "grad":
+            return torch.func.grad(lambda x: model(x).sum())(x)
+        if transform == "jacrev":
+            return torch.func.jacrev(model)(x)
+        params = dict(model.named_parameters())
+        return torch.func.grad(lambda p: torch.func.functional_call(model, p, (x,)).sum())(params)
+
+    torch.testing.assert_close(run(ens), run(loop), atol=1e-12, rtol=0)
+    assert "torch.func transform" in ens.explain()["(auto)"]
+    assert len(ens._choices) == 0  # nothing remembered: a plain call measures
+    torch.testing.assert_close(ens(x), loop(x), atol=1e-12, rtol=0)
+    assert ens.explain()["(auto)"].split(" (")[1].startswith("measured per call")
+    torch.testing.assert_close(run(ens), run(loop), atol=1e-12, rtol=0)  # (the choice kept)
 
 
 def test_a_path_that_raises_in_a_timed_run_leaves_nothing_behind():

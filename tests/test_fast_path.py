@@ -469,6 +469,29 @@ def test_a_parametrization_registered_after_calls_is_applied():
         torch.testing.assert_close(ens(x), loop(x), atol=1e-6, rtol=1e-5)
 
 
+def test_a_parametrization_of_a_root_tensor_works_on_the_members_and_is_named_on_the_ensemble():
+    """Members parametrized at their root stack and run as the loop; registering one on the
+    ensemble itself moves the tensor off the members' root, which the next call says."""
+    from torch.nn.utils import parametrize
+
+    class Positive(nn.Module):
+        def forward(self, w: Tensor) -> Tensor:
+            return w.exp()
+
+    torch.manual_seed(0)
+    members = [_OptionalScale() for _ in range(3)]
+    for m in members:
+        parametrize.register_parametrization(m, "scale", Positive())
+    ens = ve.Ensemble(copy.deepcopy(members), backend="fused")
+    x = torch.randn(5, 3)
+    torch.testing.assert_close(ens(x), torch.stack([m(x) for m in members]))
+    plain = ve.Ensemble([_OptionalScale() for _ in range(3)], backend="fused")
+    plain(x)
+    parametrize.register_parametrization(plain, "scale", Positive())
+    with pytest.raises(ve.EnsembleError, match=r"parametrization of 'scale' was registered on the ensemble itself.*built again"):  # fmt: skip
+        plain(x)
+
+
 def test_a_submodule_put_in_unstacked_is_named():
     ens = ve.Ensemble.from_factory(_mlp, 3, backend="fused")
     x = torch.randn(5, 6)
@@ -618,6 +641,48 @@ def test_a_submodule_deleted_after_calls_is_seen(how: str):
         else:
             del ens._template[3]  # nn.Sequential.__delitem__: the dict is rebuilt
         torch.testing.assert_close(ens(x), expected, atol=1e-5, rtol=1e-5)
+
+
+class _OptionalScale(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+        self.scale = nn.Parameter(torch.randn(3))
+        self.register_buffer("shift", torch.randn(3))
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.lin(x)
+        if hasattr(self, "scale"):
+            h = h * self.scale
+        if hasattr(self.lin, "shift"):
+            h = h + self.lin.shift
+        return h + self.shift if hasattr(self, "shift") else h
+
+
+@pytest.mark.parametrize("backend", ["fused", "auto"])
+@pytest.mark.parametrize("grad", [True, False], ids=["grad", "no_grad"])
+def test_a_parameter_or_buffer_deleted_after_calls_is_seen(backend: str, grad: bool):
+    """Deleting a tensor calls no hook either: the programs that read it are traced again,
+    without it, instead of falling back to vmap (with a warning, for good)."""
+    torch.manual_seed(0)
+    members = [_OptionalScale() for _ in range(3)]
+    ens = ve.Ensemble(copy.deepcopy(members), backend=backend)
+    x = torch.randn(5, 3)
+    with torch.set_grad_enabled(grad), warnings.catch_warnings():
+        warnings.simplefilter("error", ve.FallbackWarning)
+        for _ in range(2):
+            torch.testing.assert_close(ens(x), torch.stack([m(x) for m in members]))
+        for m in [ens, *members]:
+            del m.scale  # the root's parameter, through the ensemble
+        for _ in range(2):
+            torch.testing.assert_close(ens(x), torch.stack([m(x) for m in members]))
+        for m in [ens._template, *members]:
+            del m.shift  # a buffer, on the template
+        torch.testing.assert_close(ens(x), torch.stack([m(x) for m in members]))
+        ens.lin.register_buffer("shift", torch.ones(3, 3))  # (registered: seen as before)
+        expected = torch.stack([m(x) + 1 for m in members])
+        torch.testing.assert_close(ens(x), expected)
+    assert "scale" not in dict(ens.named_parameters())
 
 
 def test_nan_and_inf_in_a_member_show_in_inference_as_in_the_loop():

@@ -32,7 +32,14 @@ from .backends import (
     strict_vmap_forward,
 )
 from .backends._autotune import BackwardFailed, measure_paths, measuring_allowed
-from .backends._call import copy_buffers, restore_buffers, rng_snapshot, state_device
+from .backends._call import (
+    copy_buffers,
+    hold_attributes,
+    put_back_attributes,
+    restore_buffers,
+    rng_snapshot,
+    state_device,
+)
 from .backends._layers import _is_compiling, _jit_tracing
 from .backends.blocked import MIN_BLOCK, BlockedPlan, blocked_forward
 from .backends.folded import FoldedPlan, folded_program
@@ -319,15 +326,28 @@ class Ensemble(nn.Module):
         self._hook_dicts = hook_dicts(self._module_list)
         self._own_hook_dicts = hook_dicts([self])
         self._settings = traced_settings(self._module_list, self._forward_state)
+        self._tensor_names = self._names_of_tensors()
+
+    def _names_of_tensors(self) -> list[tuple[str, ...]]:
+        """Each module's parameter and buffer names (see ``_tensors_deleted``)."""
+        return [(*m._parameters, *m._buffers) for m in self._module_list]
+
+    def _tensors_deleted(self) -> bool:
+        """Whether a parameter or buffer was deleted since the tree was indexed (``del
+        ens.scale``): no hook tells, so a program that fails asks (it would read the old one)."""
+        return self._names_of_tensors() != self.__dict__.get("_tensor_names")
 
     def _check_modules(self, compiling: bool) -> None:
-        """Re-index after a submodule was replaced, added or removed. Eager calls come here
+        """Re-index after a submodule was replaced, added or removed, or a parameter or buffer
+        added or removed (a forward may ask ``hasattr(self, "shift")``). Eager calls come here
         only when a registration happened somewhere in the process (see ``_tree``) or a child
         dict shrank; under torch.compile every call does, so that dynamo guards on the tree
         itself."""
         generation = GENERATION[0]  # read first: a registration during the check is seen next
-        if any(self._leaf_dicts) or (
-            list(map(tuple, map(dict.values, self._parent_dicts))) != self._children
+        if (
+            any(self._leaf_dicts)
+            or list(map(tuple, map(dict.values, self._parent_dicts))) != self._children
+            or self._names_of_tensors() != self._tensor_names  # one added (or deleted)
         ):
             self._reindex_modules()
         elif settings_changed(self._settings):  # traced programs hold the old values
@@ -340,6 +360,7 @@ class Ensemble(nn.Module):
         """After model surgery (``ens.head = ...``, a parametrization registered): check that
         the new tensors are stacked, then forget every program, measurement and remembered
         call built for the old tree (they would run the old modules)."""
+        self._check_no_own_parametrization()
         for name, t in [*self._template.named_parameters(), *self._template.named_buffers()]:
             if t.ndim == 0 or t.shape[0] != self._num_members:
                 raise EnsembleError(
@@ -355,6 +376,26 @@ class Ensemble(nn.Module):
         self._choices.clear()
         self._last_choice = None
         self._index_modules()
+
+    def _check_no_own_parametrization(self) -> None:
+        """A parametrization registered on the ensemble itself, of a tensor of the members'
+        root module: torch moved the tensor into the ensemble's class, where the members'
+        forward cannot read it (``self.w`` on the member's root). Said here, by name, rather
+        than as that forward's AttributeError."""
+        own = self._modules.get("parametrizations")  # (the template's dict: shared)
+        template_class = type(self._template)
+        names = [] if not isinstance(own, nn.ModuleDict) else list(own)
+        lost = [k for k in names if not isinstance(getattr(template_class, k, None), property)]
+        if lost:
+            raise EnsembleError(
+                f"a parametrization of {lost[0]!r} was registered on the ensemble itself: the "
+                f"members' forward reads {lost[0]!r} on their own root module, which no longer "
+                "has it. Register it on each model before building the ensemble "
+                "(torch.nn.utils.parametrize.register_parametrization(model, "
+                f"{lost[0]!r}, ...)); a submodule's tensor can be parametrized through the "
+                "ensemble (register_parametrization(ens.<submodule>, ...)). This ensemble "
+                "must be built again."
+            )
 
     def _forget_programs(self) -> None:
         """Drop the traced programs and the calls remembered for them."""
@@ -640,7 +681,8 @@ class Ensemble(nn.Module):
             why = (
                 f"measured per call: {measured}"
                 if timings
-                else "deterministic algorithms, a trace or a graph capture: not measured"
+                else "deterministic algorithms, a trace, a torch.func transform or a graph "
+                "capture: not measured"
             )
             folded = self._folded.last if path == "folded" else None
             what = "" if folded is None else f": {folded.describe()}"
@@ -868,10 +910,13 @@ class Ensemble(nn.Module):
 
     def _fast_key(self, args: tuple[Any, ...], in_dims: Any) -> tuple[Any, ...] | None:
         """What the fast path is keyed on; ``None`` where it does not apply (``in_dims`` is a
-        tuple, or an input is not a tensor; the caller has checked that no module hook is
-        registered and that neither torch.compile nor torch.jit.trace is tracing)."""
+        tuple, an input is not a tensor, a torch.func transform runs the call; the caller has
+        checked that no module hook is registered and that neither torch.compile nor
+        torch.jit.trace is tracing)."""
         if not (in_dims is None or type(in_dims) is int):
             return None
+        if torch._C._functorch.maybe_current_level() is not None:
+            return None  # inside a torch.func transform: auto measured nothing (see _choose)
         described = []
         for a in args:
             if type(a) is not Tensor and type(a) is not nn.Parameter:
@@ -924,6 +969,10 @@ class Ensemble(nn.Module):
             except Exception as err:
                 if snapshot is not None:
                     call.restore_buffers(snapshot)
+                if self._tensors_deleted():  # the programs read it: traced again, without it
+                    self._reindex_modules()
+                    restore_rng()
+                    return self._vectorized(call, fast_key)
                 raise_if_randomness_error(call, err)
                 check_loop_runs(call, snapshot, err)
                 restore_rng()  # vmap starts from the draws the call started with
@@ -1028,8 +1077,8 @@ class Ensemble(nn.Module):
         runs: the paths agree only up to float rounding, and a timed choice may differ from run
         to run (like ``torch.backends.cudnn.benchmark``). Nor under a trace (``make_fx``,
         ``torch.jit.trace``), a dispatch mode or a CUDA graph capture, which would record the
-        timed runs (see ``measuring_allowed``): a choice measured before is kept there, else the
-        vectorized path runs.
+        timed runs (see ``measuring_allowed``), nor inside a ``torch.func`` transform: a choice
+        measured before is kept there, else the vectorized path runs.
         """
         if torch.are_deterministic_algorithms_enabled():
             self._last_choice = _UNMEASURED
@@ -1037,15 +1086,20 @@ class Ensemble(nn.Module):
         key = _shape_key(call, self.training)
         choice = self._choices.recall(key)
         if choice is None:
-            if not measuring_allowed():  # a trace or a capture: nothing measured, or kept
+            # a trace or a capture: nothing measured, or kept; nor inside a torch.func
+            # transform (grad, jacrev), where putting the buffers back after a timed run
+            # would write into tensors the transform captured, which it refuses
+            if not measuring_allowed() or torch._C._functorch.maybe_current_level() is not None:
                 self._last_choice = _UNMEASURED
                 return "vectorized"
             snapshot = call.snapshot_buffers()
             put_back_inputs = call.input_keeper()
+            held = hold_attributes(self._template)  # (self.calls += 1 in a forward)
 
             def restore() -> None:
                 call.restore_buffers(snapshot)
                 put_back_inputs()
+                put_back_attributes(held)
 
             trainable: list[Tensor] = [p for p in self.parameters() if p.requires_grad]
             paths = {
