@@ -72,3 +72,45 @@ def test_member_errors_name_the_members_original_index():
         ve.EnsembleError, match=r"member 1 '0.weight' shares its memory with member 0"
     ):
         ve.MixedEnsemble([shared, nn.Sequential(shared, nn.ReLU())])  # across groups
+
+
+class _Tempered(nn.Module):
+    """A classifier with a plain setting on its root (annealed during training)."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(4, width), nn.ReLU(), nn.Linear(width, 3))
+        self.temperature = 1.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x) / self.temperature
+
+
+@pytest.mark.parametrize("backend", ["auto", "fused"])
+def test_a_root_setting_is_every_members_that_has_it(backend):
+    """As on an Ensemble: mixed.temperature reads, sets and deletes the members' setting, in
+    every architecture group that has it; groups that disagree are named on reading."""
+    torch.manual_seed(0)
+    members = [_Tempered(8), _Tempered(16), nn.Linear(4, 3), _Tempered(8)]
+    mixed = ve.MixedEnsemble(copy.deepcopy(members), backend=backend)
+    x = torch.randn(5, 4)
+    torch.testing.assert_close(mixed(x), torch.stack([m(x) for m in members]))
+    assert mixed.temperature == 1.0 and "temperature" in dir(mixed)
+    mixed.temperature = 0.5  # the linear member has none: it is left alone
+    for m in members[:2] + members[3:]:
+        m.temperature = 0.5
+    assert [g.temperature for g in mixed.groups if hasattr(g, "temperature")] == [0.5, 0.5]
+    assert "temperature" not in mixed.__dict__
+    assert not hasattr(mixed.groups[2], "temperature")
+    torch.testing.assert_close(mixed(x), torch.stack([m(x) for m in members]))
+    mixed.groups[1].temperature = 2.0
+    with pytest.raises(AttributeError, match=r"groups \[0, 1\] hold different values.*2\.0"):
+        _ = mixed.temperature
+    del mixed.temperature
+    assert not hasattr(mixed, "temperature")
+    assert not any(hasattr(m, "temperature") for m in mixed.unstack())
+    mixed.temperature = 4.0  # set again: the members' once more
+    assert [m.temperature for m in mixed.unstack() if hasattr(m, "temperature")] == [4.0] * 3
+    mixed.note = "mine"  # a name no member has: the mixed ensemble's own
+    assert mixed.__dict__["note"] == "mine"
+    assert not any(hasattr(g, "note") for g in mixed.groups)
