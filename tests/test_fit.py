@@ -454,6 +454,36 @@ def test_members_finite_names_exactly_the_members_with_a_nan_or_an_infinity():
     assert members_finite(state, 4).tolist() == [True, True, False, False]
 
 
+class _Masked(nn.Module):
+    """Causal attention over features: an additive mask buffer that holds -inf by design."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.register_buffer("mask", torch.full((4, 4), float("-inf")).triu(1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        scores = self.lin(x).unsqueeze(-1) + self.mask
+        return (torch.softmax(scores, -1) @ x.unsqueeze(-1)).squeeze(-1)
+
+
+@pytest.mark.parametrize("on_nonfinite", ["raise", "stop_member"])
+def test_a_buffer_that_is_not_finite_by_design_is_no_divergence(on_nonfinite):
+    """fit watches the tensors that were finite when it started: an attention mask's -inf
+    made every member 'diverged' (raised, or stopped them all at their start weights)."""
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 4), torch.randn(32, 4)
+    ens = ve.Ensemble.from_factory(_Masked, 3, seed=0)
+    start = ens.lin.weight.detach().clone()
+    h = fit(ens, (x, y), F.mse_loss, epochs=2, batch_size=16, progress=False, on_nonfinite=on_nonfinite)  # fmt: skip
+    assert h.stop_reason == [None] * 3
+    assert not torch.equal(ens.lin.weight, start)  # (trained)
+    with torch.no_grad():
+        ens.lin.weight[1, 0, 0] = float("nan")  # a real divergence is still seen
+    h = fit(ens, (x, y), F.mse_loss, epochs=1, batch_size=16, progress=False, on_nonfinite="stop_member")  # fmt: skip
+    assert h.stop_reason == [None, "nonfinite", None]
+
+
 def test_resuming_with_restore_best_from_a_run_without_it_is_refused(tmp_path):
     """Such a checkpoint holds no best weights: the members whose best epoch came before it
     would have been 'restored' to the weights they started from."""

@@ -26,6 +26,8 @@ def members_finite(state: dict[str, Tensor], n: int) -> Tensor:
     allocate). Only when some sum is not finite (a sum of huge finite values can overflow
     too) are the elements checked one by one.
     """
+    if not state:
+        return torch.ones(n, dtype=torch.bool)
     ok = torch.ones(n, dtype=torch.bool, device=next(iter(state.values())).device)
     rows = [
         member_rows(t.detach())  # in memory order: no copy
@@ -62,6 +64,13 @@ class MemberStatus:
 
     def __init__(self, ens: nn.Module, n: int, keep_best: bool, keep_last_good: bool) -> None:
         self.state = member_state(ens)
+        # what a diverging member makes non-finite: the floating-point tensors that are finite
+        # now (a buffer may hold -inf by design: an attention mask added to the scores)
+        self.watched = {
+            k: t
+            for k, t in self.state.items()
+            if (t.is_floating_point() or t.is_complex()) and bool(torch.isfinite(t).all())
+        }
         self.n = n
         device = next(iter(self.state.values())).device
         self.stopped = torch.zeros(n, dtype=torch.bool, device=device)

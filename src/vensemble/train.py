@@ -170,7 +170,7 @@ class _Run:
     def _check_finite(self, epoch: int, per_step: Tensor) -> None:
         """Members whose loss or weights turned non-finite this epoch: raise, or stop them."""
         status = self.status
-        weights_ok = members_finite(status.state, self.n)
+        weights_ok = members_finite(status.watched, self.n).to(per_step.device)
         bad_step = ~torch.isfinite(per_step)  # (steps, N)
         bad = (bad_step.any(dim=0) | ~weights_ok) & ~status.stopped
         members = torch.nonzero(bad).flatten().tolist()  # local indices
