@@ -127,7 +127,13 @@ def _view(t: Tensor, where: slice | int, perm: tuple[int, ...] | None) -> Tensor
     view = t if perm is None else t.permute(perm)
     # all members: no slicing (this runs for every parameter at every step)
     full = isinstance(where, slice) and where.start == 0 and where.stop == t.shape[0]
-    return view if full else view[where]
+    if full:
+        return view
+    if t.layout == torch.sparse_coo:  # (a sparse Embedding's gradient: no strided views)
+        if isinstance(where, int):
+            return view.select(0, where)
+        return view.index_select(0, torch.arange(where.start, where.stop, device=t.device))
+    return view[where]
 
 
 class MemberOptimizer(Optimizer):
@@ -380,7 +386,12 @@ class MemberOptimizer(Optimizer):
         self._check_storage()
         grads = [p.grad for p in self._params]
         attached = self._attached
-        if attached is not None and all(map(operator.is_, grads, attached)):
+        if (
+            attached is not None
+            and all(map(operator.is_, grads, attached))
+            # (a sparse gradient's slices are copies: accumulated into, they would not show it)
+            and not any(g is not None and g.layout != torch.strided for g in grads)
+        ):
             return
         for k, (p, g) in enumerate(zip(self._params, grads)):
             # a gradient set by hand in another layout (torch.autograd.grad's are contiguous,
