@@ -813,3 +813,88 @@ def test_a_fused_torch_optimizer_resumes_as_if_never_interrupted(tmp_path, chann
     step(b, opt_b)
     for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
         torch.testing.assert_close(pb, pa, atol=0, rtol=0, msg=name)
+
+
+def _opt_mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
+
+
+def _opt_loss(ens: ve.Ensemble, x: Tensor) -> Tensor:
+    return ens(x).pow(2).mean(dim=(1, 2)).sum()
+
+
+@pytest.mark.parametrize(("saved", "loaded"), [("SGD", "Adam"), ("Adam", "SGD")])
+def test_another_kind_of_optimizers_state_is_refused_and_changes_nothing(tmp_path, saved, loaded):
+    """An SGD file into Adam was refused only after torch had replaced Adam's state and
+    groups (its next step raised KeyError: 'betas'); an Adam file into SGD loaded silently."""
+    x = torch.randn(4, 5, dtype=torch.float64)
+    kwargs = {"SGD": {"lr": 0.1, "momentum": 0.9}, "Adam": {"lr": 0.1}}
+    ens = ve.Ensemble.from_factory(_opt_mlp, 3, seed=0).double()
+    opt = ve.MemberOptimizer(getattr(torch.optim, saved), ens, **kwargs[saved])
+    _opt_loss(ens, x).backward()
+    opt.step()
+    path = tmp_path / "a.safetensors"
+    save(ens, path, optimizer=opt)
+    other = ve.Ensemble.from_factory(_opt_mlp, 3, seed=1).double()
+    weights = {k: v.clone() for k, v in other.state_dict().items()}
+    target = ve.MemberOptimizer(getattr(torch.optim, loaded), other, **kwargs[loaded])
+    groups = target.state_dict()["param_groups"]
+    with pytest.raises(ve.EnsembleError, match=r"another kind of optimizer.*the same class"):
+        load(path, other, optimizer=target)
+    assert target.state_dict()["param_groups"] == groups and not target.state
+    for k, v in other.state_dict().items():
+        assert torch.equal(v, weights[k]), k
+    _opt_loss(other, x).backward()
+    target.step()  # (it still steps)
+
+
+def test_a_refused_optimizer_state_leaves_the_optimizer_as_it_was(tmp_path):
+    """torch's load_state_dict replaces the state and groups, then may raise: put back."""
+
+    class Picky(torch.optim.Adam):
+        refuse = False
+
+        def __setstate__(self, state: dict[str, Any]) -> None:
+            super().__setstate__(state)
+            if type(self).refuse:
+                type(self).refuse = False
+                raise KeyError("step")
+
+    x = torch.randn(4, 5)
+    ens = ve.Ensemble.from_factory(_opt_mlp, 3, seed=0)
+    opt = Picky(ens.parameters(), lr=0.1)
+    _opt_loss(ens, x).backward()
+    opt.step()
+    save(ens, tmp_path / "a.safetensors", optimizer=opt)
+    state, groups = opt.state, opt.param_groups
+    Picky.refuse = True
+    with pytest.raises(ve.EnsembleError, match="refused the saved state: KeyError"):
+        load(tmp_path / "a.safetensors", ens, optimizer=opt)
+    assert opt.state is state and opt.param_groups is groups
+    opt.step()
+
+
+def test_a_member_optimizers_state_loads_into_a_plain_optimizer_in_its_parameters_shape(tmp_path):
+    """A MemberOptimizer keeps Adam's moments over its views of the parameters (in-major
+    Linear weights: (N, in, out)); a plain torch optimizer's are parameter-shaped. The file's
+    moments kept the views' shape there: an unfused step raised."""
+    x = torch.randn(4, 5, dtype=torch.float64)
+    ens = ve.Ensemble.from_factory(_opt_mlp, 3, seed=0).double()
+    member_opt = ve.MemberOptimizer(torch.optim.Adam, ens, lr=0.1, foreach=False)
+    for _ in range(2):
+        member_opt.zero_grad()
+        _opt_loss(ens, x).backward()
+        member_opt.step()
+    save(ens, tmp_path / "a.safetensors", optimizer=member_opt)
+    other = ve.Ensemble.from_factory(_opt_mlp, 3, seed=1).double()
+    plain = torch.optim.Adam(other.parameters(), lr=0.1, foreach=False)
+    load(tmp_path / "a.safetensors", other, optimizer=plain)
+    for param in other.parameters():
+        assert plain.state[param]["exp_avg"].shape == param.shape
+    assert "members" not in plain.param_groups[0]
+    for opt, model in ((member_opt, ens), (plain, other)):  # one more step each: the same
+        opt.zero_grad()
+        _opt_loss(model, x).backward()
+        opt.step()
+    for (k, a), b in zip(ens.state_dict().items(), other.state_dict().values()):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0, msg=k)

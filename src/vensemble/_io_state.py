@@ -146,6 +146,21 @@ def check_optimizer_fits(path: Path, optimizer: Any, state: Any) -> None:
             f"{path} holds optimizer state for parameter groups of sizes {want}; the optimizer "
             f"has groups of sizes {have}: build it the same way as the one that was saved"
         )
+    # another optimizer's hyperparameters (Adam's betas where SGD has momentum): each side has
+    # names the other lacks (a torch release that adds one adds it on one side only)
+    own = {k for g in groups for k in g} - _GROUP_BOOKKEEPING
+    theirs = {k for g in saved if isinstance(g, dict) for k in g} - _GROUP_BOOKKEEPING
+    if own - theirs and theirs - own:
+        raise EnsembleError(
+            f"{path} holds the state of another kind of optimizer: its hyperparameters are "
+            f"{sorted(theirs)}, the optimizer's are {sorted(own)}: build the optimizer that "
+            "was saved (the same class), then load"
+        )
+
+
+# param group entries that are no optimizer's hyperparameters: the parameters, MemberOptimizer's
+# members, a scheduler's starting lr
+_GROUP_BOOKKEEPING = frozenset({"params", "members", "initial_lr"})
 
 
 # ----------------------------------------------------------------------------- architecture

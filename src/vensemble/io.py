@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,6 +39,7 @@ from ._io_state import (
     unique_tensors,
 )
 from ._io_write import write_safetensors
+from ._optim import MemberOptimizer, _inverse
 from ._state import _replace_state, fingerprint, fingerprint_digest
 from .ensemble import Ensemble
 
@@ -206,10 +208,17 @@ def load(
         if optimizer is not None:  # first: it can still refuse, and then nothing has changed
             state = decode_optimizer(p, info.metadata["vensemble.optimizer"], tensors.__getitem__)
             check_optimizer_fits(p, optimizer, state)
+            if not isinstance(optimizer, MemberOptimizer):
+                state = _in_parameter_layout(state, optimizer)
+            put_back = _optimizer_as_it_is(optimizer)
             try:
                 optimizer.load_state_dict(state)
             except (ValueError, KeyError, TypeError, RuntimeError, IndexError) as e:
-                raise EnsembleError(f"{p}: the optimizer refused the saved state: {e}") from None
+                put_back()  # (torch replaces its state and groups before it checks them)
+                raise EnsembleError(f"{p}: the optimizer refused the saved state: {e!r}") from None
+            except EnsembleError:
+                put_back()
+                raise
             _state_laid_out_as_params(optimizer)
         with torch.no_grad():
             for name, t in unique_tensors(template).items():
@@ -262,6 +271,44 @@ def _check_fits(info: FileInfo, template: nn.Module, member: bool) -> list[str]:
                 f"says {code} {want}",
             )
     return names
+
+
+def _optimizer_as_it_is(optimizer: Any) -> Callable[[], None]:
+    """What puts a torch optimizer (a MemberOptimizer's inner one) back as it is now: its
+    ``load_state_dict`` replaces its state and param groups with new objects, and may raise
+    after that (an SGD file into Adam: no 'step')."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    if not isinstance(inner, torch.optim.Optimizer):
+        return lambda: None
+    state, groups = inner.state, inner.param_groups
+    return lambda: inner.__setstate__({"state": state, "param_groups": groups})
+
+
+def _in_parameter_layout(state: Any, optimizer: Any) -> Any:
+    """A MemberOptimizer's saved state for a plain torch optimizer: each parameter-shaped
+    tensor (Adam's moments) in its parameter's dim order. A MemberOptimizer keeps them over
+    its views of the parameters, whose dims it saved as ``member_layout`` (``[1, 0, 2]``...)."""
+    if not isinstance(state, dict) or "member_layout" not in state:
+        return state
+    layouts = state["member_layout"]
+    params = [q for g in getattr(optimizer, "param_groups", []) for q in g["params"]]
+    entries = {}
+    for index, entry in state.get("state", {}).items():
+        k = int(index)
+        was = layouts[k] if k < len(layouts) and k < len(params) else None
+        if was is None or not isinstance(entry, dict):
+            entries[index] = entry
+            continue
+        saved_shape = [params[k].shape[d] for d in was]
+        entries[index] = {
+            name: value.permute(_inverse(was))
+            if isinstance(value, Tensor) and list(value.shape) == saved_shape
+            else value
+            for name, value in entry.items()
+        }
+    groups = [{k: v for k, v in g.items() if k != "members"} for g in state["param_groups"]]
+    rest = {k: v for k, v in state.items() if k not in ("member_layout", "state", "param_groups")}
+    return {**rest, "state": entries, "param_groups": groups}
 
 
 def _state_laid_out_as_params(optimizer: Any) -> None:
