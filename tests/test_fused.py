@@ -240,10 +240,115 @@ def test_random_factories_without_inputs_are_not_frozen():
     assert not torch.allclose(first, second) and not torch.allclose(first[0], first[1])
 
 
+_DRAWS_FROM_CONSTANTS = {
+    "normal_": lambda: torch.empty(4).normal_(),
+    "uniform_": lambda: torch.zeros(4).uniform_(),
+    "bernoulli": lambda: torch.full((4,), 0.5).bernoulli(),
+    "rand_like": lambda: torch.rand_like(torch.zeros(4)),
+    "distributions": lambda: torch.distributions.Normal(torch.zeros(4), torch.ones(4)).rsample(),
+    "init": lambda: nn.init.trunc_normal_(torch.empty(4)),
+}
+
+
+class _ConstantNoise(nn.Module):
+    def __init__(self, draw: str) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.draw = draw
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(x) + _DRAWS_FROM_CONSTANTS[self.draw]()
+
+
+@pytest.mark.parametrize("backend", ["fused", "auto"])
+@pytest.mark.parametrize("draw", sorted(_DRAWS_FROM_CONSTANTS))
+def test_draws_into_tensors_made_from_constants_are_not_frozen(backend, draw):
+    """A draw into a tensor the forward made from constants alone (torch.distributions and
+    nn.init draw so) ran once, at trace time, and fx froze it into the program: the same
+    noise for every member and every call. It runs as the loop's: anew, per member (under
+    vmap, or per member where vmap refuses a draw in place into a shared tensor)."""
+    ens = ve.Ensemble.from_factory(_identical(lambda: _ConstantNoise(draw)), 3, backend=backend)
+    x = torch.randn(2, 4)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", ve.FallbackWarning)
+        clean = torch.stack([ens.member(i).fc(x) for i in range(3)])
+        first, second = ens(x) - clean, ens(x) - clean
+    if backend == "fused":  # (nn.init's draw comes in a no_grad block, refused first)
+        assert ens.explain()["(fused)"].startswith("not used: the forward ")
+    assert not torch.allclose(first[0], first[1]) and not torch.allclose(first[1], first[2])
+    assert not torch.allclose(first, second)
+    torch.manual_seed(3)
+    again = ens(x)
+    torch.manual_seed(3)
+    torch.testing.assert_close(ens(x), again)  # a seed gives the same draws
+
+
+class _DrawsIntoFresh(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        noise = x.new_empty(x.shape).normal_()  # made the same for every member, drawn into
+        t = torch.empty_like(x)
+        t.uniform_(-1, 1)  # (read after: its draws)
+        return self.fc(x) + 0.1 * noise + t
+
+
+def test_draws_into_a_tensor_made_for_all_are_each_members_own():
+    """randomness='different': an in-place draw into a shared tensor the forward made went to
+    vmap, which refuses it, then to the loop, with two warnings. It is copied per member and
+    drawn into: fused, each member's draws its own, anew on every call, a seed repeating them."""
+    ens = ve.Ensemble.from_factory(_identical(_DrawsIntoFresh), 3, backend="fused")
+    x = torch.randn(2, 4)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error", ve.FallbackWarning)
+        clean = torch.stack([ens.member(i).fc(x) for i in range(3)])
+        first, second = ens(x) - clean, ens(x) - clean
+        torch.manual_seed(7)
+        again = ens(x)
+        torch.manual_seed(7)
+        torch.testing.assert_close(ens(x), again, atol=0, rtol=0)
+    assert not torch.allclose(first[0], first[1]) and not torch.allclose(first, second)
+    assert ens.explain()["normal_ (normal_)"].endswith("copied per member, then drawn into")
+
+
 def test_randomness_same_gives_identical_members_identical_draws():
     ens = ve.Ensemble.from_factory(_identical(_Noisy), 3, backend="fused", randomness="same")
     out = ens(torch.randn(5, 4))
     torch.testing.assert_close(out[0], out[2], atol=0, rtol=0)
+
+
+class _DropBothSides(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.drop_in = nn.Dropout(0.5)  # on the shared input
+        self.fc = nn.Linear(4, 4)
+        self.drop_out = nn.Dropout(0.3)  # on per-member activations
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.drop_out(self.fc(self.drop_in(x)))
+
+
+@pytest.mark.parametrize("backend", ["fused", "auto"])
+def test_dropout_modules_with_randomness_same_draw_one_mask_for_all(backend):
+    """randomness='same': one mask for every member, on a shared input (it went to vmap,
+    which had no member dim to map, then to the loop, with a warning) and on per-member
+    activations; identical members give identical outputs, and each call draws anew."""
+    ens = ve.Ensemble.from_factory(
+        _identical(_DropBothSides), 3, backend=backend, randomness="same"
+    )
+    x = torch.randn(6, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ve.FallbackWarning)
+        first, second = ens(x), ens(x)
+    for out in (first, second):
+        torch.testing.assert_close(out[0], out[1], atol=0, rtol=0)
+        torch.testing.assert_close(out[0], out[2], atol=0, rtol=0)
+        assert (out == 0).any()  # (dropped)
+    assert not torch.equal(first, second)
+    if backend == "fused":
+        assert "the same for every member" in ens.explain()["drop_in"]
 
 
 @pytest.mark.parametrize("backend", ["fused", "auto", "vmap"])
@@ -2103,6 +2208,15 @@ def test_members_whose_plain_tensor_attributes_differ_are_warned_of():
     members = [_PlainStats(torch.full((4,), float(i))) for i in range(N)]
     with pytest.warns(UserWarning, match=r"member 1's .*'obs_mean'.*register_buffer"):
         ve.Ensemble(members)
+    in_a_list = [_PlainStats(torch.ones(4)) for _ in range(N)]
+    for i, m in enumerate(in_a_list):
+        m.extra = [torch.zeros(2), {"scale": torch.full((3,), float(i))}]  # (two deep: not told)
+        m.stats = {"scale": torch.full((3,), float(i))}
+    with pytest.warns(UserWarning, match=r"member 1's .*'stats\['scale'\]'.*nn.ParameterList"):
+        ve.Ensemble(in_a_list)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an RNN's list of its own parameters: they are stacked
+        ve.Ensemble([nn.LSTM(3, 4, num_layers=2) for _ in range(N)])
     same = [_PlainStats(torch.ones(4)) for _ in range(N)]
     ens = ve.Ensemble(copy.deepcopy(same))
     x = torch.randn(5, 4)
@@ -2113,9 +2227,9 @@ def test_members_whose_plain_tensor_attributes_differ_are_warned_of():
     ("factory", "randomness"),
     [
         (lambda: nn.Sequential(nn.Linear(6, 6), nn.RReLU()), "different"),
-        (lambda: nn.Sequential(nn.Dropout(0.5), nn.Linear(6, 6), nn.Dropout(0.5)), "same"),
+        (lambda: nn.Sequential(nn.Dropout(0.5), nn.Linear(6, 6), nn.RReLU()), "same"),
     ],
-    ids=["rrelu-falls-back", "dropout-same-falls-back"],
+    ids=["rrelu-falls-back", "rrelu-same-falls-back"],
 )
 def test_a_seeded_call_after_a_fallback_gives_what_every_later_one_gives(factory, randomness):
     # the failed attempts drew random numbers: the first seeded call differed from the rest
@@ -2584,3 +2698,153 @@ def test_functional_call_parameters_read_directly_are_each_members(backend):
             torch.testing.assert_close(g, want[key], atol=1e-12, rtol=0, msg=key)
         # and the ensemble's own parameters again on the next call
         torch.testing.assert_close(ens(x), loop(x), atol=1e-12, rtol=0)
+
+
+class _Bits(nn.Module):
+    """Integer and bitwise work on a layer's output, an integer input and a buffer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.register_buffer("k", torch.randint(0, 7, (4,)))
+
+    def forward(self, x: Tensor, idx: Tensor) -> Tensor:
+        h = self.fc(x)
+        sign = (h.view(torch.int32) >> 31) & 1  # the sign bit: the float viewed as int32
+        raw = h.view(dtype=torch.int32).view(h.dtype)  # and back, by keyword
+        mask = (idx % 3 == 1) | (idx == 0) ^ (idx != 2)
+        bits = ~(idx << 1) & self.k
+        return raw + sign.float() + mask.float() + bits.float() + (self.k % 2 == 0).float()
+
+
+@pytest.mark.parametrize("per_member", [False, True], ids=["shared", "per-member"])
+def test_dtype_views_and_bitwise_operators_run_fused(per_member):
+    """view(dtype) reinterprets the member's last dim (it was taken for a shape: the program
+    failed to vmap with a warning), and %, ==, !=, &, |, ^, ~, <<, >> run per element."""
+    torch.manual_seed(0)
+    members = [_Bits() for _ in range(N)]
+    ens = ve.Ensemble(copy.deepcopy(members), backend="fused")
+    lead = (N,) if per_member else ()
+    x, idx = torch.randn(*lead, 2, 4), torch.randint(0, 5, (*lead, 2, 4))
+    expected = torch.stack(
+        [m(x[i], idx[i]) if per_member else m(x, idx) for i, m in enumerate(members)]
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ve.FallbackWarning)
+        out = ens(x, idx, in_dims=0 if per_member else None)
+    torch.testing.assert_close(out, expected)
+    assert "vmap" not in ens.explain().values()
+
+
+class _Writes(nn.Module):
+    """Item assignments into per-member values: a layer's output and a buffer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 3)
+        self.register_buffer("fill", torch.randn(4))
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.fc(x)
+        h[:, 0] = 0.0  # a constant
+        h[..., 1] = self.fill[1]  # a per-member 0-d value
+        h[h > 1] = 1.0  # a per-member mask
+        h[:, 2:] = self.fill[2:] * 2  # a per-member row, broadcast over the batch
+        h[0] = self.fc(x)[1]  # a per-member row from another result
+        h[:, torch.tensor([3])] += 0.5  # a tensor index (get, add, set)
+        return self.head(h)
+
+
+@pytest.mark.parametrize("per_member", [False, True], ids=["shared", "per-member"])
+def test_item_assignments_into_per_member_values_run_fused(per_member):
+    """h[...] = v was untraceable (fx's Proxy has no __setitem__): the whole model ran under
+    vmap, silently. It is written past the member dim, in place, forward and backward."""
+    torch.manual_seed(0)
+    members = [_Writes().double() for _ in range(N)]
+    ens = ve.Ensemble(copy.deepcopy(members), backend="fused")
+    x = torch.randn(*((N,) if per_member else ()), 5, 4, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ve.FallbackWarning)
+        out = ens(x, in_dims=0 if per_member else None)
+    expected = torch.stack([m(x[i] if per_member else x) for i, m in enumerate(members)])
+    torch.testing.assert_close(out, expected, atol=1e-12, rtol=0)
+    out.square().sum().backward()
+    expected.square().sum().backward()
+    for key, g in _grads(ens).items():
+        want = torch.stack([_grads(m)[key] for m in members])
+        torch.testing.assert_close(g, want, atol=1e-12, rtol=0, msg=key)
+    assert "(fused)" not in ens.explain()
+    assert ens.explain()["setitem (setitem)"].startswith("fused: written in place")
+    with torch.no_grad():
+        torch.testing.assert_close(ens(x, in_dims=0 if per_member else None), expected)
+
+
+class _WritesIntoShared(nn.Module):
+    def __init__(self, alias: bool) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.alias = alias
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = x.new_zeros(x.shape[0], 8)  # made the same for every member
+        out[:, 4:] = x  # a shared value into it
+        right = out[:, 4:] if self.alias else None  # (a view of the shared tensor)
+        out[:, :4] = self.fc(x)  # a per-member value: each member's out its own from here
+        out[:, 0] += 1
+        if right is not None:
+            right.mul_(2)  # through the view: into every member's out
+        return out * 2
+
+
+@pytest.mark.parametrize("alias", [False, True], ids=["fresh", "aliased"])
+def test_a_per_member_value_written_into_a_tensor_made_for_all(alias):
+    """out = x.new_zeros(...); out[:, :4] = h: out is copied per member at the write and read
+    as the copies after it. With a view of out taken before the write, that cannot be: the
+    loop runs it (vmap refuses it too), and explain() says why."""
+    torch.manual_seed(0)
+    members = [_WritesIntoShared(alias).double() for _ in range(N)]
+    ens = ve.Ensemble(copy.deepcopy(members), backend="fused")
+    x = torch.randn(5, 4, dtype=torch.float64)
+    with warnings.catch_warnings(), torch.set_grad_enabled(not alias):
+        warnings.simplefilter("ignore" if alias else "error", ve.FallbackWarning)
+        out = ens(x)
+        expected = torch.stack([m(x) for m in members])
+    torch.testing.assert_close(out, expected, atol=1e-12, rtol=0)
+    if alias:
+        assert "not one it made itself (out[...] = h)" in ens.explain()["(fused)"]
+        return
+    assert ens.explain()["setitem (setitem_1)"].startswith("fused: the shared value copied")
+    out.square().sum().backward()
+    expected.square().sum().backward()
+    for key, g in _grads(ens).items():
+        want = torch.stack([_grads(m)[key] for m in members])
+        torch.testing.assert_close(g, want, atol=1e-12, rtol=0, msg=key)
+
+
+class _CountsCalls(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(2, 2)
+        self.count = 0
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.count += 1  # plain Python state, read back at once
+        return self.fc(x) * 0 + self.count
+
+
+@pytest.mark.parametrize("backend", ["fused", "auto"])
+def test_a_plain_value_the_forward_stores_is_not_frozen(backend):
+    """fx traced self.count += 1 as a constant: the program returned the count the trace saw
+    on every call, and never counted. It runs untraced (vmap: once per call, as one member
+    alone; the loop: once per member, its members sharing the module); auto's measuring runs
+    leave the count as it was."""
+    ens = ve.Ensemble([_CountsCalls() for _ in range(N)], backend=backend)
+    x = torch.randn(1, 2)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error", ve.FallbackWarning)
+        outs = [ens(x)[:, 0, 0].tolist() for _ in range(3)]
+    assert "stores 'count'" in ens.explain()["(fused)"]
+    per_call = 1 if outs[1][0] == 2 else N  # vmap's way, or the loop's
+    assert ens.member(0).count == 3 * per_call
+    assert outs == [[float(k * per_call + (i + 1 if per_call == N else 1)) for i in range(N)] for k in range(3)]  # fmt: skip

@@ -69,23 +69,47 @@ def _plain_tensor_differences(models: Sequence[nn.Module]) -> None:
     ref = dict(models[0].named_modules())
     for i, m in enumerate(models[1:], start=1):
         for path, sub in m.named_modules():
+            # (a list of the module's own parameters, as an RNN's _flat_weights, is stacked)
+            own = {id(t) for t in (*sub._parameters.values(), *sub._buffers.values())}
             for name, value in sub.__dict__.items():
-                theirs = ref[path].__dict__.get(name)
-                if (
-                    isinstance(value, Tensor)
-                    and isinstance(theirs, Tensor)
-                    and not value.is_meta
-                    and value.shape == theirs.shape
-                    and not torch.equal(value.detach().cpu(), theirs.detach().cpu())
-                ):
-                    warnings.warn(
-                        f"member {i}'s {_where(path)} holds a plain tensor attribute '{name}' "
-                        "that differs from member 0's: it is not stacked, so every member will "
-                        f"compute with member 0's; make it a buffer (self.register_buffer('{name}', "
-                        "...)) to give each member its own",
-                        stacklevel=4,
-                    )
-                    return
+                if name in _MODULE_INTERNALS:  # (its parameters, buffers, hooks)
+                    continue
+                theirs = _plain_tensors(ref[path].__dict__.get(name))
+                for where, t in _plain_tensors(value).items():
+                    r = theirs.get(where)
+                    if (
+                        r is not None
+                        and id(t) not in own
+                        and not t.is_meta
+                        and t.shape == r.shape
+                        and not torch.equal(t.detach().cpu(), r.detach().cpu())
+                    ):
+                        advice = (
+                            f"make it a buffer (self.register_buffer('{name}', ...))"
+                            if not where
+                            else "make each a buffer (self.register_buffer), or keep them in "
+                            "an nn.ParameterList / nn.ParameterDict"
+                        )
+                        warnings.warn(
+                            f"member {i}'s {_where(path)} holds a plain tensor attribute "
+                            f"'{name}{where}' that differs from member 0's: it is not stacked, "
+                            f"so every member will compute with member 0's; {advice} to give "
+                            "each member its own",
+                            stacklevel=4,
+                        )
+                        return
+
+
+def _plain_tensors(value: Any) -> dict[str, Tensor]:
+    """The tensors of a plain attribute's value by where they sit: ``""`` for a tensor
+    itself, ``"[0]"`` / ``"['w']"`` one level into a list, tuple or dict."""
+    if isinstance(value, Tensor):
+        return {"": value}
+    if isinstance(value, (list, tuple)):
+        return {f"[{k}]": v for k, v in enumerate(value) if isinstance(v, Tensor)}
+    if isinstance(value, dict):
+        return {f"[{k!r}]": v for k, v in value.items() if isinstance(v, Tensor)}
+    return {}
 
 
 def _module_attributes(module: nn.Module) -> dict[str, str]:

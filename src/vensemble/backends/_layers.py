@@ -754,11 +754,19 @@ class _Direct(Fused):
 
 
 class _Dropout(Fused):
-    how = "fused: one mask over the stacked activations (independent per member)"
+    @property
+    def how(self) -> str:  # type: ignore[override]  # computed: the base class's is a string
+        if self.randomness == "same":
+            return "fused: one mask, the same for every member (randomness='same')"
+        return "fused: one mask over the stacked activations (independent per member)"
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.orig.training:  # the identity; its output has the member dim, as always
             return x if self.batched[0] else self.expand(x)
+        if self.randomness == "same":  # (not in place: see fused_layer_for)
+            if not self.batched[0]:
+                return self.expand(self.orig(x))  # one draw, as every member's
+            return x * self.orig(torch.ones_like(x[0]))  # one member's mask, scaled, for all
         if not self.batched[0]:
             x = x.unsqueeze(0).repeat(self.n, *([1] * x.ndim))
         return self.orig(x)
@@ -911,7 +919,10 @@ def fused_layer_for(
     cls = FUSED_LAYERS.get(type(module))
     if cls is None or len(batched) != 1 or parametrize.is_parametrized(module):
         return None
-    if cls is _Dropout and randomness != "different":
+    if cls is _Dropout and not (
+        randomness == "different" or (randomness == "same" and not module.inplace)
+    ):  # (under "error", vmap raises as it should; a shared input written in place by every
+        # member in turn is the loop's to run)
         return None
     if cls is _Softmax and getattr(module, "dim", None) is None:
         return None

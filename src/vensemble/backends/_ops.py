@@ -25,9 +25,11 @@ __all__ = [
     "IN_PLACE_OPERATORS",
     "RANDOM_FUNCTIONS",
     "RANDOM_METHODS",
+    "DrawIntoCopies",
     "Elementwise",
     "Expand",
     "IntoMemberCopies",
+    "SetItem",
     "make_op",
 ]
 
@@ -42,6 +44,8 @@ ELEMENTWISE_FUNCTIONS: set[Any] = {
     F.hardtanh, F.hardswish, F.hardsigmoid, F.logsigmoid, F.softsign, F.tanhshrink, F.sigmoid, F.tanh,
     operator.add, operator.sub, operator.mul, operator.truediv, operator.floordiv, operator.pow,
     operator.neg, operator.pos, operator.abs, operator.gt, operator.lt, operator.ge, operator.le,
+    operator.eq, operator.ne, operator.mod, operator.and_, operator.or_, operator.xor,
+    operator.invert, operator.lshift, operator.rshift,
 }  # fmt: skip
 
 ELEMENTWISE_METHODS = {
@@ -146,7 +150,13 @@ def _dim_method(name: str, n: int) -> Callable[..., Any] | None:
     if name == "flatten":
         return lambda x, start_dim=0, end_dim=-1: x.flatten(_shift(start_dim), _shift(end_dim))
     if name in ("view", "reshape"):  # reshape: the stacked layout may differ from the member's
-        return lambda x, *shape: x.reshape(n, *_sizes(shape))
+
+        def view(x: Tensor, *shape: Any, **dtype: Any) -> Tensor:
+            if dtype or (len(shape) == 1 and isinstance(shape[0], torch.dtype)):
+                return x.view(*shape, **dtype)  # view(torch.int32): the last dim reinterpreted
+            return x.reshape(n, *_sizes(shape))
+
+        return view
     if name == "expand":
 
         def expand(x: Tensor, *shape: Any, size: Any = None) -> Tensor:
@@ -407,6 +417,67 @@ class _Getitem(Op):
         return self.vmapped(x, index)
 
 
+class SetItem(Op):
+    """``h[index] = value`` into a per-member ``h``: written past the member dim, in place (the
+    program's later reads of ``h`` see it, as the member's do). ``index``: ints, slices,
+    ``...``, ``None`` and at most one tensor, the same for every member; ``value``: shared,
+    or per member (aligned to the member dim). Or a per-member boolean mask with one value
+    for all (``h[h > 1] = 1.0``). Anything else raises (the fallback runs it)."""
+
+    how = "fused: written in place past the member dim"
+
+    def __init__(self, *args: Any, into_copies: bool = False) -> None:
+        super().__init__(*args)
+        # ``x`` is a value the forward made, the same for every member (out = x.new_zeros(...);
+        # out[:, :4] = h): copied per member first, and the copies returned (the program's
+        # later reads of ``x`` read them); the caller makes sure nothing aliases ``x``
+        self.into_copies = into_copies
+        self.batched_output = into_copies  # (else None: the write is in ``x``)
+        if into_copies:
+            self.how = "fused: the shared value copied per member, then written in place"
+
+    def forward(self, x: Tensor, index: Any, value: Any) -> Tensor | None:
+        if self.into_copies:
+            x = x.unsqueeze(0).expand(self.n, *x.shape).clone()
+        self._write(x, index, value)
+        return x if self.into_copies else None
+
+    def _write(self, x: Tensor, index: Any, value: Any) -> None:
+        if self.flags[1]:  # a per-member index: a mask (h[h > 1] = 1.0), one value for all
+            mask = isinstance(index, Tensor) and index.dtype == torch.bool
+            one = not self.flags[2] and (not isinstance(value, Tensor) or value.ndim == 0)
+            if not (mask and one):
+                raise RuntimeError("item assignment with a per-member index")
+            x[index] = value  # (the stacked mask picks each member's own elements)
+            return
+        idx = index if isinstance(index, tuple) else (index,)
+        if sum(isinstance(i, Tensor) for i in idx) > 1:  # (where torch puts such dims varies)
+            raise RuntimeError("item assignment with several index tensors, per member")
+        where = (slice(None), *idx)
+        if self.flags[2] and isinstance(value, Tensor):
+            rank = x[0][index].ndim  # (member 0's slice: what value broadcasts against)
+            if value.ndim - 1 < rank:
+                value = value.view(
+                    value.shape[0], *([1] * (rank - value.ndim + 1)), *value.shape[1:]
+                )
+        x[where] = value
+
+
+class DrawIntoCopies(Op):
+    """``t.normal_()`` (an in-place draw) into a value the forward made, the same for every
+    member (``x.new_empty(x.shape).normal_()``), under ``randomness="different"``: copied per
+    member first, then drawn into, so each member's draws are its own; the copies are returned
+    (the program's later reads of ``t`` read them). The caller makes sure nothing aliases ``t``."""
+
+    how = "fused: the shared value copied per member, then drawn into"
+
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        x = x.unsqueeze(0).expand(self.n, *x.shape).clone()
+        assert isinstance(self.target, str)
+        getattr(x, self.target)(*args, **kwargs)
+        return x
+
+
 class _Concat(Op):
     how = "fused: concatenation past the member dim"
 
@@ -486,6 +557,8 @@ def make_op(
         return _Logical(target, False, *rest)
     if not is_method and target is operator.getitem and flags and flags[0] and not any(flags[1:]):
         return _Getitem(target, False, *rest)
+    if not is_method and target is operator.setitem and flags[0]:
+        return SetItem(target, False, *rest)
     if (
         not is_method
         and target in (torch.cat, torch.concat, torch.stack)

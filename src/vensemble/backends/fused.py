@@ -49,10 +49,12 @@ from ._ops import (
     IN_PLACE_OPERATORS,
     RANDOM_FUNCTIONS,
     RANDOM_METHODS,
+    DrawIntoCopies,
     Elementwise,
     Expand,
     IntoMemberCopies,
     Op,
+    SetItem,
     _DimMethod,
     _Logical,
     make_op,
@@ -333,11 +335,18 @@ def _patch() -> None:
     _UNDO.append(lambda: setattr(torch._C, "_set_grad_enabled", set_grad))
     for name in _RANDOM_FACTORIES:
         fn = getattr(torch, name)
-        setattr(torch, name, _traced_only(fn, name))
+        setattr(torch, name, _traced_only(fn, f"torch.{name}"))
         _UNDO.append(functools.partial(setattr, torch, name, fn))
+    for name in sorted(RANDOM_METHODS):
+        own = torch.Tensor.__dict__.get(name, _ABSENT)
+        method = getattr(torch.Tensor, name)
+        setattr(torch.Tensor, name, _traced_only(method, f"Tensor.{name}"))
+        _UNDO.append(functools.partial(_put_back_method, name, own))
     for name in _AUGMENTED:
         setattr(fx.Proxy, f"__{name}__", _augmented(name))
         _UNDO.append(functools.partial(delattr, fx.Proxy, f"__{name}__"))
+    setattr(fx.Proxy, "__setitem__", _record_setitem)  # noqa: B010 (a class attribute)
+    _UNDO.append(functools.partial(delattr, fx.Proxy, "__setitem__"))
 
 
 def _unpatch() -> None:
@@ -436,8 +445,16 @@ def _augmented(name: str) -> Callable[..., Any]:
     return record
 
 
-# Random factories called without a traced input would run once at trace time and be frozen
-# into the program as a constant; the loop draws anew on every call.
+def _record_setitem(self: fx.Proxy, index: Any, value: Any) -> None:
+    """``h[index] = value`` on a traced value: recorded (a Proxy has no ``__setitem__``, and
+    fx's trace failed), as ``operator.setitem``; later reads of ``h`` see the write."""
+    self.tracer.create_proxy("call_function", operator.setitem, (self, index, value), {})
+
+
+# Random draws without a traced input would run once at trace time and be frozen into the
+# program as a constant, the same for every member and every call; the loop draws anew on
+# every call. The factories, and the tensor methods that draw (in place into a tensor made
+# from constants: torch.empty(3).normal_(), as torch.distributions and nn.init draw).
 _RANDOM_FACTORIES = (
     "rand",
     "randn",
@@ -447,20 +464,32 @@ _RANDOM_FACTORIES = (
     "bernoulli",
     "poisson",
     "multinomial",
+    "rand_like",
+    "randn_like",
+    "randint_like",
 )
+_ABSENT = object()
 
 
-def _traced_only(fn: Any, name: str) -> Any:
+def _traced_only(fn: Any, what: str) -> Any:
     def guarded(*args: Any, **kwargs: Any) -> Any:
         if threading.get_ident() in _TRACING and not any(
             isinstance(a, fx.Proxy) for a in pytree.tree_leaves((args, kwargs))
         ):
             raise Untraceable(
-                f"the forward calls torch.{name} without a traced input (it would be frozen)"
+                f"the forward calls {what} without a traced input (it would be frozen)"
             )
         return fn(*args, **kwargs)
 
     return guarded
+
+
+def _put_back_method(name: str, own: Any) -> None:
+    """Undo a patch of ``torch.Tensor.<name>``: ``own`` is what its class dict held."""
+    if own is _ABSENT:
+        delattr(torch.Tensor, name)
+    else:
+        setattr(torch.Tensor, name, own)
 
 
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
@@ -548,14 +577,18 @@ def _trace(template: nn.Module, concrete: dict[str, Any], constants: dict[str, A
     for path, name, value in stored:
         module = template.get_submodule(path)
         own = name in module._buffers or name in module._parameters  # stacked: per member
-        if isinstance(value, fx.Proxy) and not (
-            own and _written_back(value, f"{path}.{name}".lstrip("."))
+        if (
+            isinstance(value, fx.Proxy)
+            and own
+            and _written_back(value, f"{path}.{name}".lstrip("."))
         ):
-            # a side effect the program would drop
-            raise Untraceable(
-                f"the forward of '{path or type(template).__name__}' stores '{name}' on the "
-                "module (fx keeps no such assignment)"
-            )
+            continue  # (self.count += 1 on a buffer: the in-place op is in the program)
+        # a side effect the program would drop: a traced value, or a plain one (self.calls
+        # += 1 on an int: the program would compute with the value the trace saw, for good)
+        raise Untraceable(
+            f"the forward of '{path or type(template).__name__}' stores '{name}' on the "
+            "module (fx keeps no such assignment)"
+        )
     return graph
 
 
@@ -595,6 +628,27 @@ def _fresh_for(value: Any, writer: fx.Node) -> str | None:
     if value.target in _FRESH_METHODS:
         return "fresh"
     return "conversion" if value.target in _CONVERSIONS else None
+
+
+def _fresh_until(value: Any, writer: fx.Node) -> bool:
+    """Whether ``value`` is new memory (one of ``_FRESH_FUNCTIONS`` / ``_FRESH_METHODS``) that
+    nothing read before ``writer`` but item assignments into it: from ``writer`` on, its
+    readers may read each member's copy instead (no alias of the shared one was taken)."""
+    if not isinstance(value, fx.Node) or "out" in value.kwargs:
+        return False
+    made = value.target in (_FRESH_FUNCTIONS if value.op == "call_function" else _FRESH_METHODS)
+    if value.op not in ("call_function", "call_method") or not made:
+        return False
+    before = set()
+    for node in value.graph.nodes:  # (in order: the readers that come before the writer)
+        if node is writer:
+            break
+        before.add(node)
+    return all(
+        u.op == "call_function" and u.target is operator.setitem and u.args[0] is value
+        for u in value.users
+        if u in before
+    )
 
 
 def _written_back(value: fx.Proxy, target: str) -> bool:
@@ -734,6 +788,40 @@ def build_program(call: Call, key: Hashable) -> FusedProgram:
             if not any(flags) and not any(kwflags.values()) and not random:
                 env[node] = new.node_copy(node, lambda x: env[x])
                 flag[node] = False
+                continue
+            if node.target is operator.setitem and not flags[0]:
+                if not _fresh_until(args[0], node):
+                    raise Untraceable(  # (vmap refuses it too: the per-member loop runs it)
+                        "the forward writes a per-member value into a tensor that is the same "
+                        "for every member, and not one it made itself (out[...] = h)"
+                    )
+                # out = x.new_zeros(...); out[:, :4] = h: each member's out its own from here
+                copies = SetItem(node.target, False, (True, *flags[1:]), {}, n, randomness, into_copies=True)  # fmt: skip
+                env[node] = new.call_module(add(copies, "_op"), tuple(mapped(a) for a in args))
+                flag[node] = True
+                env[args[0]], flag[args[0]] = env[node], True  # (later reads: the copies)
+                parts[f"setitem ({node.name})"] = copies
+                continue
+            if (
+                node.op == "call_method"
+                and node.target in RANDOM_METHODS
+                and str(node.target).endswith("_")
+                and randomness == "different"
+                and not any(flags)
+                and not any(kwflags.values())
+                and _fresh_until(args[0], node)
+            ):  # noise = x.new_empty(x.shape).normal_(): each member's own draws from here
+                draws = DrawIntoCopies(
+                    node.target, True, (True, *flags[1:]), kwflags, n, randomness
+                )
+                env[node] = new.call_module(
+                    add(draws, "_op"),
+                    tuple(mapped(a) for a in args),
+                    {k: mapped(v) for k, v in kwargs.items()},
+                )
+                flag[node] = True
+                env[args[0]], flag[args[0]] = env[node], True  # (later reads: the copies)
+                parts[f"{node.target} ({node.name})"] = draws
                 continue
             attr = args[1] if node.target is getattr and len(args) > 1 else None
             op = make_op(node.target, node.op == "call_method", flags, kwflags, n, randomness, attr)
