@@ -490,6 +490,12 @@ def test_a_parametrization_of_a_root_tensor_works_on_the_members_and_is_named_on
     parametrize.register_parametrization(plain, "scale", Positive())
     with pytest.raises(ve.EnsembleError, match=r"parametrization of 'scale' was registered on the ensemble itself.*built again"):  # fmt: skip
         plain(x)
+    # members parametrized already: torch puts the property on the class itself (no class of
+    # the ensemble's own is made), and it must not stay on every Ensemble
+    parametrize.register_parametrization(ens, "shift", Positive(), unsafe=True)
+    with pytest.raises(ve.EnsembleError, match=r"parametrization of 'shift'"):
+        ens(x)
+    assert "shift" not in ve.Ensemble.__dict__
 
 
 def test_a_submodule_put_in_unstacked_is_named():

@@ -2848,3 +2848,65 @@ def test_a_plain_value_the_forward_stores_is_not_frozen(backend):
     per_call = 1 if outs[1][0] == 2 else N  # vmap's way, or the loop's
     assert ens.member(0).count == 3 * per_call
     assert outs == [[float(k * per_call + (i + 1 if per_call == N else 1)) for i in range(N)] for k in range(3)]  # fmt: skip
+
+
+class _WritesApart(nn.Module):
+    def __init__(self, kind: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 12)
+        self.register_buffer("b", torch.randn(3))
+        self.kind = kind
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.fc(x).view(-1, 3, 4)
+        if self.kind == 0:
+            h[[0, 1], :, [1, 2]] = self.b  # advanced indices apart: their dims come first
+        elif self.kind == 1:
+            h[torch.tensor([0, 1]), ..., [1, 2]] = self.b
+        else:
+            h[0] = self.b.repeat(4).view(1, 3, 4)  # a value with a leading size-1 dim
+        return h
+
+
+@pytest.mark.parametrize("n", [2, 3])
+@pytest.mark.parametrize("kind", [0, 1, 2], ids=["apart", "apart-ellipsis", "leading-1"])
+def test_item_assignments_with_advanced_indices_apart(kind, n):
+    """h[[0, 1], :, [1, 2]] = v: torch puts the advanced dims first, so a leading slice for
+    the member dim put them in front of it, and with as many members as indexed rows the
+    members' values landed crosswise (torch.vmap does that too). The member dim is indexed
+    with them instead."""
+    torch.manual_seed(0)
+    members = [_WritesApart(kind).double() for _ in range(n)]
+    ens = ve.Ensemble(copy.deepcopy(members), backend="fused")
+    x = torch.randn(5, 4, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ve.FallbackWarning)
+        out = ens(x)
+    expected = torch.stack([m(x) for m in members])
+    torch.testing.assert_close(out, expected, atol=1e-12, rtol=0)
+    out.square().sum().backward()
+    expected.square().sum().backward()
+    for key, g in _grads(ens).items():
+        want = torch.stack([_grads(m)[key] for m in members])
+        torch.testing.assert_close(g, want, atol=1e-12, rtol=0, msg=key)
+
+
+class _WritesIntoItsWeight(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.fc.weight.reshape(2, 6)[0, :2] = 0.0  # a member's reshape is a view of it
+        return self.fc(x)
+
+
+def test_a_write_through_a_reshape_of_a_parameter_is_not_fused():
+    """On the stacked in-major Linear weight the reshape is a copy: the fused write was lost,
+    silently. The fused path refuses it and says why."""
+    ens = ve.Ensemble.from_factory(_WritesIntoItsWeight, 3, backend="fused")
+    ens.requires_grad_(False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ve.FallbackWarning)
+        ens(torch.randn(5, 4))
+    assert "into 'fc.weight' through a reshape of it" in ens.explain()["(fused)"]

@@ -898,3 +898,33 @@ def test_a_member_optimizers_state_loads_into_a_plain_optimizer_in_its_parameter
         opt.step()
     for (k, a), b in zip(ens.state_dict().items(), other.state_dict().values()):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=0, msg=k)
+
+
+@pytest.mark.parametrize("width", [4, 6], ids=["square", "wide"])
+def test_a_plain_optimizers_state_loads_into_a_member_optimizer(tmp_path, width):
+    """A plain torch optimizer's file holds parameter-shaped moments; a MemberOptimizer keeps
+    them over in-major views. They were taken to be in its own layout: transposed for square
+    weights (training went on with wrong moments), refused for the others."""
+
+    def make() -> nn.Module:
+        return nn.Sequential(nn.Linear(4, width), nn.Tanh(), nn.Linear(width, 4))
+
+    x, y = torch.randn(8, 4, dtype=torch.float64), torch.randn(8, 4, dtype=torch.float64)
+
+    def steps(ens: ve.Ensemble, opt: Any, k: int) -> None:
+        for _ in range(k):
+            opt.zero_grad()
+            ((ens(x) - y) ** 2).mean(dim=(1, 2)).sum().backward()
+            opt.step()
+
+    ens = ve.Ensemble.from_factory(make, 3, seed=0).double()
+    opt = torch.optim.Adam(ens.parameters(), lr=1e-2)
+    steps(ens, opt, 3)
+    save(ens, tmp_path / "c.safetensors", optimizer=opt)
+    steps(ens, opt, 3)
+    other = ve.Ensemble.from_factory(make, 3, seed=5).double()
+    member_opt = ve.MemberOptimizer(torch.optim.Adam, other, lr=1e-2)
+    load(tmp_path / "c.safetensors", other, optimizer=member_opt)
+    steps(other, member_opt, 3)
+    for (k, a), b in zip(ens.state_dict().items(), other.state_dict().values()):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0, msg=k)

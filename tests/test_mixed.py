@@ -111,6 +111,12 @@ def test_a_root_setting_is_every_members_that_has_it(backend):
     assert not any(hasattr(m, "temperature") for m in mixed.unstack())
     mixed.temperature = 4.0  # set again: the members' once more
     assert [m.temperature for m in mixed.unstack() if hasattr(m, "temperature")] == [4.0] * 3
+    for group in mixed.groups[:2]:  # equal values, as separate objects
+        group.temperature = float("nan")  # (NaN != NaN)
+    assert mixed.temperature != mixed.temperature
+    for group in mixed.groups[:2]:
+        group.temperature = torch.tensor([0.5, 2.0])  # (== of tensors is no answer)
+    assert torch.equal(mixed.temperature, torch.tensor([0.5, 2.0]))
     mixed.note = "mine"  # a name no member has: the mixed ensemble's own
     assert mixed.__dict__["note"] == "mine"
     assert not any(hasattr(g, "note") for g in mixed.groups)

@@ -582,6 +582,8 @@ class MemberOptimizer(Optimizer):
         if not isinstance(state, dict):
             return state
         saved = state_dict.get("member_layout")
+        groups = state_dict.get("param_groups") or []
+        from_member_optimizer = any(isinstance(g, dict) and "members" in g for g in groups)
         ours = self._layout
         views = [p for g in self.optimizer.param_groups for p in g["params"]]
         count = len(self._params)
@@ -589,7 +591,11 @@ class MemberOptimizer(Optimizer):
         for index, entry in state.items():
             k = int(index) % count
             view = views[int(index)] if int(index) < len(views) else None
-            was = saved[k] if isinstance(saved, list) and k < len(saved) else ours[k]
+            if isinstance(saved, list):
+                was = saved[k] if k < len(saved) else ours[k]
+            else:  # a plain torch optimizer's file: its state is shaped as the parameters;
+                # a MemberOptimizer's from before member_layout was saved: in our layout
+                was = ours[k] if from_member_optimizer else None
             if not isinstance(entry, dict) or view is None:
                 out[index] = entry
                 continue

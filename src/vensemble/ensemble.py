@@ -387,6 +387,11 @@ class Ensemble(nn.Module):
         names = [] if not isinstance(own, nn.ModuleDict) else list(own)
         lost = [k for k in names if not isinstance(getattr(template_class, k, None), property)]
         if lost:
+            for k in lost:  # torch put the property on the class itself when the template
+                # was parametrized already (no class of the ensemble's own made): every
+                # Ensemble would have it
+                if type(self) is Ensemble and isinstance(Ensemble.__dict__.get(k), property):
+                    delattr(Ensemble, k)
             raise EnsembleError(
                 f"a parametrization of {lost[0]!r} was registered on the ensemble itself: the "
                 f"members' forward reads {lost[0]!r} on their own root module, which no longer "

@@ -33,6 +33,10 @@ def _same(a: Any, b: Any) -> bool:
     """Whether two groups' values of a setting are the same (an array's == is no answer)."""
     if a is b:
         return True
+    if isinstance(a, Tensor) and isinstance(b, Tensor):
+        return a.shape == b.shape and bool(torch.equal(a, b))
+    if isinstance(a, float) and isinstance(b, float) and a != a and b != b:
+        return True  # (NaN, in both)
     try:
         return bool(a == b)
     except Exception:  # (an array with several values: ambiguous)

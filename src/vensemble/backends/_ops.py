@@ -451,16 +451,31 @@ class SetItem(Op):
             x[index] = value  # (the stacked mask picks each member's own elements)
             return
         idx = index if isinstance(index, tuple) else (index,)
-        if sum(isinstance(i, Tensor) for i in idx) > 1:  # (where torch puts such dims varies)
-            raise RuntimeError("item assignment with several index tensors, per member")
-        where = (slice(None), *idx)
+        advanced = [k for k, i in enumerate(idx) if not _basic_index(i)]
+        where: tuple[Any, ...] = (slice(None), *idx)
+        if advanced and advanced != list(range(advanced[0], advanced[-1] + 1)):
+            # advanced indices apart (h[[0, 1], :, [1, 2]]): torch puts their dims first, so
+            # the member dim must be one of them, in front (a leading slice would come after
+            # them). (torch.vmap gets this case wrong: the members' values land crosswise.)
+            if any(isinstance(idx[k], Tensor) and idx[k].dtype == torch.bool for k in advanced):
+                raise RuntimeError("item assignment with a mask and advanced indices apart")
+            dims = len(torch.broadcast_shapes(*(torch.as_tensor(idx[k]).shape for k in advanced)))
+            members = torch.arange(x.shape[0], device=x.device).view(-1, *([1] * dims))
+            where = (members, *idx)
         if self.flags[2] and isinstance(value, Tensor):
             rank = x[0][index].ndim  # (member 0's slice: what value broadcasts against)
             if value.ndim - 1 < rank:
                 value = value.view(
                     value.shape[0], *([1] * (rank - value.ndim + 1)), *value.shape[1:]
                 )
+            elif value.ndim - 1 > rank and all(d == 1 for d in value.shape[1 : value.ndim - rank]):
+                value = value.reshape(value.shape[0], *value.shape[value.ndim - rank :])
         x[where] = value
+
+
+def _basic_index(i: Any) -> bool:
+    """An index entry that keeps its dims where they are (an int, a slice, ``...``, ``None``)."""
+    return i is None or i is Ellipsis or isinstance(i, slice) or type(i) is int
 
 
 class DrawIntoCopies(Op):

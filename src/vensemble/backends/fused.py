@@ -700,6 +700,41 @@ def _refuse_writes_to_constants(graph: fx.Graph, constants: dict[str, Any]) -> N
                 )
 
 
+# Views a write may go through, back to the tensor they view; those that may copy on the
+# stacked tensor where the member's own would not (reshape: a Linear weight is stacked in-major)
+_VIEWS = frozenset({"view", "reshape", "flatten", "view_as", "reshape_as", "unflatten", "t",
+                    "transpose", "permute", "unsqueeze", "squeeze", "narrow", "select",
+                    "expand", "as_strided", "mT", "T"})  # fmt: skip
+_MAY_COPY = frozenset({"view", "reshape", "flatten", "view_as", "reshape_as", "unflatten",
+                       torch.reshape, torch.flatten})  # fmt: skip
+_VIEW_FUNCTIONS = frozenset({operator.getitem, torch.reshape, torch.flatten, getattr})
+
+
+def _refuse_writes_through_reshapes(graph: fx.Graph) -> None:
+    """A write into a parameter or buffer through its ``view``/``reshape`` (``w =
+    self.fc.weight.view(-1); w[:2] = 0``): on the stacked tensor, whose layout may differ from
+    the member's (in-major Linear weights), the reshape can be a copy, and the write would be
+    lost. vmap runs such a forward as written."""
+    for node in graph.nodes:
+        for target in _writes_in_place(node):
+            reshaped, cur = False, target
+            while (
+                isinstance(cur, fx.Node)
+                and cur.args
+                and (
+                    (cur.op == "call_method" and cur.target in _VIEWS)
+                    or (cur.op == "call_function" and cur.target in _VIEW_FUNCTIONS)
+                )
+            ):
+                reshaped = reshaped or cur.target in _MAY_COPY
+                cur = cur.args[0]
+            if reshaped and isinstance(cur, fx.Node) and cur.op == "get_attr":
+                raise Untraceable(
+                    f"the forward writes in place ({node.target}) into '{cur.target}' through a "
+                    "reshape of it (on the stacked tensor the reshape may be a copy)"
+                )
+
+
 def _has_state(module: nn.Module) -> bool:
     return next(module.parameters(), None) is not None or next(module.buffers(), None) is not None
 
@@ -717,6 +752,7 @@ def build_program(call: Call, key: Hashable) -> FusedProgram:
     constants: dict[str, Any] = {}
     graph = _trace(template, concrete, constants)
     _refuse_writes_to_constants(graph, constants)
+    _refuse_writes_through_reshapes(graph)
     stacked = {name for name, _ in template.named_parameters(remove_duplicate=False)}
     stacked |= {name for name, _ in template.named_buffers(remove_duplicate=False)}
 
