@@ -2910,3 +2910,32 @@ def test_a_write_through_a_reshape_of_a_parameter_is_not_fused():
         warnings.simplefilter("ignore", ve.FallbackWarning)
         ens(torch.randn(5, 4))
     assert "into 'fc.weight' through a reshape of it" in ens.explain()["(fused)"]
+
+
+class _KeywordFrom(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.fc(x)
+        return h + torch.empty_like(h).uniform_(**{"from": -1.0, "to": 1.0})  # (a keyword)
+
+
+def test_a_program_fx_cannot_write_is_remembered_not_built_on_every_call(monkeypatch):
+    """fx writes uniform_(from=-1.0) into the program's code, which Python cannot read: the
+    SyntaxError was taken for a failure of the program, which was built (and warned of)
+    again on every call. It is remembered as a reason, as an untraceable forward is."""
+    import vensemble.backends.fused as fused_module
+
+    builds = []
+    build = fused_module.build_program
+    monkeypatch.setattr(fused_module, "build_program", lambda *a: builds.append(1) or build(*a))
+    ens = ve.Ensemble.from_factory(_KeywordFrom, 3, backend="fused")
+    x = torch.randn(2, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ve.FallbackWarning)  # (vmap runs it)
+        for _ in range(3):
+            assert ens(x).shape == (3, 2, 4)
+    assert len(builds) == 1
+    assert ens.explain()["(fused)"].startswith("not used: fx could not write the program")

@@ -1275,6 +1275,9 @@ def program_for(call: Call, plan: FusedPlan) -> tuple[FusedProgram | str, list[A
             program = build_program(call, key)
         except Untraceable as err:
             program = str(err)
+        except SyntaxError as err:  # fx wrote code Python cannot read (a keyword named
+            # "from", as uniform_(**{"from": -1.0}) passes it): remembered, not built anew
+            program = f"fx could not write the program ({type(err).__name__}: {err})"
         plan.programs.remember(full_key, program)
     if not _is_compiling():  # (for explain(); a side effect strict export would warn of)
         plan.last = program
