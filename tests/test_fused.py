@@ -2250,7 +2250,14 @@ def _assert_outputs_and_gradients_equal_the_members(
 ) -> None:
     """``out = ens(x)`` and the parameters' gradients of a loss on it equal the members'
     alone (float64: to 1e-12)."""
-    expected = torch.stack([m(x) for m in members])
+    _assert_equal_with_gradients(ens, members, out, torch.stack([m(x) for m in members]))
+
+
+def _assert_equal_with_gradients(
+    ens: ve.Ensemble, members: list[nn.Module], out: Tensor, expected: Tensor
+) -> None:
+    """``out`` equals ``expected`` (the members' outputs stacked), and so do the parameters'
+    gradients of a loss on each (float64: to 1e-12)."""
     torch.testing.assert_close(out, expected, atol=1e-12, rtol=0)
     out.square().sum().backward()
     expected.square().sum().backward()
@@ -2768,12 +2775,7 @@ def test_item_assignments_into_per_member_values_run_fused(per_member):
         warnings.simplefilter("error", ve.FallbackWarning)
         out = ens(x, in_dims=0 if per_member else None)
     expected = torch.stack([m(x[i] if per_member else x) for i, m in enumerate(members)])
-    torch.testing.assert_close(out, expected, atol=1e-12, rtol=0)
-    out.square().sum().backward()
-    expected.square().sum().backward()
-    for key, g in _grads(ens).items():
-        want = torch.stack([_grads(m)[key] for m in members])
-        torch.testing.assert_close(g, want, atol=1e-12, rtol=0, msg=key)
+    _assert_equal_with_gradients(ens, members, out, expected)
     assert "(fused)" not in ens.explain()
     assert ens.explain()["setitem (setitem)"].startswith("fused: written in place")
     with torch.no_grad():
@@ -2815,11 +2817,7 @@ def test_a_per_member_value_written_into_a_tensor_made_for_all(alias):
         assert "not one it made itself (out[...] = h)" in ens.explain()["(fused)"]
         return
     assert ens.explain()["setitem (setitem_1)"].startswith("fused: the shared value copied")
-    out.square().sum().backward()
-    expected.square().sum().backward()
-    for key, g in _grads(ens).items():
-        want = torch.stack([_grads(m)[key] for m in members])
-        torch.testing.assert_close(g, want, atol=1e-12, rtol=0, msg=key)
+    _assert_equal_with_gradients(ens, members, out, expected)
 
 
 class _CountsCalls(nn.Module):
@@ -2883,12 +2881,7 @@ def test_item_assignments_with_advanced_indices_apart(kind, n):
         warnings.simplefilter("error", ve.FallbackWarning)
         out = ens(x)
     expected = torch.stack([m(x) for m in members])
-    torch.testing.assert_close(out, expected, atol=1e-12, rtol=0)
-    out.square().sum().backward()
-    expected.square().sum().backward()
-    for key, g in _grads(ens).items():
-        want = torch.stack([_grads(m)[key] for m in members])
-        torch.testing.assert_close(g, want, atol=1e-12, rtol=0, msg=key)
+    _assert_equal_with_gradients(ens, members, out, expected)
 
 
 class _WritesIntoItsWeight(nn.Module):

@@ -30,6 +30,7 @@ from ._dist_io import load_block, rebuild, save_one_file, save_per_rank
 from ._errors import EnsembleError
 from ._io_state import PathLike, unique_tensors
 from ._layout import restacked_like
+from ._root_settings import RootSettings
 from .ensemble import Ensemble
 
 __all__ = ["CollectiveError", "ShardedEnsemble", "block_sizes"]
@@ -47,7 +48,7 @@ def _default_device(comm: Comm, device: Any) -> torch.device:
     return torch.device("cpu")
 
 
-class ShardedEnsemble(nn.Module):
+class ShardedEnsemble(RootSettings):
     """``n`` members split over the ranks of a process group: each rank holds a block.
 
     Rank ``r`` of ``W`` holds the contiguous block of members ``start, ..., stop - 1``
@@ -129,50 +130,13 @@ class ShardedEnsemble(nn.Module):
         local = Ensemble(members, **ensemble_options).to(_default_device(comm, device))
         self.local = local
 
-    # The members' plain settings on their root module, as on an Ensemble (see there):
+    # The members' plain settings on their root module, as on an Ensemble (see RootSettings):
     # ``shard.temperature = 0.5`` sets this rank's block's (every rank must set it alike).
+    _BLOCK = "shard.local"
 
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            local = self._holding(name)
-            if local is None:
-                raise
-            return getattr(local, name)
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        local = self._holding(name)
-        if local is not None:
-            setattr(local, name, value)
-        else:
-            super().__setattr__(name, value)
-
-    def __delattr__(self, name: str) -> None:
-        local = self._holding(name)
-        if local is not None:
-            delattr(local, name)
-        else:
-            super().__delattr__(name)
-
-    def __dir__(self) -> list[str]:
-        own = set(super().__dir__())
+    def _setting_blocks(self) -> list[Ensemble]:
         local = self.__dict__.get("_modules", {}).get("local")
-        if not isinstance(local, Ensemble):
-            return sorted(own)
-        return sorted(own | {k for k in dir(local) if local._has_root_setting(k)})
-
-    def _holding(self, name: str) -> Ensemble | None:
-        """The local block when ``name`` is the members' root setting, not this module's."""
-        local = self.__dict__.get("_modules", {}).get("local")
-        if (
-            isinstance(local, Ensemble)
-            and name not in self.__dict__
-            and not hasattr(type(self), name)
-            and local._has_root_setting(name)
-        ):
-            return local
-        return None
+        return [local] if isinstance(local, Ensemble) else []
 
     def _setup(self, comm: Comm, n: int) -> None:
         if n < comm.world:

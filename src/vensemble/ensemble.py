@@ -31,7 +31,12 @@ from .backends import (
     loop_forward,
     strict_vmap_forward,
 )
-from .backends._autotune import BackwardFailed, measure_paths, measuring_allowed
+from .backends._autotune import (
+    BackwardFailed,
+    in_func_transform,
+    measure_paths,
+    measuring_allowed,
+)
 from .backends._call import (
     copy_buffers,
     hold_attributes,
@@ -329,12 +334,13 @@ class Ensemble(nn.Module):
         self._tensor_names = self._names_of_tensors()
 
     def _names_of_tensors(self) -> list[tuple[str, ...]]:
-        """Each module's parameter and buffer names (see ``_tensors_deleted``)."""
+        """Each module's parameter and buffer names (see ``_tensors_renamed``)."""
         return [(*m._parameters, *m._buffers) for m in self._module_list]
 
-    def _tensors_deleted(self) -> bool:
-        """Whether a parameter or buffer was deleted since the tree was indexed (``del
-        ens.scale``): no hook tells, so a program that fails asks (it would read the old one)."""
+    def _tensors_renamed(self) -> bool:
+        """Whether a parameter or buffer was added or deleted since the tree was indexed. No
+        hook tells of a deletion (``del ens.scale``): a program that fails asks (it would read
+        the old one), as ``_check_modules`` does after a registration."""
         return self._names_of_tensors() != self.__dict__.get("_tensor_names")
 
     def _check_modules(self, compiling: bool) -> None:
@@ -347,7 +353,7 @@ class Ensemble(nn.Module):
         if (
             any(self._leaf_dicts)
             or list(map(tuple, map(dict.values, self._parent_dicts))) != self._children
-            or self._names_of_tensors() != self._tensor_names  # one added (or deleted)
+            or self._tensors_renamed()  # one added (or deleted)
         ):
             self._reindex_modules()
         elif settings_changed(self._settings):  # traced programs hold the old values
@@ -920,7 +926,7 @@ class Ensemble(nn.Module):
         torch.jit.trace is tracing)."""
         if not (in_dims is None or type(in_dims) is int):
             return None
-        if torch._C._functorch.maybe_current_level() is not None:
+        if in_func_transform():
             return None  # inside a torch.func transform: auto measured nothing (see _choose)
         described = []
         for a in args:
@@ -974,7 +980,7 @@ class Ensemble(nn.Module):
             except Exception as err:
                 if snapshot is not None:
                     call.restore_buffers(snapshot)
-                if self._tensors_deleted():  # the programs read it: traced again, without it
+                if self._tensors_renamed():  # a deleted one the programs read: traced again
                     self._reindex_modules()
                     restore_rng()
                     return self._vectorized(call, fast_key)
@@ -1094,7 +1100,7 @@ class Ensemble(nn.Module):
             # a trace or a capture: nothing measured, or kept; nor inside a torch.func
             # transform (grad, jacrev), where putting the buffers back after a timed run
             # would write into tensors the transform captured, which it refuses
-            if not measuring_allowed() or torch._C._functorch.maybe_current_level() is not None:
+            if not measuring_allowed() or in_func_transform():
                 self._last_choice = _UNMEASURED
                 return "vectorized"
             snapshot = call.snapshot_buffers()

@@ -11,6 +11,7 @@ import torch.utils._pytree as pytree
 from torch import Tensor, nn
 
 from ._errors import EnsembleError
+from ._root_settings import RootSettings
 from ._state import check_no_shared_memory, fingerprint, fingerprint_digest
 from .ensemble import Ensemble
 
@@ -29,21 +30,7 @@ def _take(arg: Any, dim: int, index: Tensor) -> Any:
     return pytree.tree_map_only(Tensor, lambda t: t.index_select(dim, index.to(t.device)), arg)
 
 
-def _same(a: Any, b: Any) -> bool:
-    """Whether two groups' values of a setting are the same (an array's == is no answer)."""
-    if a is b:
-        return True
-    if isinstance(a, Tensor) and isinstance(b, Tensor):
-        return a.shape == b.shape and bool(torch.equal(a, b))
-    if isinstance(a, float) and isinstance(b, float) and a != a and b != b:
-        return True  # (NaN, in both)
-    try:
-        return bool(a == b)
-    except Exception:  # (an array with several values: ambiguous)
-        return False
-
-
-class MixedEnsemble(nn.Module):
+class MixedEnsemble(RootSettings):
     """Members of several architectures, grouped by architecture and run group by group.
 
     Members with the same architecture fingerprint form one :class:`Ensemble` (run fused or
@@ -88,53 +75,14 @@ class MixedEnsemble(nn.Module):
     def __len__(self) -> int:
         return len(self._inverse)
 
-    # The members' plain settings on their root module, as on an Ensemble (see there), for
-    # every group whose members have one: ``mixed.temperature = 0.5`` sets (``del`` deletes)
-    # every such member's; reading it gives the value they share.
+    # The members' plain settings on their root module, in every group whose members have
+    # one (see RootSettings): ``mixed.temperature = 0.5``
+    _BLOCKS = "architecture groups"
+    _BLOCK = "mixed.groups"
 
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            holding = self._holding(name)
-            if not holding:
-                raise
-        values = [getattr(group, name) for group in holding]
-        if not all(_same(v, values[0]) for v in values[1:]):
-            ks = [k for k, group in enumerate(self.groups) if group in holding]
-            raise AttributeError(
-                f"the architecture groups {ks} hold different values of the members' setting "
-                f"{name!r} ({', '.join(map(repr, values))}): read it from a group "
-                f"(mixed.groups[{ks[0]}].{name})"
-            )
-        return values[0]
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        holding = self._holding(name)
-        if not holding:
-            super().__setattr__(name, value)
-        for group in holding:
-            setattr(group, name, value)
-
-    def __delattr__(self, name: str) -> None:
-        holding = self._holding(name)
-        if not holding:
-            super().__delattr__(name)
-        for group in holding:
-            delattr(group, name)
-
-    def __dir__(self) -> list[str]:
-        own = set(super().__dir__())
-        groups = self.__dict__.get("_modules", {}).get("groups", ())
-        return sorted(own | {k for g in groups for k in dir(g) if g._has_root_setting(k)})
-
-    def _holding(self, name: str) -> list[Ensemble]:
-        """The groups whose members have ``name`` as a root setting (none while this module
-        is being built, and none for a name of this module's own)."""
+    def _setting_blocks(self) -> list[Ensemble]:
         groups = self.__dict__.get("_modules", {}).get("groups")
-        if groups is None or name in self.__dict__ or hasattr(type(self), name):
-            return []
-        return [g for g in groups if isinstance(g, Ensemble) and g._has_root_setting(name)]
+        return [] if groups is None else [g for g in groups if isinstance(g, Ensemble)]
 
     def _locate(self, i: int) -> tuple[int, int]:
         n = len(self)

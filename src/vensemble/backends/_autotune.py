@@ -16,6 +16,7 @@ __all__ = [
     "autotune",
     "choices",
     "decide",
+    "in_func_transform",
     "measure_paths",
     "measuring_allowed",
     "running_aside_allowed",
@@ -40,6 +41,11 @@ def _time(fn: Callable[[], Any], device: torch.device, repeats: int) -> float:
         sync()
         best = min(best, time.perf_counter() - start)
     return best
+
+
+def in_func_transform() -> bool:
+    """Whether a ``torch.func`` transform (vmap, grad, jacrev) runs the code now."""
+    return torch._C._functorch.maybe_current_level() is not None
 
 
 def measuring_allowed() -> bool:

@@ -316,6 +316,11 @@ class _FillPerMember(Elementwise):
         return x.copy_(torch.where(mask, value, x))
 
 
+def _member_copies(x: Tensor, n: int) -> Tensor:
+    """``x`` (the same for every member) as ``n`` copies of its own, ``(n, *x.shape)``."""
+    return x.unsqueeze(0).expand(n, *x.shape).clone()
+
+
 class IntoMemberCopies(Elementwise):
     """An augmented assignment (``out += v``) into a value the forward made, the same for
     every member, with a per-member right side: each member's value is its own tensor, so it
@@ -338,7 +343,7 @@ class IntoMemberCopies(Elementwise):
                     "an augmented assignment with a per-member value into a shared tensor "
                     "(a conversion returned its input itself)"
                 )
-            left = left.unsqueeze(0).expand(self.n, *left.shape).clone()
+            left = _member_copies(left, self.n)
         return super().forward(left, *args, **kwargs)
 
 
@@ -438,7 +443,7 @@ class SetItem(Op):
 
     def forward(self, x: Tensor, index: Any, value: Any) -> Tensor | None:
         if self.into_copies:
-            x = x.unsqueeze(0).expand(self.n, *x.shape).clone()
+            x = _member_copies(x, self.n)
         self._write(x, index, value)
         return x if self.into_copies else None
 
@@ -487,7 +492,7 @@ class DrawIntoCopies(Op):
     how = "fused: the shared value copied per member, then drawn into"
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        x = x.unsqueeze(0).expand(self.n, *x.shape).clone()
+        x = _member_copies(x, self.n)
         assert isinstance(self.target, str)
         getattr(x, self.target)(*args, **kwargs)
         return x

@@ -793,6 +793,16 @@ def build_program(call: Call, key: Hashable) -> FusedProgram:
             return type(a)(items)
         return fx.node.map_arg(a, lambda x: env[x])
 
+    def copies_from_here(node: fx.Node, op: Op, args: Any, kwargs: dict[str, Any]) -> None:
+        """``node`` writes into ``args[0]``, a value the forward made the same for every
+        member, through ``op``, which copies it per member first: the program's later reads
+        of that value read the copies (``_fresh_until`` made sure nothing aliases it)."""
+        mapped_kwargs = {k: mapped(v) for k, v in kwargs.items()}
+        env[node] = new.call_module(add(op, "_op"), tuple(mapped(a) for a in args), mapped_kwargs)
+        flag[node] = True
+        env[args[0]], flag[args[0]] = env[node], True
+        parts[f"{getattr(node.target, '__name__', node.target)} ({node.name})"] = op
+
     for node in graph.nodes:
         if node.op == "placeholder":
             name = next(placeholders)
@@ -833,10 +843,7 @@ def build_program(call: Call, key: Hashable) -> FusedProgram:
                     )
                 # out = x.new_zeros(...); out[:, :4] = h: each member's out its own from here
                 copies = SetItem(node.target, False, (True, *flags[1:]), {}, n, randomness, into_copies=True)  # fmt: skip
-                env[node] = new.call_module(add(copies, "_op"), tuple(mapped(a) for a in args))
-                flag[node] = True
-                env[args[0]], flag[args[0]] = env[node], True  # (later reads: the copies)
-                parts[f"setitem ({node.name})"] = copies
+                copies_from_here(node, copies, args, kwargs)
                 continue
             if (
                 node.op == "call_method"
@@ -850,14 +857,7 @@ def build_program(call: Call, key: Hashable) -> FusedProgram:
                 draws = DrawIntoCopies(
                     node.target, True, (True, *flags[1:]), kwflags, n, randomness
                 )
-                env[node] = new.call_module(
-                    add(draws, "_op"),
-                    tuple(mapped(a) for a in args),
-                    {k: mapped(v) for k, v in kwargs.items()},
-                )
-                flag[node] = True
-                env[args[0]], flag[args[0]] = env[node], True  # (later reads: the copies)
-                parts[f"{node.target} ({node.name})"] = draws
+                copies_from_here(node, draws, args, kwargs)
                 continue
             attr = args[1] if node.target is getattr and len(args) > 1 else None
             op = make_op(node.target, node.op == "call_method", flags, kwflags, n, randomness, attr)

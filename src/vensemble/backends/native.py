@@ -54,6 +54,7 @@ import torch.autograd.forward_ad as fwAD
 import torch.fx as fx
 from torch import Tensor, nn
 
+from ._autotune import in_func_transform
 from ._call import Call
 from ._layers import Fused, _Direct, _Dropout, _Flatten, _Linear
 from ._ops import Elementwise, _DimMethod
@@ -481,7 +482,7 @@ def _why_not_now() -> str | None:
         return "a trace would not see the kernel"
     if torch._C._len_torch_dispatch_stack() > 0 or torch._C._is_torch_function_mode_enabled():
         return "a dispatch or torch function mode is active (make_fx, fake tensors, a counter)"
-    if torch._C._functorch.maybe_current_level() is not None:
+    if in_func_transform():
         return "inside a torch.func transform (vmap, grad, jacrev)"
     if torch.is_autocast_enabled("cpu"):
         return "under autocast (the loop's Linear runs in the autocast dtype)"
