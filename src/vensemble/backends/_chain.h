@@ -1,9 +1,9 @@
-/* The kernel for one dtype: REAL (float or double), LANES of them per 64-byte vector, INT
+/* The kernel for one dtype: REAL (float or double), LANES of them per VBYTES-byte vector, INT
  * the integer of the same width, FN(name) the dtype's name for each function (see _chain.c). */
 #define TILE (2 * LANES) /* rows per tile: two vectors */
 
-typedef REAL FN(vec) __attribute__((vector_size(64)));
-typedef INT FN(mask) __attribute__((vector_size(64)));
+typedef REAL FN(vec) __attribute__((vector_size(VBYTES)));
+typedef INT FN(mask) __attribute__((vector_size(VBYTES)));
 #define VEC FN(vec)
 #define MASK FN(mask)
 
@@ -299,6 +299,9 @@ static int FN(chain_few)(int64_t n, int64_t rows, const REAL *x, int64_t x_strid
     return failed ? -1 : 0;
 }
 
+/* The rows of a tile: two vectors of them (the build's vector width: see _chain.c). */
+int FN(vensemble_tile_rows)(void) { return TILE; }
+
 /* y (n, rows, out of the last layer) = the chain applied to x: (rows, in of the first layer),
  * the same for every member when x_stride is 0, else member m's rows start at x + m *
  * x_stride. Returns 0, or -1 when scratch memory could not be allocated (y is then partly
@@ -314,11 +317,12 @@ int FN(vensemble_chain)(int64_t n, int64_t rows, const REAL *x, int64_t x_stride
         return FN(chain_few)(n, rows, x, x_stride, depth, layers, y, threads, widest);
     const int64_t tiles = (rows + TILE - 1) / TILE, in0 = layers[0].in;
     const int64_t out = layers[depth - 1].out;
-    const size_t bytes = (size_t)widest * TILE * sizeof(REAL); /* (a multiple of 64) */
+    /* (rounded up to a multiple of ALIGN, as aligned_alloc wants) */
+    const size_t bytes = ((size_t)widest * TILE * sizeof(REAL) + ALIGN - 1) / ALIGN * ALIGN;
     int failed = 0;
 #pragma omp parallel num_threads(threads) reduction(| : failed)
     {
-        REAL *A = aligned_alloc(64, bytes), *B = aligned_alloc(64, bytes);
+        REAL *A = aligned_alloc(ALIGN, bytes), *B = aligned_alloc(ALIGN, bytes);
         if (!A || !B) failed = 1;
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < n * tiles; t++) {

@@ -5,8 +5,10 @@ The members of a Q-function ensemble or a deep ensemble of small MLPs are chains
 ``ReLU``, ``Linear``, ... A batched GEMM per layer writes every member's activations to
 memory and reads them back for the next layer, and its small GEMMs (1000 x 128x32x32 on
 1000 x MLP 8-32-32-1) run well below the CPU's peak. ``_chain.c`` runs each member's whole
-chain on tiles of 32 rows instead (16 and fewer: one vector of rows, half the work), its
-activations in registers and L1, the weights read in the ensemble's stored (in-major) layout.
+chain on tiles of two vectors of rows instead (float32: 32 rows with AVX-512, 16 with AVX2;
+a vector's rows and fewer: half the work), its activations in registers and L1, the weights
+read in the ensemble's stored (in-major) layout. The vector is as wide as the CPU's registers
+(``_chain.c``): a wider one, split by the compiler, ran 15-30x slower than torch's GEMMs.
 A batch of at most 8 rows (an agent acting) runs all its rows at once with the outputs in the
 vector lanes, each weight read once, where that does less work (layers at least a vector
 wide: see ``vensemble_few_rows`` in ``_chain.h``): 10 x MLP 23-256-256-1 at batch 1 took 44 us
@@ -71,12 +73,13 @@ __all__ = [
 
 _SOURCES = ("_chain.c", "_chain.h")
 # The widest layer the kernel takes: each thread holds two scratch tiles of the widest
-# activation, 2 x 32 rows x 65536 x 4 bytes = 16 MiB at most (a layer that wide gains nothing
+# activation, 2 x 32 rows (AVX-512) x 65536 x 4 bytes = 16 MiB at most (a layer that wide gains nothing
 # here anyway: its GEMM is large enough for BLAS)
 MAX_WIDTH = 1 << 16
 _FUNCTION = {torch.float32: "vensemble_chain_f32", torch.float64: "vensemble_chain_f64"}
 # whether a batch of rows runs the outputs in the lanes (see _chain.h), per kernel function
 _FEW_ROWS = {name: name.replace("chain", "few_rows") for name in _FUNCTION.values()}
+_TILE_ROWS = {name: name.replace("chain", "tile_rows") for name in _FUNCTION.values()}
 
 # activation codes of _chain.c
 _NONE, _RELU, _LEAKY, _CLAMP = 0, 1, 2, 3
@@ -227,6 +230,9 @@ def _load() -> ctypes.CDLL | str:
         few = getattr(lib, _FEW_ROWS[symbol])
         few.restype = ctypes.c_int
         few.argtypes = [ctypes.c_int64, ctypes.c_int32, ctypes.POINTER(_Layer)]
+        tile = getattr(lib, _TILE_ROWS[symbol])
+        tile.restype = ctypes.c_int
+        tile.argtypes = []
     return lib
 
 
@@ -659,7 +665,7 @@ class NativePlan(Afresh):
                 f"one compiled kernel runs each member's whole chain on all {rows} rows at once, "
                 f"the outputs in the vector lanes, each weight read once ({chain})"
             )
-        tile = 2 * 64 // torch.empty((), dtype=dtype).element_size()  # (two 64-byte vectors)
+        tile = getattr(lib, _TILE_ROWS[_FUNCTION[dtype]])()  # (two of the build's vectors)
         return (
             f"one compiled kernel runs each member's whole chain on tiles of {tile} rows, the "
             f"activations in registers and cache ({chain})"
