@@ -14,9 +14,10 @@ vector lanes, each weight read once, where that does less work (layers at least 
 wide: see ``vensemble_few_rows`` in ``_chain.h``): 10 x MLP 23-256-256-1 at batch 1 took 44 us
 against 65 for the vectorized path.
 The kernel's per-layer structs are checked and built once and reused while the parameters are
-the same tensors on the same memory and the settings the same (see ``_layers_key``). On the 2-core AMD EPYC sandbox (torch 2.13, 2
-threads) those 1000 members took 1.9 ms per call against 3.2-3.5 ms for the fused program
-run in blocks of members and 4.3-5.4 ms at once.
+the same tensors on the same memory and the settings the same (see ``_layers_key``). On a
+2-core AMD EPYC with AVX-512 (torch 2.13, 2 threads) those 1000 members took 1.9 ms per call
+against 3.2-3.5 ms for the fused program run in blocks of members and 4.3-5.4 ms at once; on
+one with AVX2 only, 4.1 ms against 6.4 and 8-15.
 
 The C source is compiled on first use with the system's C compiler (``$CC``, else ``cc``:
 ``-O3 -march=native -fopenmp``) into a cache directory (``$VENSEMBLE_CACHE_DIR``, else
