@@ -30,28 +30,44 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _vector_bytes() -> int:
-    """The vector width -march=native gives this CPU (x86: AVX-512 64 bytes, AVX 32; else 16)."""
+def _cpu_vector_bytes() -> int | None:
+    """The vector width ``-march=native`` gives this CPU, read from Linux's /proc/cpuinfo
+    (x86: AVX-512 64 bytes, AVX 32, else 16; other CPUs 16), or None without that file."""
     try:
         with open("/proc/cpuinfo") as f:
             flags = next((ln.split() for ln in f if ln.startswith("flags")), [])
     except OSError:
-        flags = []
-    if platform.machine() in ("x86_64", "AMD64") and "avx512f" in flags:
-        return 64
-    return 32 if platform.machine() in ("x86_64", "AMD64") and "avx" in flags else 16
+        return None
+    if platform.machine() != "x86_64":
+        return 16
+    return 64 if "avx512f" in flags else 32 if "avx" in flags else 16
 
 
 def _tile_rows(dtype: torch.dtype) -> int:
-    """Rows per tile of the kernel on this CPU: two vectors of them."""
-    return 2 * _vector_bytes() // torch.empty((), dtype=dtype).element_size()
+    """Rows per tile of the kernel this process built: two of its vectors."""
+    lib = kernel_library()
+    return (
+        lib.vensemble_tile_rows_f32() if dtype == torch.float32 else lib.vensemble_tile_rows_f64()
+    )
 
 
+@pytest.mark.skipif(_cpu_vector_bytes() is None, reason="no /proc/cpuinfo to read the CPU from")
 def test_the_kernel_vectors_are_as_wide_as_the_cpu_registers():
     # (a 64-byte vector on an AVX2 CPU ran 1000 x MLP 8-32-32-1 at 105 ms against 4.6 ms)
-    lib = kernel_library()
-    assert lib.vensemble_tile_rows_f32() == _tile_rows(torch.float32)
-    assert lib.vensemble_tile_rows_f64() == _tile_rows(torch.float64)
+    vector = _cpu_vector_bytes()
+    assert vector is not None
+    assert _tile_rows(torch.float32) == 2 * vector // 4
+    assert _tile_rows(torch.float64) == 2 * vector // 8
+
+
+def test_explain_names_the_kernel_without_the_library_at_hand(measured, monkeypatch):
+    ens, loop = _pair(CHAINS["relu"])
+    x = torch.randn(40, 7, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(ens(x), loop(x))
+    assert f"tiles of {_tile_rows(torch.float64)} rows" in ens.explain()["(auto)"]
+    monkeypatch.setattr(native, "kernel_library", lambda: "no C compiler (cc not found)")
+    assert "one compiled kernel runs each member's whole chain" in ens.explain()["(auto)"]
 
 
 @pytest.fixture
@@ -732,13 +748,11 @@ def test_a_bound_of_minus_zero_clamps_to_minus_zero(measured, bounds, rows):
     assert zeros.any() and torch.equal(got[zeros].signbit(), expected[zeros].signbit())
 
 
-# float32 lanes per vector on this CPU (16 with AVX-512: the sizes below are then 23-256-256-1
-# on 8 rows, 8-15-15-1 on 8, 7 and 1 row, 1000-10, 64-63-63-1, 200-9)
-_L = _vector_bytes() // 4
-
-
-@pytest.mark.parametrize(
-    ("widths", "rows", "few"),
+# float32 lanes per vector of the kernel built here (16 with AVX-512: the sizes below are then
+# 23-256-256-1 on 8 rows, 8-15-15-1 on 8, 7 and 1 row, 1000-10, 64-63-63-1, 200-9; with 4 lanes,
+# SSE or NEON, every output narrower than VEC_TAIL = 4 goes one at a time: a table of its own)
+_L = _tile_rows(torch.float32) // 2 if not isinstance(kernel_library(), str) else 16
+_FEW_CASES = (
     [
         ((23, 256, 256, 1), _L // 2, True),
         ((23, 256, 256, 1), 1, True),
@@ -748,8 +762,19 @@ _L = _vector_bytes() // 4
         ((1000, _L * 5 // 8), _L // 2, True),
         ((64, 4 * _L - 1, 4 * _L - 1, 1), _L // 2, True),
         ((200, _L // 2 + 1), _L // 2, True),
-    ],
+    ]
+    if _L >= 8
+    else [
+        ((23, 256, 256, 1), 2, True),
+        ((23, 256, 256, 1), 1, True),
+        ((8, 3, 3, 1), 2, False),  # every output one at a time, the rows a tile's half
+        ((1000, 8), 2, True),
+        ((64, 15, 15, 1), 3, False),
+    ]
 )
+
+
+@pytest.mark.parametrize(("widths", "rows", "few"), _FEW_CASES)
 def test_a_few_rows_run_in_the_lanes_only_where_that_does_less_work(measured, widths, rows, few):
     # 1000 x 8-15-15-1 on 8 rows (AVX-512): 1609 us in the lanes (every output a scalar) against
     # 200 on a tile; with the last outputs in one vector, 204 against 117, on 1 row 98 against 119

@@ -666,10 +666,11 @@ class NativePlan(Afresh):
                 f"one compiled kernel runs each member's whole chain on all {rows} rows at once, "
                 f"the outputs in the vector lanes, each weight read once ({chain})"
             )
-        tile = getattr(lib, _TILE_ROWS[_FUNCTION[dtype]])()  # (two of the build's vectors)
+        tile_rows = getattr(lib, _TILE_ROWS[_FUNCTION[dtype]], None)
+        tiles = f"tiles of {tile_rows()} rows" if tile_rows is not None else "tiles of rows"
         return (
-            f"one compiled kernel runs each member's whole chain on tiles of {tile} rows, the "
-            f"activations in registers and cache ({chain})"
+            f"one compiled kernel runs each member's whole chain on {tiles} (two of the build's "
+            f"vectors), the activations in registers and cache ({chain})"
         )
 
 
