@@ -21,6 +21,7 @@ from ._errors import EnsembleError
 from ._layout import member_copy, restacked_like, stacked_like
 
 __all__ = [
+    "MODULE_INTERNALS",
     "fingerprint",
     "fingerprint_digest",
     "member_module",
@@ -31,8 +32,10 @@ __all__ = [
     "validate_members",
 ]
 
-# Attributes every nn.Module carries; they are not part of what a module computes.
-_MODULE_INTERNALS = frozenset(nn.Module().__dict__) | {"training", "forward"}
+# Attributes every nn.Module carries (its parameter, buffer, submodule and hook dicts, its mode)
+MODULE_INTERNALS = frozenset(nn.Module().__dict__) | {"training"}
+# ... and what is not part of what a module computes, besides: an instance's own ``forward``
+_NOT_COMPUTED = MODULE_INTERNALS | {"forward"}
 
 
 def _describe(value: Any) -> str:
@@ -72,7 +75,7 @@ def _plain_tensor_differences(models: Sequence[nn.Module]) -> None:
             # (a list of the module's own parameters, as an RNN's _flat_weights, is stacked)
             own = {id(t) for t in (*sub._parameters.values(), *sub._buffers.values())}
             for name, value in sub.__dict__.items():
-                if name in _MODULE_INTERNALS:  # (its parameters, buffers, hooks)
+                if name in _NOT_COMPUTED:  # (its parameters, buffers, hooks)
                     continue
                 theirs = _plain_tensors(ref[path].__dict__.get(name))
                 for where, t in _plain_tensors(value).items():
@@ -116,7 +119,7 @@ def _module_attributes(module: nn.Module) -> dict[str, str]:
     return {
         name: _describe(value)
         for name, value in sorted(module.__dict__.items())
-        if name not in _MODULE_INTERNALS and not name.startswith("_flat_weight")
+        if name not in _NOT_COMPUTED and not name.startswith("_flat_weight")
     }
 
 

@@ -20,7 +20,13 @@ from torch import Tensor, nn
 
 from ._errors import EnsembleError
 from ._layout import in_member_format, use_kernel_layout
-from ._state import member_module, reindex_template, stack_members, validate_members
+from ._state import (
+    MODULE_INTERNALS,
+    member_module,
+    reindex_template,
+    stack_members,
+    validate_members,
+)
 from ._tree import GENERATION, changed_settings, settings_changed, traced_settings
 from .backends import (
     BACKENDS,
@@ -155,7 +161,7 @@ def _root_setting(template: nn.Module, name: str) -> bool:
     """Whether ``name`` is a public plain setting of the member's root module: an attribute
     of its own (not one of ``nn.Module``'s; private names are the ensemble's own), or a plain
     value its class holds as a default (``mask = None`` in the class body)."""
-    if name[:1] == "_" or name in _MODULE_INTERNALS:
+    if name[:1] == "_" or name in MODULE_INTERNALS:
         return False
     if name in template.__dict__:
         return True
@@ -166,9 +172,6 @@ def _root_setting(template: nn.Module, name: str) -> bool:
             default = vars(klass)[name]
             return not (callable(default) or hasattr(default, "__get__"))  # (no descriptor)
     return False
-
-
-_MODULE_INTERNALS = frozenset(nn.Module().__dict__) | {"training"}
 
 
 def _shape_key(call: Call, training: bool) -> Any:

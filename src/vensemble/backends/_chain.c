@@ -19,9 +19,6 @@
 
 enum { ACT_NONE = 0, ACT_RELU = 1, ACT_LEAKY = 2, ACT_CLAMP = 3 };
 
-/* One Linear layer and the activation after it, for member 0: member m's weight and bias
- * lie m * w_stride and m * b_stride elements further. The same struct serves both dtypes
- * (the activation's constants are doubles). */
 /* The vector: as wide as the target's registers (-march=native): a vector wider than them is
  * split by the compiler into pieces that no longer fit the registers (on an AVX2 CPU the
  * 64-byte vector ran the kernel 15-30x slower than torch's batched GEMM). */
@@ -36,6 +33,9 @@ enum { ACT_NONE = 0, ACT_RELU = 1, ACT_LEAKY = 2, ACT_CLAMP = 3 };
 /* The widest vector any build uses: scratch tiles are aligned to it. */
 #define ALIGN 64
 
+/* One Linear layer and the activation after it, for member 0: member m's weight and bias
+ * lie m * w_stride and m * b_stride elements further. The same struct serves both dtypes
+ * (the activation's constants are doubles). */
 typedef struct {
     int64_t in, out;
     const void *w; /* W^T: (in, out), row-major */

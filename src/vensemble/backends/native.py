@@ -74,8 +74,8 @@ __all__ = [
 
 _SOURCES = ("_chain.c", "_chain.h")
 # The widest layer the kernel takes: each thread holds two scratch tiles of the widest
-# activation, 2 x 32 rows (AVX-512) x 65536 x 4 bytes = 16 MiB at most (a layer that wide gains nothing
-# here anyway: its GEMM is large enough for BLAS)
+# activation, 2 x 32 rows (AVX-512) x 65536 x 4 bytes = 16 MiB at most (a layer that wide
+# gains nothing here anyway: its GEMM is large enough for BLAS)
 MAX_WIDTH = 1 << 16
 _FUNCTION = {torch.float32: "vensemble_chain_f32", torch.float64: "vensemble_chain_f64"}
 # whether a batch of rows runs the outputs in the lanes (see _chain.h), per kernel function
